@@ -1,0 +1,25 @@
+# Two entry points: `make run` (serve on the built-in random-weight checkpoint unless ARGS name
+# weights) and `make test`. Each creates the virtualenv it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lockstep-installed
+ARGS ?=
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	# A CPU build of torch unless a GPU is present (an unpinned torch pulls a multi-GB CUDA build).
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	else $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps moshi==0.2.13
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/lockstep serve $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+.PHONY: install run test

@@ -1,0 +1,1 @@
+"""lockstep engine: slot-batched Moshi + Mimi."""

@@ -1,0 +1,322 @@
+"""Typed, validated configuration for Mimi, the Moshi LM and the engine.
+
+The JSON layouts are those of kyutai's checkpoints (`config.json` for the LM, the optional Mimi
+config file), so a directory laid out like `kyutai/moshiko-pytorch-bf16` loads unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SAMPLE_RATE = 24000
+FRAME_RATE = 12.5
+FRAME_SIZE = 1920
+
+MOSHI_NAME = "model.safetensors"
+MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says what to change."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class SeanetConfig:
+    channels: int = 1
+    dimension: int = 512
+    causal: bool = True
+    n_filters: int = 64
+    n_residual_layers: int = 1
+    activation: str = "ELU"
+    compress: int = 2
+    dilation_base: int = 2
+    disable_norm_outer_blocks: int = 0
+    kernel_size: int = 7
+    residual_kernel_size: int = 3
+    last_kernel_size: int = 3
+    norm: str = "none"
+    pad_mode: str = "constant"
+    ratios: tuple[int, ...] = (8, 6, 5, 4)
+    true_skip: bool = True
+
+    def validate(self) -> None:
+        _check(self.causal, "seanet.causal must be true: lockstep only streams causal Mimi models")
+        _check(self.activation == "ELU", f"seanet.activation {self.activation!r} unsupported; use 'ELU'")
+        _check(self.norm == "none", "seanet.norm must be 'none' (weight-norm must be folded into the weights)")
+        _check(self.pad_mode in ("constant", "replicate"), "seanet.pad_mode must be 'constant' or 'replicate'")
+        _check(self.true_skip, "seanet.true_skip must be true")
+        _check(all(r > 0 for r in self.ratios), "seanet.ratios must be positive integers")
+        _check(self.dimension > 0 and self.n_filters > 0, "seanet.dimension and n_filters must be positive")
+
+    @property
+    def hop_length(self) -> int:
+        out = 1
+        for r in self.ratios:
+            out *= r
+        return out
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    dimension: int = 256
+    n_q: int = 32
+    bins: int = 2048
+    input_dimension: int = 512
+    output_dimension: int = 512
+    n_q_semantic: int = 1
+
+    def validate(self) -> None:
+        _check(self.n_q > self.n_q_semantic >= 1, "quantizer.n_q must exceed n_q_semantic (>= 1)")
+        _check(self.bins > 1 and self.dimension > 0, "quantizer.bins and dimension must be positive")
+
+
+@dataclass(frozen=True)
+class MimiTransformerConfig:
+    d_model: int = 512
+    num_heads: int = 8
+    num_layers: int = 8
+    causal: bool = True
+    layer_scale: float | None = 0.01
+    context: int = 250
+    conv_layout: bool = True
+    max_period: float = 10000
+    gating: str = "none"
+    norm: str = "layer_norm"
+    positional_embedding: str = "rope"
+    dim_feedforward: int = 2048
+    input_dimension: int = 512
+    output_dimensions: tuple[int, ...] = (512,)
+
+    def validate(self) -> None:
+        _check(self.causal, "transformer.causal must be true for streaming")
+        _check(self.d_model % self.num_heads == 0, "transformer.d_model must be divisible by num_heads")
+        _check(self.positional_embedding == "rope", "Mimi transformer needs positional_embedding 'rope'")
+        _check(self.norm in ("layer_norm", "rms_norm", "rms_norm_f32", "layer_norm_f32"),
+               f"transformer.norm {self.norm!r} unsupported")
+        _check(self.gating == "none", "Mimi transformer gating must be 'none'")
+        _check(len(self.output_dimensions) == 1, "Mimi transformer must have exactly one output")
+        _check(self.context > 0, "transformer.context must be positive")
+
+
+@dataclass(frozen=True)
+class MimiConfig:
+    sample_rate: int = SAMPLE_RATE
+    channels: int = 1
+    frame_rate: float = FRAME_RATE
+    seanet: SeanetConfig = field(default_factory=SeanetConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    transformer: MimiTransformerConfig = field(default_factory=MimiTransformerConfig)
+
+    @property
+    def frame_size(self) -> int:
+        return int(self.sample_rate / self.frame_rate)
+
+    @property
+    def encoder_frame_rate(self) -> float:
+        return self.sample_rate / self.seanet.hop_length
+
+    @property
+    def resample_stride(self) -> int:
+        return int(self.encoder_frame_rate / self.frame_rate)
+
+    def validate(self) -> "MimiConfig":
+        self.seanet.validate()
+        self.quantizer.validate()
+        self.transformer.validate()
+        _check(self.channels == 1 and self.seanet.channels == 1, "only mono Mimi models are supported")
+        _check(self.sample_rate == SAMPLE_RATE and self.frame_rate == FRAME_RATE,
+               f"Mimi must run at {SAMPLE_RATE} Hz / {FRAME_RATE} Hz frames")
+        stride = self.encoder_frame_rate / self.frame_rate
+        _check(stride == int(stride) and stride >= 1,
+               "the SEANet hop length must give an integer multiple of the 12.5 Hz frame rate")
+        _check(self.transformer.d_model == self.seanet.dimension == self.transformer.input_dimension
+               == self.transformer.output_dimensions[0],
+               "Mimi transformer dimensions must equal seanet.dimension")
+        _check(self.quantizer.input_dimension == self.quantizer.output_dimension == self.seanet.dimension,
+               "quantizer input/output dimensions must equal seanet.dimension")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["seanet"]["ratios"] = list(self.seanet.ratios)
+        d["transformer"]["output_dimensions"] = list(self.transformer.output_dimensions)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "MimiConfig":
+        try:
+            seanet = dict(d.get("seanet", {}))
+            if "ratios" in seanet:
+                seanet["ratios"] = tuple(seanet["ratios"])
+            tr = dict(d.get("transformer", {}))
+            if "output_dimensions" in tr:
+                tr["output_dimensions"] = tuple(tr["output_dimensions"])
+            return MimiConfig(
+                sample_rate=d.get("sample_rate", SAMPLE_RATE),
+                channels=d.get("channels", 1),
+                frame_rate=d.get("frame_rate", FRAME_RATE),
+                seanet=SeanetConfig(**seanet),
+                quantizer=QuantizerConfig(**d.get("quantizer", {})),
+                transformer=MimiTransformerConfig(**tr),
+            ).validate()
+        except TypeError as e:  # unknown keys
+            raise ConfigError(f"bad Mimi config: {e}") from None
+
+
+# Keys of kyutai's config.json that describe features lockstep does not implement; each must hold
+# the value given here (the one every Moshi dialogue checkpoint uses).
+_FIXED_LM_KEYS: dict[str, Any] = {
+    "demux_second_stream": False, "demux_second_text_stream": False, "text_card_out": None,
+    "norm_emb": False, "bias_proj": False, "depformer_norm": None, "depformer_low_rank_embeddings": None,
+    "depformer_weights_per_step_schedule": None, "cross_attention": False, "kv_repeat": 1,
+    "conditioners": None, "fuser": None, "extra_heads_num_heads": 0, "lora": False, "quantize": False,
+}
+# Keys that name files or describe uses outside the LM.
+_META_KEYS = {"moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name", "lora_name", "model_type",
+              "lm_gen_config", "tts_config", "stt_config", "model_id", "depformer_causal",
+              "existing_text_end_padding_id", "extra_heads_dim"}
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    dim: int = 4096
+    text_card: int = 32000
+    existing_text_padding_id: int = 3
+    n_q: int = 16
+    dep_q: int = 8
+    card: int = 2048
+    num_heads: int = 32
+    num_layers: int = 32
+    hidden_scale: float = 4.125
+    causal: bool = True
+    layer_scale: float | None = None
+    context: int = 3000
+    max_period: float = 10000
+    gating: str = "silu"
+    norm: str = "rms_norm_f32"
+    positional_embedding: str = "rope"
+    depformer_dim: int = 1024
+    depformer_dim_feedforward: int = int(4.125 * 1024)
+    depformer_num_heads: int = 16
+    depformer_num_layers: int = 6
+    depformer_layer_scale: float | None = None
+    depformer_multi_linear: bool = True
+    depformer_context: int = 8
+    depformer_max_period: float = 10000
+    depformer_gating: str = "silu"
+    depformer_pos_emb: str = "none"
+    depformer_weights_per_step: bool = True
+    delays: tuple[int, ...] = (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.n_q + 1
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.delays)
+
+    @property
+    def num_user_codebooks(self) -> int:
+        return self.n_q - self.dep_q
+
+    @property
+    def mimi_codebooks(self) -> int:
+        return max(self.dep_q, self.n_q - self.dep_q)
+
+    def validate(self) -> "LMConfig":
+        _check(len(self.delays) == self.n_q + 1,
+               f"delays has {len(self.delays)} entries; it needs n_q + 1 = {self.n_q + 1}")
+        _check(all(d >= 0 for d in self.delays), "delays must be non-negative")
+        _check(0 < self.dep_q <= self.n_q, "dep_q must be in 1..n_q (a depth transformer is required)")
+        _check(self.dim % self.num_heads == 0, "dim must be divisible by num_heads")
+        _check(self.depformer_dim % self.depformer_num_heads == 0,
+               "depformer_dim must be divisible by depformer_num_heads")
+        _check(self.causal, "causal must be true")
+        _check(self.context > 0, "context must be positive")
+        _check(self.positional_embedding == "rope", "positional_embedding must be 'rope'")
+        _check(self.depformer_pos_emb == "none", "depformer_pos_emb must be 'none'")
+        _check(self.gating != "none" and self.depformer_gating != "none",
+               "gating must be an activation name (e.g. 'silu')")
+        _check(self.norm in ("rms_norm_f32", "rms_norm", "layer_norm", "layer_norm_f32"),
+               f"norm {self.norm!r} unsupported")
+        _check(self.depformer_weights_per_step, "depformer_weights_per_step must be true")
+        _check(0 <= self.existing_text_padding_id < self.text_card, "existing_text_padding_id out of range")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["delays"] = list(self.delays)
+        return d
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any]) -> "LMConfig":
+        names = {f.name for f in dataclasses.fields(LMConfig)}
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in names:
+                kwargs[key] = tuple(value) if key == "delays" else value
+            elif key in _FIXED_LM_KEYS:
+                expected = _FIXED_LM_KEYS[key]
+                _check(value == expected or (expected is None and not value),
+                       f"config.json sets {key}={value!r}; lockstep supports only {expected!r} "
+                       "(a Moshi dialogue checkpoint)")
+            elif key not in _META_KEYS:
+                raise ConfigError(f"config.json has unknown key {key!r}; remove it or check the checkpoint")
+        return LMConfig(**kwargs).validate()
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Per-session sampling settings (the reference's LMGen defaults)."""
+    greedy: bool = False
+    temperature: float = 0.8
+    top_k: int = 250
+    text_temperature: float = 0.7
+    text_top_k: int = 25
+    seed: int | None = None
+
+    def validate(self) -> "SamplingConfig":
+        _check(self.temperature >= 0 and self.text_temperature >= 0, "temperatures must be >= 0")
+        _check(self.top_k >= 0 and self.text_top_k >= 0, "top_k values must be >= 0")
+        _check(self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)")
+        return self
+
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What `lockstep` commands share: where the model lives and how to run it."""
+    model_dir: str | None = None
+    hf_repo: str | None = None
+    moshi_weight: str | None = None
+    mimi_weight: str | None = None
+    tokenizer: str | None = None
+    config_path: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_sessions: int = 8
+    kernels: str = "auto"
+
+    def validate(self) -> "EngineConfig":
+        _check(not (self.model_dir and self.hf_repo), "give either --model-dir or --hf-repo, not both")
+        _check(self.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        _check(self.max_sessions >= 1, f"--max-sessions must be >= 1, got {self.max_sessions}")
+        _check(self.kernels in ("auto", "torch", "triton"), "--kernels must be auto, torch or triton")
+        _check(self.device == "cpu" or self.device.startswith("cuda"),
+               f"--device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        return self
+
+    @property
+    def torch_dtype(self):
+        import torch
+        return getattr(torch, self.dtype)

@@ -1,0 +1,67 @@
+"""Batched top-k / temperature sampling with per-slot settings and per-slot seeded noise.
+
+The reference samples `argmax(p / q)` with q ~ Exp(1) over the top-k probabilities. We draw q from
+a counter-based hash of (slot seed, frame, stream, candidate rank) instead of a stateful generator,
+so a seeded session samples the same tokens whichever sessions share its batch, with no per-slot
+Python loop and no host sync (graph-capturable).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    # (h * c) mod 2**32 without int64 overflow: split c into 16-bit halves.
+    hi = ((h * (c >> 16)) & 0xFFFF) << 16
+    return (hi + h * (c & 0xFFFF)) & _M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, stream: int, n: int) -> torch.Tensor:
+    """Uniform (0, 1) floats [B, n], a pure function of (seed[b], counter[b], stream, column)."""
+    cols = torch.arange(n, device=seeds.device, dtype=torch.long)
+    h = _fmix32((seeds & _M32) ^ _mul32(torch.full_like(seeds, stream + 1), 0x9E3779B9))
+    h = _fmix32(h ^ ((seeds >> 32) & _M32))
+    h = _fmix32(h ^ (counters & _M32))
+    h = _fmix32(h.view(-1, 1) ^ _mul32(cols + 1, 0x27D4EB2F).view(1, -1))
+    return ((h >> 8).float() + 0.5) / float(1 << 24)
+
+
+@dataclass
+class SamplingParams:
+    """Per-row sampling settings as tensors ([B] each), gathered from the slot table."""
+    greedy: torch.Tensor  # bool
+    temperature: torch.Tensor  # float
+    top_k: torch.Tensor  # long, 0 = whole vocabulary
+    seeds: torch.Tensor  # long
+    counters: torch.Tensor  # long, the slot's frame index
+    max_top_k: int  # static upper bound over the rows, so shapes stay fixed
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, stream: int) -> torch.Tensor:
+    """logits [B, V] -> tokens [B] (long)."""
+    logits = logits.float()
+    V = logits.shape[-1]
+    argmax = logits.argmax(dim=-1)
+    k = min(params.max_top_k, V) if params.max_top_k > 0 else V
+    temp = torch.where(params.temperature > 0, params.temperature, torch.ones_like(params.temperature))
+    probs = torch.softmax(logits / temp.view(-1, 1), dim=-1)
+    top_p, top_i = torch.topk(probs, k, dim=-1)
+    row_k = torch.where(params.top_k > 0, params.top_k.clamp(max=k), torch.full_like(params.top_k, k))
+    keep = torch.arange(k, device=logits.device).view(1, -1) < row_k.view(-1, 1)
+    q = -torch.log(uniform_noise(params.seeds, params.counters, stream, k))
+    choice = torch.where(keep, top_p / q, torch.full_like(top_p, -1.0)).argmax(dim=-1, keepdim=True)
+    sampled = top_i.gather(-1, choice)[:, 0]
+    use_argmax = params.greedy | (params.temperature <= 0)
+    return torch.where(use_argmax, argmax, sampled)

@@ -1,0 +1,209 @@
+"""Slot-batched streaming transformer shared by Mimi and the Moshi LM.
+
+The module tree mirrors kyutai's `StreamingTransformer` so checkpoints load by name. Streaming
+state lives in per-slot buffers: a ring KV cache per layer ([max_sessions, heads, capacity, dim])
+and one position counter per slot. A step runs a chosen set of slots; other slots are untouched.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import attention as attn_kernels
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, compute_dtype: torch.dtype | None):
+        super().__init__()
+        self.eps = eps
+        self.compute_dtype = compute_dtype
+        self.alpha = nn.Parameter(torch.ones(1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        var = self.eps + torch.mean(x**2, dim=2, keepdim=True)
+        return (x * (self.alpha.to(var) * torch.rsqrt(var))).to(x_dtype)
+
+
+class LayerNormF32(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    if kind == "layer_norm":
+        return nn.LayerNorm(dim, eps=1e-5)
+    if kind == "layer_norm_f32":
+        return LayerNormF32(dim, eps=1e-8)
+    if kind == "rms_norm":
+        return RMSNorm(dim, 1e-5, None)
+    if kind == "rms_norm_f32":
+        return RMSNorm(dim, 1e-8, torch.float32)
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
+
+
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "elu": F.elu, "sigmoid": torch.sigmoid,
+                "tanh": torch.tanh}
+
+
+class ActivationGating(nn.Module):
+    def __init__(self, dim: int, dim_feedforward: int, activation: str):
+        super().__init__()
+        # kyutai's sizing rule for the gated hidden width, needed to match checkpoint shapes.
+        hidden = (21 * dim) // 8 if dim_feedforward == 4 * dim else (2 * dim_feedforward) // 3
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, dim, bias=False)
+        self.activation = _ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.linear_in.weight)
+        B, T, _ = h.shape
+        h = h.view(B, T, 2, -1)
+        return F.linear(self.activation(h[..., 0, :]) * h[..., 1, :], self.linear_out.weight)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, max_period: float):
+    """Interleaved rotary embedding on [B, H, T, D] tensors, rotation computed in fp32."""
+    B, H, T, D = q.shape
+    ds = torch.arange(D // 2, device=q.device, dtype=torch.float32)
+    freqs = torch.exp(ds * (-math.log(max_period) * 2 / D))
+    ts = offsets.float().view(-1, 1) + torch.arange(T, device=q.device, dtype=torch.float32)
+    ts = ts.view(B, 1, -1, 1)
+    rotr, roti = torch.cos(freqs * ts), torch.sin(freqs * ts)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x = x.view(*x.shape[:-1], D // 2, 2)
+        xr, xi = x[..., 0].float(), x[..., 1].float()
+        out = torch.stack([(xr * rotr - xi * roti).to(q.dtype), (xr * roti + xi * rotr).to(q.dtype)], -1)
+        return out.view(B, -1, T, D)
+
+    return rotate(q), rotate(k)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_weights: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_projs = nn.ModuleList([nn.Linear(dim, 3 * dim, bias=False) for _ in range(num_weights)])
+        self.out_projs = nn.ModuleList([nn.Linear(dim, dim, bias=False) for _ in range(num_weights)])
+        self._register_load_state_dict_pre_hook(self._split_fused_weights)
+
+    def _split_fused_weights(self, state_dict, prefix, *_args):
+        # kyutai checkpoints store all per-step projections fused as `in_proj_weight` / `out_proj.weight`.
+        n = len(self.in_projs)
+        for fused, split in (("in_proj_weight", "in_projs"), ("in_proj.weight", "in_projs"),
+                             ("out_proj.weight", "out_projs")):
+            w = state_dict.pop(prefix + fused, None)
+            if w is None:
+                continue
+            if w.shape[0] % n:
+                raise RuntimeError(f"{prefix + fused}: shape {tuple(w.shape)} does not split into {n} steps")
+            for i, part in enumerate(w.view(n, -1, *w.shape[1:])):
+                state_dict[f"{prefix}{split}.{i}.weight"] = part
+
+    def qkv(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        projected = self.in_projs[step](x).view(B, T, 3, self.num_heads, C // self.num_heads)
+        q, k, v = projected.permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dim_feedforward: int, norm: str, gating: str,
+                 layer_scale: float | None, num_weights: int):
+        super().__init__()
+        self.self_attn = Attention(dim, num_heads, num_weights)
+        self.norm1 = make_norm(norm, dim)
+        self.norm2 = make_norm(norm, dim)
+        if gating == "none":
+            self.linear1 = nn.Linear(dim, dim_feedforward, bias=False)
+            self.linear2 = nn.Linear(dim_feedforward, dim, bias=False)
+            self.gating = None
+        elif num_weights > 1:
+            self.gating = nn.ModuleList([ActivationGating(dim, dim_feedforward, gating) for _ in range(num_weights)])
+        else:
+            self.gating = ActivationGating(dim, dim_feedforward, gating)
+        if layer_scale is None:
+            self.layer_scale_1, self.layer_scale_2 = nn.Identity(), nn.Identity()
+        else:
+            self.layer_scale_1, self.layer_scale_2 = LayerScale(dim, layer_scale), LayerScale(dim, layer_scale)
+
+    def feed_forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        h = self.norm2(x)
+        if self.gating is None:
+            update = self.linear2(F.gelu(self.linear1(h)))
+        elif isinstance(self.gating, nn.ModuleList):
+            update = self.gating[step](h)
+        else:
+            update = self.gating(h)
+        return x.to(update) + self.layer_scale_2(update)
+
+
+class StreamingTransformer(nn.Module):
+    """Causal transformer over a per-slot ring KV cache of `capacity` positions.
+
+    With `weights_per_step` > 0 (Moshi's depth transformer), step i of a frame uses weight set i and
+    the cache holds one frame's steps; `reset` before each frame starts it afresh.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_layers: int, dim_feedforward: int, norm: str,
+                 gating: str, layer_scale: float | None, context: int | None, rope_max_period: float | None,
+                 weights_per_step: int = 0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.context = context
+        self.capacity = context if context is not None else weights_per_step
+        self.rope_max_period = rope_max_period
+        self.weights_per_step = weights_per_step
+        self.layers = nn.ModuleList([
+            TransformerLayer(dim, num_heads, dim_feedforward, norm, gating, layer_scale, max(1, weights_per_step))
+            for _ in range(num_layers)])
+        self.max_sessions = 0
+
+    def init_state(self, max_sessions: int, dtype: torch.dtype | None = None) -> None:
+        p = next(self.parameters())
+        dtype = dtype or p.dtype
+        shape = (len(self.layers), max_sessions, self.num_heads, self.capacity, self.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, device=p.device, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, device=p.device, dtype=dtype), persistent=False)
+        self.register_buffer("offsets", torch.zeros(max_sessions, device=p.device, dtype=torch.long),
+                             persistent=False)
+        self.max_sessions = max_sessions
+
+    def reset(self, slots: torch.Tensor) -> None:
+        # Positions at or past a slot's offset are masked out, so zeroing the counter is a full reset.
+        self.offsets.index_fill_(0, slots, 0)
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """x: [B, T, dim] for the slots `slots` ([B]); returns [B, T, dim] and advances them by T."""
+        B, T, _ = x.shape
+        dtype_in = x.dtype
+        offsets = self.offsets.index_select(0, slots)
+        for i, layer in enumerate(self.layers):
+            h = layer.norm1(x)
+            q, k, v = layer.self_attn.qkv(h, step)
+            if self.rope_max_period is not None:
+                q, k = apply_rope(q, k, offsets, self.rope_max_period)
+            out = attn_kernels.ring_attention(q, k, v, self.k_cache[i], self.v_cache[i], slots, offsets,
+                                              self.context)
+            out = out.transpose(1, 2).reshape(B, T, -1)
+            update = layer.self_attn.out_projs[step](out)
+            x = x.to(update) + layer.layer_scale_1(update)
+            x = layer.feed_forward(x, step)
+        self.offsets.index_copy_(0, slots, offsets + T)
+        return x.to(dtype_in)

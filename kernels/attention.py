@@ -1,0 +1,44 @@
+"""Decode attention over per-slot ring-buffer KV caches (torch reference path).
+
+Semantics follow kyutai's `RingKVCache`: the T new keys are written first, then every query
+attends over the whole ring, where each ring entry's absolute position is derived from the slot's
+offset; entries not yet written, in the future, or `context` or more positions back are masked.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ring_positions(offsets: torch.Tensor, T: int, capacity: int) -> torch.Tensor:
+    """Absolute position held by each ring entry after writing T steps at `offsets` ([B] -> [B, cap]);
+    -1 marks entries never written."""
+    idx = torch.arange(capacity, device=offsets.device, dtype=torch.long)
+    last = offsets.view(-1, 1) + T - 1
+    delta = idx - last % capacity
+    pos = torch.where(delta <= 0, last + delta, last + delta - capacity)
+    return torch.where(idx >= offsets.view(-1, 1) + T, torch.full_like(pos, -1), pos)
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor,
+                   context: int | None) -> torch.Tensor:
+    """q, k, v: [B, H, T, D] for slots `slots` at positions offsets[b] + t; caches [S, H, cap, D].
+    Writes k, v into the caches and returns the attention output [B, H, T, D]."""
+    B, H, T, D = q.shape
+    capacity = k_cache.shape[2]
+    assert k_cache.shape[1:] == (H, capacity, D) and v_cache.shape == k_cache.shape
+    assert slots.shape == (B,) and offsets.shape == (B,)
+    write = (offsets.view(-1, 1) + torch.arange(T, device=q.device)) % capacity  # [B, T]
+    rows = slots.view(-1, 1).expand(B, T)
+    k_cache[rows, :, write] = k.transpose(1, 2).to(k_cache.dtype)
+    v_cache[rows, :, write] = v.transpose(1, 2).to(v_cache.dtype)
+    keys = k_cache.index_select(0, slots).to(q.dtype)
+    values = v_cache.index_select(0, slots).to(q.dtype)
+    pos_k = ring_positions(offsets, T, capacity)[:, None]  # [B, 1, cap]
+    pos_q = offsets.view(-1, 1, 1) + torch.arange(T, device=q.device).view(-1, 1)  # [B, T, 1]
+    delta = pos_q - pos_k
+    mask = (pos_k >= 0) & (delta >= 0)
+    if context is not None:
+        mask = mask & (delta < context)
+    return F.scaled_dot_product_attention(q, keys, values, mask[:, None], dropout_p=0.0)
