@@ -42,26 +42,33 @@ def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, stream: int, n: i
 class SamplingParams:
     """Per-row sampling settings as tensors ([B] each), gathered from the slot table."""
     greedy: torch.Tensor  # bool
-    temperature: torch.Tensor  # float
+    temperature: torch.Tensor  # float, audio codebooks
     top_k: torch.Tensor  # long, 0 = whole vocabulary
+    text_temperature: torch.Tensor
+    text_top_k: torch.Tensor
     seeds: torch.Tensor  # long
     counters: torch.Tensor  # long, the slot's frame index
-    max_top_k: int  # static upper bound over the rows, so shapes stay fixed
+    max_top_k: int  # static upper bounds over the rows (0 = whole vocabulary), so shapes stay fixed
+    max_text_top_k: int
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, stream: int) -> torch.Tensor:
-    """logits [B, V] -> tokens [B] (long)."""
+    """logits [B, V] -> tokens [B] (long); stream 0 is text, 1.. the audio codebooks."""
+    if stream == 0:
+        temperature, top_k, max_k = params.text_temperature, params.text_top_k, params.max_text_top_k
+    else:
+        temperature, top_k, max_k = params.temperature, params.top_k, params.max_top_k
     logits = logits.float()
     V = logits.shape[-1]
     argmax = logits.argmax(dim=-1)
-    k = min(params.max_top_k, V) if params.max_top_k > 0 else V
-    temp = torch.where(params.temperature > 0, params.temperature, torch.ones_like(params.temperature))
+    k = min(max_k, V) if max_k > 0 else V
+    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     probs = torch.softmax(logits / temp.view(-1, 1), dim=-1)
     top_p, top_i = torch.topk(probs, k, dim=-1)
-    row_k = torch.where(params.top_k > 0, params.top_k.clamp(max=k), torch.full_like(params.top_k, k))
+    row_k = torch.where(top_k > 0, top_k.clamp(max=k), torch.full_like(top_k, k))
     keep = torch.arange(k, device=logits.device).view(1, -1) < row_k.view(-1, 1)
     q = -torch.log(uniform_noise(params.seeds, params.counters, stream, k))
     choice = torch.where(keep, top_p / q, torch.full_like(top_p, -1.0)).argmax(dim=-1, keepdim=True)
     sampled = top_i.gather(-1, choice)[:, 0]
-    use_argmax = params.greedy | (params.temperature <= 0)
+    use_argmax = params.greedy | (temperature <= 0)
     return torch.where(use_argmax, argmax, sampled)

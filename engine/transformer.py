@@ -100,20 +100,6 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.in_projs = nn.ModuleList([nn.Linear(dim, 3 * dim, bias=False) for _ in range(num_weights)])
         self.out_projs = nn.ModuleList([nn.Linear(dim, dim, bias=False) for _ in range(num_weights)])
-        self._register_load_state_dict_pre_hook(self._split_fused_weights)
-
-    def _split_fused_weights(self, state_dict, prefix, *_args):
-        # kyutai checkpoints store all per-step projections fused as `in_proj_weight` / `out_proj.weight`.
-        n = len(self.in_projs)
-        for fused, split in (("in_proj_weight", "in_projs"), ("in_proj.weight", "in_projs"),
-                             ("out_proj.weight", "out_projs")):
-            w = state_dict.pop(prefix + fused, None)
-            if w is None:
-                continue
-            if w.shape[0] % n:
-                raise RuntimeError(f"{prefix + fused}: shape {tuple(w.shape)} does not split into {n} steps")
-            for i, part in enumerate(w.view(n, -1, *w.shape[1:])):
-                state_dict[f"{prefix}{split}.{i}.weight"] = part
 
     def qkv(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape

@@ -31,7 +31,8 @@ def make_pair(cfg: LMConfig):
 def greedy(B: int) -> SamplingParams:
     z = torch.zeros(B, dtype=torch.long)
     return SamplingParams(greedy=torch.ones(B, dtype=torch.bool), temperature=torch.ones(B), top_k=z,
-                          seeds=z, counters=z, max_top_k=0)
+                          text_temperature=torch.ones(B), text_top_k=z, seeds=z, counters=z, max_top_k=0,
+                          max_text_top_k=0)
 
 
 @pytest.mark.parametrize("context", [7, 3000])

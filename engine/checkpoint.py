@@ -1,0 +1,141 @@
+"""Finding and strictly loading kyutai-layout checkpoints (local directory or Hugging Face repo)."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from engine.config import (MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, ConfigError, EngineConfig, LMConfig,
+                           MimiConfig)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not match the model."""
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    moshi_weights: Path
+    mimi_weights: Path
+    tokenizer: Path
+    lm: LMConfig
+    mimi: MimiConfig
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def _hf_fetch(repo: str, name: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(repo, name))
+    except Exception as e:  # network errors, missing files, missing cache entries all end here
+        raise CheckpointError(
+            f"cannot get {name!r} from Hugging Face repo {repo!r} ({type(e).__name__}); it is neither in "
+            "the local cache nor downloadable. Download it once with network access, or use --model-dir."
+        ) from None
+
+
+def resolve(cfg: EngineConfig) -> CheckpointFiles:
+    """Locates every file of a checkpoint: --model-dir or --hf-repo, then per-file overrides."""
+    if cfg.model_dir is None and cfg.hf_repo is None:
+        raise ConfigError("no checkpoint: pass --model-dir DIR or --hf-repo REPO")
+    if cfg.model_dir is not None:
+        root = Path(cfg.model_dir)
+        if not root.is_dir():
+            raise CheckpointError(f"--model-dir {root} is not a directory")
+
+        def fetch(name: str) -> Path:
+            return root / name
+    else:
+        def fetch(name: str) -> Path:
+            return _hf_fetch(cfg.hf_repo, name)
+
+    if cfg.config_path is not None:
+        raw = _read_json(Path(cfg.config_path), "config")
+    elif cfg.model_dir is not None:
+        path = Path(cfg.model_dir) / "config.json"
+        raw = _read_json(path, "config") if path.exists() else None
+    else:
+        try:
+            raw = _read_json(fetch("config.json"), "config")
+        except CheckpointError:
+            raw = None
+    raw = raw or {}  # kyutai's rule: no config.json means the Moshi 7B defaults
+    lm = LMConfig.from_dict(raw)
+    mimi_cfg_name = raw.get("mimi_config_name")
+    mimi = MimiConfig.from_dict(_read_json(fetch(mimi_cfg_name), "Mimi config")) if mimi_cfg_name else MimiConfig()
+    files = CheckpointFiles(
+        moshi_weights=Path(cfg.moshi_weight) if cfg.moshi_weight else fetch(raw.get("moshi_name", MOSHI_NAME)),
+        mimi_weights=Path(cfg.mimi_weight) if cfg.mimi_weight else fetch(raw.get("mimi_name", MIMI_NAME)),
+        tokenizer=Path(cfg.tokenizer) if cfg.tokenizer else fetch(raw.get("tokenizer_name", TOKENIZER_NAME)),
+        lm=lm, mimi=mimi)
+    for what, path in (("Moshi weights", files.moshi_weights), ("Mimi weights", files.mimi_weights),
+                       ("text tokenizer", files.tokenizer)):
+        if not path.is_file():
+            raise CheckpointError(f"{what} not found: {path}")
+    return files
+
+
+_LEGACY_CODEBOOK = {"inited": "_initialized", "cluster_size": "cluster_usage", "embed_avg": "embedding_sum",
+                    "embed_sum": "embedding_sum"}
+_FUSED_ATTN = {"in_proj_weight": "in_projs", "in_proj.weight": "in_projs", "out_proj.weight": "out_projs"}
+
+
+def normalize_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Maps kyutai's stored names onto the module tree: fused per-step attention projections are
+    split, and legacy codebook buffer names renamed."""
+    expected = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        head, _, leaf = key.rpartition("._codebook.")
+        if head and leaf in _LEGACY_CODEBOOK:
+            out[f"{head}._codebook.{_LEGACY_CODEBOOK[leaf]}"] = value
+            continue
+        m = re.match(r"(.*self_attn\.)(in_proj_weight|in_proj\.weight|out_proj\.weight)$", key)
+        if m:
+            split = _FUSED_ATTN[m.group(2)]
+            n = sum(1 for k in expected if re.fullmatch(re.escape(m.group(1) + split) + r"\.\d+\.weight", k))
+            if n and value.shape[0] % n == 0:
+                for i, part in enumerate(value.view(n, -1, *value.shape[1:])):
+                    out[f"{m.group(1)}{split}.{i}.weight"] = part
+                continue
+        out[key] = value
+    return out
+
+
+def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None, device: torch.device | str) -> None:
+    """Strictly loads a safetensors file into `model`; one error names every missing, unexpected and
+    mis-shaped tensor."""
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+    state = normalize_keys(state, model)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
+        if items:
+            shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+            problems.append(f"{title}: {shown}")
+    if problems:
+        raise CheckpointError(f"{path} does not match the model configuration; " + "; ".join(problems))
+    for k, v in state.items():
+        state[k] = v.to(device=device, dtype=(dtype or expected[k].dtype) if v.is_floating_point() else v.dtype)
+    model.load_state_dict(state, strict=True, assign=True)

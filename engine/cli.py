@@ -1,0 +1,126 @@
+"""The `lockstep` command. Flags are derived from the typed configs (EngineConfig, SamplingConfig)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from engine.checkpoint import CheckpointError
+from engine.config import ConfigError, EngineConfig, SamplingConfig
+
+BUILTIN_PRESET = "tiny-lm"
+
+_ENGINE_HELP = {
+    "model_dir": "checkpoint directory laid out like kyutai/moshiko-pytorch-bf16",
+    "hf_repo": "Hugging Face repo id (e.g. kyutai/moshiko-pytorch-bf16); works offline from its cache",
+    "moshi_weight": "override the Moshi LM safetensors file",
+    "mimi_weight": "override the Mimi safetensors file",
+    "tokenizer": "override the sentencepiece text tokenizer",
+    "config_path": "override config.json",
+    "device": "cpu or cuda[:N]",
+    "dtype": "LM weights/activations dtype: bfloat16, float16 or float32 (Mimi always runs in float32)",
+    "max_sessions": "number of session slots stepped together",
+    "kernels": "kernel family: auto (Triton on CUDA, torch elsewhere), torch or triton",
+}
+_SAMPLING_HELP = {
+    "greedy": "argmax everywhere (no sampling)",
+    "temperature": "audio sampling temperature",
+    "top_k": "audio top-k (0 = whole vocabulary)",
+    "text_temperature": "text sampling temperature",
+    "text_top_k": "text top-k (0 = whole vocabulary)",
+    "seed": "seed for sampling; each session derives its own seed from it",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + {"config_path": "config", "moshi_weight": "moshi-weight"}.get(name, name.replace("_", "-"))
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str]) -> None:
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(_flag(f.name), dest=f.name, action="store_true", help=helps[f.name])
+        else:
+            kind = int if f.type in ("int", "int | None") else float if f.type == "float" else str
+            p.add_argument(_flag(f.name), dest=f.name, type=kind, default=default,
+                           help=f"{helps[f.name]} (default: {default})")
+
+
+def _from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}).validate()
+
+
+def builtin_checkpoint() -> Path:
+    """The random-weight checkpoint used when no weights are named, made once and cached."""
+    from engine.make_checkpoint import make_checkpoint
+    root = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep")) / f"builtin-{BUILTIN_PRESET}"
+    if not (root / "config.json").exists():
+        print(f"lockstep: no --model-dir/--hf-repo given; making a random-weight checkpoint in {root}",
+              file=sys.stderr)
+        make_checkpoint(root, BUILTIN_PRESET)
+    return root
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    cfg = _from_args(EngineConfig, args)
+    if cfg.model_dir is None and cfg.hf_repo is None:
+        cfg = dataclasses.replace(cfg, model_dir=str(builtin_checkpoint()))
+    return cfg
+
+
+def cmd_make_checkpoint(args: argparse.Namespace) -> None:
+    from engine.make_checkpoint import make_checkpoint
+    out = make_checkpoint(args.dir, args.preset, args.seed, args.context, args.mimi_context)
+    print(f"wrote {args.preset} checkpoint to {out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from engine.generate import generate
+    from engine.runner import ModelRunner
+    runner = ModelRunner.load(engine_config(args))
+    sampling = _from_args(SamplingConfig, args)
+    results = generate(runner, [Path(p) for p in args.inputs], Path(args.output_dir), sampling)
+    failed = [r for r in results.values() if r.error]
+    print(f"generated {len(results) - len(failed)} session(s) into {args.output_dir}"
+          + (f"; {len(failed)} input(s) failed" if failed else ""))
+    if failed:
+        sys.exit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lockstep", description="Serve Kyutai's Moshi to many sessions at once.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the kyutai layout")
+    from engine.make_checkpoint import PRESETS
+    mk.add_argument("dir")
+    mk.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--context", type=int, default=None, help="override the LM context (tokens)")
+    mk.add_argument("--mimi-context", type=int, default=None, help="override the Mimi transformers' context")
+    mk.set_defaults(func=cmd_make_checkpoint)
+
+    gen = sub.add_parser("generate", help="run audio files as concurrent sessions, offline")
+    _add_dataclass_flags(gen, EngineConfig, _ENGINE_HELP)
+    _add_dataclass_flags(gen, SamplingConfig, _SAMPLING_HELP)
+    gen.add_argument("--output-dir", required=True)
+    gen.add_argument("inputs", nargs="+", help="input audio files (wav), one session each")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"lockstep: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""`lockstep generate`: each input file is one session; at most max_sessions run at once, and a
+finished session's slot goes to the next input at the next frame (continuous batching)."""
+from __future__ import annotations
+
+import json
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.audio import AudioError, frames, read_audio, write_wav
+from engine.config import SAMPLE_RATE, SamplingConfig
+from engine.runner import ModelRunner
+from engine.scheduler import Scheduler
+
+
+@dataclass
+class SessionResult:
+    name: str
+    text_tokens: list[int] = field(default_factory=list)
+    audio_tokens: list[list[int]] = field(default_factory=list)
+    pcm: list[np.ndarray] = field(default_factory=list)
+    text: str = ""
+    error: str | None = None
+
+
+def session_seed(seed: int, name: str) -> int:
+    """A per-input seed from the run's seed and the input's name, so an input samples the same
+    tokens whichever inputs run beside it or in which order they are given."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        n = seen.get(p.stem, 0)
+        seen[p.stem] = n + 1
+        out.append(p.stem if n == 0 else f"{p.stem}-{n}")
+    return out
+
+
+def run_sessions(runner: ModelRunner, inputs: dict[str, np.ndarray], sampling: dict[str, SamplingConfig],
+                 progress: bool = False) -> dict[str, SessionResult]:
+    """Steps every input (name -> [F, frame_size] frames) to its end, batched; returns results by name."""
+    sched = Scheduler(runner.max_sessions)
+    results = {name: SessionResult(name) for name in inputs}
+    cursor = {name: 0 for name in inputs}
+    for name in inputs:
+        sched.submit(name)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(len(f) for f in inputs.values()), unit="frame", desc="generate")
+    while sched.waiting or sched.slot_of:
+        plan = sched.tick()
+        for name, slot in plan.joins:
+            runner.join(slot, sampling[name])
+        if not plan.step:
+            continue
+        pcm = torch.from_numpy(np.stack([inputs[name][cursor[name]] for name, _ in plan.step]))
+        out = runner.step(plan.slots, pcm)
+        for row, (name, slot) in enumerate(plan.step):
+            cursor[name] += 1
+            if out.ready[row]:
+                res = results[name]
+                res.text_tokens.append(out.text_tokens[row])
+                res.audio_tokens.append(out.audio_tokens[row])
+                res.pcm.append(out.pcm[slot].numpy())
+            if cursor[name] == len(inputs[name]):
+                sched.finish(name)
+        if bar is not None:
+            bar.update(len(plan.step))
+    if bar is not None:
+        bar.close()
+    for res in results.values():
+        res.text = runner.tokenizer.decode(res.text_tokens)
+    return results
+
+
+def generate(runner: ModelRunner, paths: list[Path], output_dir: Path, sampling: SamplingConfig,
+             seed: int | None = None, progress: bool | None = None) -> dict[str, SessionResult]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    inputs: dict[str, np.ndarray] = {}
+    configs: dict[str, SamplingConfig] = {}
+    failed: dict[str, SessionResult] = {}
+    for path, name in zip(paths, unique_stems(paths)):
+        try:
+            inputs[name] = frames(read_audio(path, SAMPLE_RATE), runner.frame_size)
+        except (AudioError, OSError) as e:
+            print(f"lockstep generate: skipping {path}: {e}", file=sys.stderr)
+            failed[name] = SessionResult(name, error=str(e))
+            continue
+        s = seed if seed is not None else sampling.seed
+        configs[name] = SamplingConfig(**{**sampling.__dict__, "seed": None if s is None else session_seed(s, name)})
+    if progress is None:
+        progress = sys.stderr.isatty()
+    results = run_sessions(runner, inputs, configs, progress)
+    for name, res in results.items():
+        pcm = np.concatenate(res.pcm) if res.pcm else np.zeros(0, dtype=np.float32)
+        write_wav(output_dir / f"{name}.wav", pcm, SAMPLE_RATE)
+        (output_dir / f"{name}.json").write_text(json.dumps(
+            {"text": res.text, "text_tokens": res.text_tokens, "audio_tokens": res.audio_tokens}))
+    return {**results, **failed}

@@ -1,0 +1,124 @@
+"""`lockstep make-checkpoint`: random-weight checkpoints in the kyutai repository layout.
+
+Every structural flag of Moshi 7B / Mimi is kept (16 streams, 8 generated codebooks, acoustic
+delays, SiLU gating, fp32 RMSNorm, RoPE, per-step depth weights, split RVQ, SEANet ratios); only
+sizes shrink. Weights are random but scaled so greedy choices are decisive.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from engine.config import (MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, LMConfig, MimiConfig,
+                           MimiTransformerConfig, QuantizerConfig, SeanetConfig)
+from engine.lm import MoshiLM
+from engine.mimi import Mimi
+from engine.tokenizer import train_tokenizer
+
+TINY_LM = LMConfig(dim=64, text_card=256, num_heads=4, num_layers=2, context=3000, depformer_dim=32,
+                   depformer_dim_feedforward=int(4.125 * 32), depformer_num_heads=2, depformer_num_layers=2)
+SMALL_LM = LMConfig(dim=512, text_card=1000, num_heads=8, num_layers=6, context=3000, depformer_dim=256,
+                    depformer_dim_feedforward=int(4.125 * 256), depformer_num_heads=4, depformer_num_layers=4)
+TINY_MIMI = MimiConfig(
+    seanet=SeanetConfig(dimension=32, n_filters=4),
+    quantizer=QuantizerConfig(dimension=16, input_dimension=32, output_dimension=32),
+    transformer=MimiTransformerConfig(d_model=32, num_heads=2, num_layers=2, dim_feedforward=64,
+                                      input_dimension=32, output_dimensions=(32,)))
+
+PRESETS: dict[str, tuple[LMConfig, MimiConfig]] = {
+    "tiny": (TINY_LM, TINY_MIMI),          # everything tiny: fast tests
+    "tiny-lm": (TINY_LM, MimiConfig()),    # tiny LM, full-size Mimi
+    "small": (SMALL_LM, MimiConfig()),     # a few-M-parameter LM for CPU benchmarks
+    "7b": (LMConfig(), MimiConfig()),      # real shapes, random weights (needs ~16 GB)
+}
+MIMI_CONFIG_NAME = "mimi_config.json"
+
+
+def _randomize_lm(lm: MoshiLM, gen: torch.Generator) -> None:
+    for name, p in lm.named_parameters():
+        if name.endswith("alpha"):
+            p.data.uniform_(0.8, 1.2, generator=gen)
+        elif "emb" in name:
+            p.data.normal_(0, 1.0, generator=gen)
+        elif name.startswith(("text_linear", "linears")):
+            p.data.normal_(0, 4 / math.sqrt(p.shape[1]), generator=gen)
+        else:
+            p.data.normal_(0, 1 / math.sqrt(p.shape[1]), generator=gen)
+
+
+def _randomize_mimi(mimi: Mimi, gen: torch.Generator) -> None:
+    for name, p in mimi.named_parameters():
+        if p.dim() == 1 and name.endswith(("weight", "scale")) and "conv" not in name:
+            p.data.uniform_(0.8, 1.2, generator=gen) if name.endswith("weight") else p.data.fill_(0.1)
+        elif p.dim() == 1:
+            p.data.normal_(0, 0.02, generator=gen)
+        else:
+            fan_in = p[0].numel()
+            p.data.normal_(0, 1 / math.sqrt(fan_in), generator=gen)
+    for name, buf in mimi.named_buffers():
+        if name.endswith("embedding_sum"):
+            buf.normal_(0, 1.0, generator=gen)
+        elif name.endswith("cluster_usage"):
+            buf.uniform_(0.5, 2.0, generator=gen)
+        elif name.endswith("_initialized"):
+            buf.fill_(1.0)
+
+
+def _fuse_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stores per-step attention projections fused, as kyutai's released files do."""
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for key, value in state.items():
+        for split, fused in ((".self_attn.in_projs.", ".self_attn.in_proj_weight"),
+                             (".self_attn.out_projs.", ".self_attn.out_proj.weight")):
+            if split in key:
+                prefix, rest = key.split(split)
+                groups.setdefault(prefix + fused, []).append((int(rest.split(".")[0]), value))
+                break
+        else:
+            out[key] = value
+    for key, parts in groups.items():
+        out[key] = torch.cat([v for _, v in sorted(parts, key=lambda p: p[0])], dim=0)
+    return out
+
+
+def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, context: int | None = None,
+                    mimi_context: int | None = None) -> Path:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    lm_cfg, mimi_cfg = PRESETS[preset]
+    if context is not None:
+        lm_cfg = dataclasses.replace(lm_cfg, context=context)
+    if mimi_context is not None:
+        mimi_cfg = dataclasses.replace(mimi_cfg, transformer=dataclasses.replace(mimi_cfg.transformer,
+                                                                                   context=mimi_context))
+    lm_cfg.validate()
+    mimi_cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+
+    lm = MoshiLM(lm_cfg)
+    _randomize_lm(lm, gen)
+    lm_state = {k: v.to(torch.bfloat16).contiguous() for k, v in _fuse_attention(lm.state_dict()).items()}
+    save_file(lm_state, str(out / MOSHI_NAME))
+    del lm, lm_state
+
+    mimi = Mimi(mimi_cfg)
+    _randomize_mimi(mimi, gen)
+    save_file({k: v.contiguous() for k, v in _fuse_attention(mimi.state_dict()).items()}, str(out / MIMI_NAME))
+
+    # The built-in corpus supports up to 1000 pieces; larger text vocabularies keep ids past it unused.
+    train_tokenizer(out / TOKENIZER_NAME, min(lm_cfg.text_card, 1000))
+    config = {**lm_cfg.to_dict(), "moshi_name": MOSHI_NAME, "mimi_name": MIMI_NAME,
+              "tokenizer_name": TOKENIZER_NAME, "model_type": "moshi"}
+    if mimi_cfg != MimiConfig():
+        (out / MIMI_CONFIG_NAME).write_text(json.dumps(mimi_cfg.to_dict(), indent=2))
+        config["mimi_config_name"] = MIMI_CONFIG_NAME
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

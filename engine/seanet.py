@@ -1,0 +1,256 @@
+"""Slot-batched streaming SEANet encoder/decoder and Mimi's 25 Hz <-> 12.5 Hz resamplers.
+
+Each session owns one row ("slot") of preallocated state tensors, so any subset of sessions can be
+stepped together in one batched call: a step gathers the rows of the given slots, runs the plain
+convolution on ``[state | x]`` and scatters the new rows back. The module tree, and hence the
+``state_dict`` keys, is the one of kyutai's ``moshi`` package, so its checkpoints load with
+``strict=True``; the state tensors are non-persistent buffers and never appear in ``state_dict``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import SeanetConfig
+
+
+def _holder(name: str, module: nn.Module) -> nn.Module:
+    # The reference nests every conv one level deeper (its norm wrapper); an empty container with
+    # the same attribute name reproduces the key path without adding behaviour.
+    wrapper = nn.Module()
+    setattr(wrapper, name, module)
+    return wrapper
+
+
+class StreamingConv1d(nn.Module):
+    """Causal Conv1d; `previous` holds the last ``effective_kernel - stride`` input samples per slot."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 dilation: int = 1, groups: int = 1, bias: bool = True, pad_mode: str = "constant"):
+        super().__init__()
+        if pad_mode not in ("constant", "replicate"):
+            raise ValueError(f"pad_mode must be 'constant' or 'replicate', got {pad_mode!r}")
+        self.pad_mode = pad_mode
+        self.conv = _holder("conv", nn.Conv1d(in_channels, out_channels, kernel_size, stride,
+                                              dilation=dilation, groups=groups, bias=bias))
+        self.stride = stride
+        self.context = (kernel_size - 1) * dilation + 1 - stride
+        if self.context < 0:
+            raise ValueError("StreamingConv1d needs stride <= effective kernel size")
+        self.previous: torch.Tensor | None
+        self.first: torch.Tensor | None
+        self.register_buffer("previous", None, persistent=False)
+        self.register_buffer("first", None, persistent=False)
+
+    def alloc_state(self, max_sessions: int) -> None:
+        w = self.conv.conv.weight
+        self.previous = torch.zeros(max_sessions, self.conv.conv.in_channels, self.context,
+                                    dtype=w.dtype, device=w.device)
+        self.first = torch.ones(max_sessions, dtype=torch.bool, device=w.device)
+
+    def reset_rows(self, slots: torch.Tensor) -> None:
+        self.previous.index_fill_(0, slots, 0.0)
+        self.first.index_fill_(0, slots, True)
+
+    def step(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % self.stride:
+            raise ValueError(f"step length {x.shape[-1]} is not a multiple of the stride {self.stride}")
+        if self.previous is None:
+            raise RuntimeError("streaming state not allocated: call init_state(max_sessions) first")
+        tp = self.context
+        if tp:
+            prev = self.previous.index_select(0, slots)
+            if self.pad_mode == "replicate":
+                # A fresh slot's missing past is its first sample repeated, not silence.
+                fresh = self.first.index_select(0, slots)
+                prev = torch.where(fresh[:, None, None], x[..., :1], prev)
+                self.first.index_fill_(0, slots, False)
+            x = torch.cat([prev, x], dim=-1)
+            self.previous.index_copy_(0, slots, x[..., -tp:])
+        c = self.conv.conv
+        return F.conv1d(x, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+
+
+class StreamingConvTranspose1d(nn.Module):
+    """Causal ConvTranspose1d; `partial` holds the ``kernel - stride`` overlap-add tail per slot."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 groups: int = 1, bias: bool = True):
+        super().__init__()
+        self.convtr = _holder("convtr", nn.ConvTranspose1d(in_channels, out_channels, kernel_size,
+                                                           stride, groups=groups, bias=bias))
+        self.overlap = kernel_size - stride
+        if self.overlap < 0:
+            raise ValueError("StreamingConvTranspose1d needs stride <= kernel size")
+        self.partial: torch.Tensor | None
+        self.register_buffer("partial", None, persistent=False)
+
+    def alloc_state(self, max_sessions: int) -> None:
+        w = self.convtr.convtr.weight
+        self.partial = torch.zeros(max_sessions, self.convtr.convtr.out_channels, self.overlap,
+                                   dtype=w.dtype, device=w.device)
+
+    def reset_rows(self, slots: torch.Tensor) -> None:
+        self.partial.index_fill_(0, slots, 0.0)
+
+    def step(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        if self.partial is None:
+            raise RuntimeError("streaming state not allocated: call init_state(max_sessions) first")
+        c = self.convtr.convtr
+        y = F.conv_transpose1d(x, c.weight, c.bias, c.stride, 0, 0, c.groups, c.dilation)
+        pt = self.overlap
+        if not pt:
+            return y
+        y[..., :pt] += self.partial.index_select(0, slots)
+        tail = y[..., -pt:]
+        if c.bias is not None:
+            # The next step's output already carries the bias once; the stored tail must not.
+            # In place on `y`, like the reference, so the (never hit for kernel = 2 * stride)
+            # case of a step shorter than the overlap behaves the same.
+            tail -= c.bias[:, None]
+        self.partial.index_copy_(0, slots, tail)
+        return y[..., :-pt]
+
+
+_STATEFUL = (StreamingConv1d, StreamingConvTranspose1d)
+
+
+def _run(layers: nn.Sequential, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = layer.step(x, slots) if hasattr(layer, "step") else layer(x)
+    return x
+
+
+class SeanetResBlock(nn.Module):
+    def __init__(self, dim: int, kernel_sizes: Sequence[int], dilations: Sequence[int],
+                 pad_mode: str, compress: int, true_skip: bool):
+        super().__init__()
+        hidden = dim // compress
+        layers: list[nn.Module] = []
+        last = len(kernel_sizes) - 1
+        for i, (k, d) in enumerate(zip(kernel_sizes, dilations)):
+            layers += [nn.ELU(alpha=1.0),
+                       StreamingConv1d(dim if i == 0 else hidden, dim if i == last else hidden, k,
+                                       dilation=d, pad_mode=pad_mode)]
+        self.block = nn.Sequential(*layers)
+        self.shortcut = nn.Identity() if true_skip else StreamingConv1d(dim, dim, 1, pad_mode=pad_mode)
+
+    def step(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        skip = self.shortcut.step(x, slots) if isinstance(self.shortcut, StreamingConv1d) else x
+        return skip + _run(self.block, x, slots)
+
+
+class SlotStreaming(nn.Module):
+    """Owner of the per-slot state of every stateful layer below it."""
+
+    max_sessions: int = 0
+
+    def init_state(self, max_sessions: int) -> None:
+        """(Re)allocates zeroed state for `max_sessions` slots, on the weights' device and dtype."""
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        for m in self.modules():
+            if isinstance(m, _STATEFUL):
+                m.alloc_state(max_sessions)
+        self.max_sessions = max_sessions
+
+    def _slots(self, slots) -> torch.Tensor:
+        if not self.max_sessions:
+            raise RuntimeError("streaming state not allocated: call init_state(max_sessions) first")
+        return torch.as_tensor(slots, dtype=torch.long, device=next(self.parameters()).device)
+
+    def reset(self, slots) -> None:
+        """Returns the given slots to the state of a fresh stream; other slots are untouched."""
+        idx = self._slots(slots)
+        for m in self.modules():
+            if isinstance(m, _STATEFUL):
+                m.reset_rows(idx)
+
+
+class SeanetEncoder(SlotStreaming):
+    """Waveform [B, channels, T] -> latents [B, dimension, T / hop_length]."""
+
+    def __init__(self, cfg: SeanetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.hop_length = cfg.hop_length
+        mult = 1
+        nf = cfg.n_filters
+        model: list[nn.Module] = [StreamingConv1d(cfg.channels, nf, cfg.kernel_size, pad_mode=cfg.pad_mode)]
+        for ratio in reversed(cfg.ratios):
+            for j in range(cfg.n_residual_layers):
+                model.append(SeanetResBlock(mult * nf, [cfg.residual_kernel_size, 1], [cfg.dilation_base ** j, 1],
+                                            cfg.pad_mode, cfg.compress, cfg.true_skip))
+            model += [nn.ELU(alpha=1.0),
+                      StreamingConv1d(mult * nf, mult * nf * 2, 2 * ratio, stride=ratio, pad_mode=cfg.pad_mode)]
+            mult *= 2
+        model += [nn.ELU(alpha=1.0),
+                  StreamingConv1d(mult * nf, cfg.dimension, cfg.last_kernel_size, pad_mode=cfg.pad_mode)]
+        self.model = nn.Sequential(*model)
+
+    def step(self, x: torch.Tensor, slots) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] % self.hop_length:
+            raise ValueError(f"encoder input must be [B, C, T] with T a multiple of {self.hop_length}, "
+                             f"got {tuple(x.shape)}")
+        return _run(self.model, x, self._slots(slots))
+
+
+class SeanetDecoder(SlotStreaming):
+    """Latents [B, dimension, t] -> waveform [B, channels, t * hop_length]."""
+
+    def __init__(self, cfg: SeanetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.hop_length = cfg.hop_length
+        nf = cfg.n_filters
+        mult = 2 ** len(cfg.ratios)
+        model: list[nn.Module] = [StreamingConv1d(cfg.dimension, mult * nf, cfg.kernel_size, pad_mode=cfg.pad_mode)]
+        for ratio in cfg.ratios:
+            model += [nn.ELU(alpha=1.0),
+                      StreamingConvTranspose1d(mult * nf, mult * nf // 2, 2 * ratio, stride=ratio)]
+            for j in range(cfg.n_residual_layers):
+                model.append(SeanetResBlock(mult * nf // 2, [cfg.residual_kernel_size, 1],
+                                            [cfg.dilation_base ** j, 1], cfg.pad_mode, cfg.compress,
+                                            cfg.true_skip))
+            mult //= 2
+        model += [nn.ELU(alpha=1.0),
+                  StreamingConv1d(nf, cfg.channels, cfg.last_kernel_size, pad_mode=cfg.pad_mode)]
+        self.model = nn.Sequential(*model)
+
+    def step(self, z: torch.Tensor, slots) -> torch.Tensor:
+        if z.dim() != 3:
+            raise ValueError(f"decoder input must be [B, dimension, t], got {tuple(z.shape)}")
+        return _run(self.model, z, self._slots(slots))
+
+
+class ConvDownsample(SlotStreaming):
+    """Learnt strided conv from the encoder rate to the frame rate (Mimi: 25 Hz -> 12.5 Hz)."""
+
+    def __init__(self, stride: int, dimension: int):
+        super().__init__()
+        self.stride = stride
+        self.conv = StreamingConv1d(dimension, dimension, 2 * stride, stride=stride, bias=False,
+                                    pad_mode="replicate")
+
+    def step(self, x: torch.Tensor, slots) -> torch.Tensor:
+        return self.conv.step(x, self._slots(slots))
+
+
+class ConvTrUpsample(SlotStreaming):
+    """Learnt channel-wise transposed conv from the frame rate back to the decoder rate.
+
+    Channel-wise (groups = dimension) is what Mimi checkpoints were trained with
+    (``upsample_channel_wise_bug=True`` in the reference).
+    """
+
+    def __init__(self, stride: int, dimension: int):
+        super().__init__()
+        self.stride = stride
+        self.convtr = StreamingConvTranspose1d(dimension, dimension, 2 * stride, stride=stride,
+                                               groups=dimension, bias=False)
+
+    def step(self, x: torch.Tensor, slots) -> torch.Tensor:
+        return self.convtr.step(x, self._slots(slots))

@@ -1,0 +1,55 @@
+"""Per-slot host bookkeeping and sampling settings, mirrored into device tensors at join time."""
+from __future__ import annotations
+
+import secrets
+
+import torch
+
+from engine.config import SamplingConfig
+from engine.sampling import SamplingParams
+
+
+class SlotTable:
+    """Sampling settings of every slot as [max_sessions] device tensors, plus each slot's frame
+    count on the host (so which slots have output is known without asking the device)."""
+
+    def __init__(self, max_sessions: int, device: torch.device | str):
+        self.max_sessions = max_sessions
+        self.greedy = torch.zeros(max_sessions, dtype=torch.bool, device=device)
+        self.temperature = torch.zeros(max_sessions, device=device)
+        self.top_k = torch.zeros(max_sessions, dtype=torch.long, device=device)
+        self.text_temperature = torch.zeros(max_sessions, device=device)
+        self.text_top_k = torch.zeros(max_sessions, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(max_sessions, dtype=torch.long, device=device)
+        self.frames = [0] * max_sessions
+        self._top_k = [0] * max_sessions
+        self._text_top_k = [0] * max_sessions
+
+    def assign(self, slot: int, cfg: SamplingConfig) -> None:
+        cfg.validate()
+        if not 0 <= slot < self.max_sessions:
+            raise IndexError(f"slot {slot} out of range 0..{self.max_sessions - 1}")
+        seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
+        self.greedy[slot] = cfg.greedy
+        self.temperature[slot] = cfg.temperature
+        self.top_k[slot] = cfg.top_k
+        self.text_temperature[slot] = cfg.text_temperature
+        self.text_top_k[slot] = cfg.text_top_k
+        self.seeds[slot] = seed
+        self.frames[slot] = 0
+        self._top_k[slot] = cfg.top_k
+        self._text_top_k[slot] = cfg.text_top_k
+
+    def params(self, slots: torch.Tensor, host_slots: list[int]) -> SamplingParams:
+        def bound(ks: list[int]) -> int:
+            # 0 means "whole vocabulary" and dominates any finite k.
+            vals = [ks[s] for s in host_slots]
+            return 0 if any(v == 0 for v in vals) else max(vals, default=1)
+
+        return SamplingParams(
+            greedy=self.greedy.index_select(0, slots), temperature=self.temperature.index_select(0, slots),
+            top_k=self.top_k.index_select(0, slots),
+            text_temperature=self.text_temperature.index_select(0, slots),
+            text_top_k=self.text_top_k.index_select(0, slots), seeds=self.seeds.index_select(0, slots),
+            counters=torch.zeros_like(slots), max_top_k=bound(self._top_k),
+            max_text_top_k=bound(self._text_top_k))

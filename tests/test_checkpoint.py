@@ -1,0 +1,103 @@
+"""Checkpoint discovery and strict loading: clear errors for every way a checkpoint can be wrong."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.checkpoint import CheckpointError, resolve
+from engine.config import ConfigError, EngineConfig, LMConfig
+from engine.runner import ModelRunner
+
+
+@pytest.fixture
+def ckpt_copy(tiny_wrap_ckpt, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_wrap_ckpt, dst)
+    return dst
+
+
+def load(model_dir, **kw):
+    return ModelRunner.load(EngineConfig(model_dir=str(model_dir), **kw))
+
+
+def test_loads_and_uses_config(ckpt_copy):
+    runner = load(ckpt_copy, dtype="bfloat16")
+    assert runner.lm.cfg.context == 6
+    assert runner.mimi.cfg.transformer.context == 5
+    assert next(runner.lm.parameters()).dtype == torch.bfloat16
+    assert next(runner.mimi.parameters()).dtype == torch.float32
+
+
+def test_missing_tensor_is_named(ckpt_copy):
+    path = ckpt_copy / "model.safetensors"
+    state = load_file(str(path))
+    del state["text_linear.weight"]
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=r"missing: text_linear\.weight"):
+        load(ckpt_copy)
+
+
+def test_wrong_shape_and_unexpected_are_named(ckpt_copy):
+    path = ckpt_copy / json.loads((ckpt_copy / "config.json").read_text())["mimi_name"]
+    state = load_file(str(path))
+    key = "decoder.model.0.conv.conv.weight"
+    state[key] = torch.zeros(3, 3, 3)
+    state["bogus.weight"] = torch.zeros(1)
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError) as err:
+        load(ckpt_copy)
+    msg = str(err.value)
+    assert "unexpected: bogus.weight" in msg and f"wrong shape: {key}: file (3, 3, 3)" in msg
+
+
+@pytest.mark.parametrize("patch, match", [
+    ({"dim": 65}, "divisible by num_heads"),
+    ({"delays": [0, 1]}, "delays has 2 entries"),
+    ({"flux_capacitor": 1}, "unknown key 'flux_capacitor'"),
+    ({"demux_second_stream": True}, "demux_second_stream"),
+])
+def test_bad_config_says_what_to_change(ckpt_copy, patch, match):
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
+    (ckpt_copy / "config.json").write_text(json.dumps({**cfg, **patch}))
+    with pytest.raises(ConfigError, match=match):
+        load(ckpt_copy)
+
+
+def test_unparseable_config_and_missing_files(ckpt_copy):
+    (ckpt_copy / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="Moshi weights not found"):
+        load(ckpt_copy)
+    (ckpt_copy / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load(ckpt_copy)
+
+
+def test_missing_config_means_moshi_7b_defaults(tmp_path):
+    for name in ("model.safetensors", "tokenizer-e351c8d8-checkpoint125.safetensors", "tokenizer_spm_32k_3.model"):
+        (tmp_path / name).write_bytes(b"")
+    files = resolve(EngineConfig(model_dir=str(tmp_path)))
+    assert files.lm == LMConfig()
+
+
+def test_engine_config_validation():
+    with pytest.raises(ConfigError, match="--dtype"):
+        EngineConfig(dtype="int8").validate()
+    with pytest.raises(ConfigError, match="not both"):
+        EngineConfig(model_dir="a", hf_repo="b").validate()
+
+
+def test_hf_repo_from_offline_cache(tiny_wrap_ckpt, tmp_path, monkeypatch):
+    hf_constants = pytest.importorskip("huggingface_hub.constants")
+    repo_dir = tmp_path / "hub" / "models--kyutai--tiny-test"
+    snap = repo_dir / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_wrap_ckpt, snap)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    runner = ModelRunner.load(EngineConfig(hf_repo="kyutai/tiny-test"))
+    assert runner.lm.cfg.context == 6
+    with pytest.raises(CheckpointError, match="neither in the local cache"):
+        ModelRunner.load(EngineConfig(hf_repo="kyutai/not-there"))
