@@ -3,6 +3,8 @@ import sys
 
 # Triton's interpreter must be chosen before triton is first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The reference package torch.compiles its hot functions, which on CPU costs minutes per shape.
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402

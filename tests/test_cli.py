@@ -1,0 +1,32 @@
+"""The `lockstep` command line."""
+import json
+
+import pytest
+
+from engine.cli import build_parser, main
+from engine.config import EngineConfig, SamplingConfig
+
+
+def test_make_checkpoint_writes_kyutai_layout(tmp_path, capsys):
+    main(["make-checkpoint", str(tmp_path / "ck"), "--preset", "tiny", "--context", "9"])
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["context"] == 9 and cfg["n_q"] == 16 and cfg["dep_q"] == 8
+    for key in ("moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name"):
+        assert (tmp_path / "ck" / cfg[key]).is_file()
+    assert "wrote tiny checkpoint" in capsys.readouterr().out
+
+
+def test_flags_come_from_the_configs():
+    args = build_parser().parse_args(["generate", "--output-dir", "o", "x.wav"])
+    for cls in (EngineConfig, SamplingConfig):
+        for name, value in cls().__dict__.items():
+            assert getattr(args, name) == value
+
+
+def test_config_errors_exit_cleanly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path), "x.wav"])
+    assert exc.value.code == 2
+    assert "is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--dtype", "int4", "--model-dir", str(tmp_path), "--output-dir", "o", "x.wav"])
