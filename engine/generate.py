@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-
 from engine.audio import AudioError, frames, read_audio, write_wav
 from engine.config import SAMPLE_RATE, SamplingConfig
 from engine.runner import ModelRunner
-from engine.scheduler import Scheduler
+from engine.serving import EngineLoop
+from engine.session import FrameOutput
 
 
 @dataclass
@@ -45,35 +44,29 @@ def unique_stems(paths: list[Path]) -> list[str]:
 
 def run_sessions(runner: ModelRunner, inputs: dict[str, np.ndarray], sampling: dict[str, SamplingConfig],
                  progress: bool = False) -> dict[str, SessionResult]:
-    """Steps every input (name -> [F, frame_size] frames) to its end, batched; returns results by name."""
-    sched = Scheduler(runner.max_sessions)
+    """Steps every input (name -> [F, frame_size] frames) to its end on the engine loop, unpaced;
+    returns results by name."""
+    loop = EngineLoop(runner, max_buffer_frames=max((len(f) for f in inputs.values()), default=1),
+                      max_waiting=None)
     results = {name: SessionResult(name) for name in inputs}
-    cursor = {name: 0 for name in inputs}
-    for name in inputs:
-        sched.submit(name)
+
+    def sink_for(res: SessionResult):
+        def sink(event: FrameOutput | str) -> None:
+            if isinstance(event, FrameOutput):
+                res.text_tokens.append(event.text_token)
+                res.audio_tokens.append(event.audio_tokens)
+                res.pcm.append(event.pcm)
+        return sink
+
+    for name, fr in inputs.items():
+        session = loop.create_session(sampling[name], sink_for(results[name]), end_on_input_end=True)
+        session.push(fr.reshape(-1))
+        session.end_input()
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=sum(len(f) for f in inputs.values()), unit="frame", desc="generate")
-    while sched.waiting or sched.slot_of:
-        plan = sched.tick()
-        for name, slot in plan.joins:
-            runner.join(slot, sampling[name])
-        if not plan.step:
-            continue
-        pcm = torch.from_numpy(np.stack([inputs[name][cursor[name]] for name, _ in plan.step]))
-        out = runner.step(plan.slots, pcm)
-        for row, (name, slot) in enumerate(plan.step):
-            cursor[name] += 1
-            if out.ready[row]:
-                res = results[name]
-                res.text_tokens.append(out.text_tokens[row])
-                res.audio_tokens.append(out.audio_tokens[row])
-                res.pcm.append(out.pcm[slot].numpy())
-            if cursor[name] == len(inputs[name]):
-                sched.finish(name)
-        if bar is not None:
-            bar.update(len(plan.step))
+    loop.run_offline(on_tick=(lambda plan: bar.update(len(plan.step))) if bar is not None else None)
     if bar is not None:
         bar.close()
     for res in results.values():

@@ -1,0 +1,61 @@
+"""Wire formats of the v1 API: the session request body and the NDJSON events."""
+from __future__ import annotations
+
+import base64
+import json
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.audio import pcm_to_s16le
+from engine.config import SamplingConfig
+from engine.session import FrameOutput
+
+
+class SessionRequest(BaseModel):
+    """POST /v1/sessions body; every field optional (the reference's sampling defaults)."""
+    model_config = ConfigDict(extra="forbid")
+    greedy: bool = False
+    temperature: float = Field(0.8, ge=0, le=10)
+    top_k: int = Field(250, ge=0)
+    text_temperature: float = Field(0.7, ge=0, le=10)
+    text_top_k: int = Field(25, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    end_on_input_end: bool = False
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(greedy=self.greedy, temperature=self.temperature, top_k=self.top_k,
+                              text_temperature=self.text_temperature, text_top_k=self.text_top_k,
+                              seed=self.seed).validate()
+
+
+def frame_events(out: FrameOutput, tokens: bool) -> bytes:
+    """NDJSON lines for one output frame: audio, then text (if the token has a piece), then tokens."""
+    lines = [{"type": "audio", "frame": out.frame, "pcm": base64.b64encode(pcm_to_s16le(out.pcm)).decode()}]
+    if out.text:
+        lines.append({"type": "text", "frame": out.frame, "text": out.text})
+    if tokens:
+        lines.append({"type": "tokens", "frame": out.frame, "text_token": out.text_token,
+                      "audio_tokens": out.audio_tokens})
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+def end_event(reason: str) -> bytes:
+    return json.dumps({"type": "end", "reason": reason}).encode() + b"\n"
+
+
+class PcmReassembler:
+    """Turns arbitrary-sized s16le byte chunks into float samples, keeping an odd trailing byte."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def feed(self, chunk: bytes):
+        from engine.audio import s16le_to_pcm
+        data = self._carry + chunk
+        cut = len(data) & ~1
+        self._carry = data[cut:]
+        return s16le_to_pcm(data[:cut])
+
+    @property
+    def pending(self) -> int:
+        return len(self._carry)

@@ -1,0 +1,175 @@
+"""The engine loop: admits sessions, ticks the scheduler and runner every 80 ms, delivers frames.
+
+`tick()` is one frame for every active session; `run_realtime` calls it on a deadline-driven
+cadence (tick i is due at t0 + i * 80 ms, whatever the previous tick took), `run_offline` as fast
+as possible for `lockstep generate` and the benchmarks.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engine.config import FRAME_RATE, SamplingConfig
+from engine.metrics import EngineMetrics
+from engine.runner import ModelRunner
+from engine.scheduler import Plan, Scheduler
+from engine.session import FrameOutput, Session
+
+FRAME_PERIOD = 1.0 / FRAME_RATE
+MAX_CATCH_UP_FRAMES = 5
+
+
+class EngineLoop:
+    def __init__(self, runner: ModelRunner, max_buffer_frames: int = 250, idle_timeout: float | None = None,
+                 max_waiting: int | None = 0):
+        """`max_waiting`: sessions admitted beyond the slots, queued until one frees (None: no
+        limit, for offline runs; 0 when serving, so an admitted caller always gets a slot)."""
+        self.runner = runner
+        self.max_sessions = runner.max_sessions
+        self.max_admitted = None if max_waiting is None else runner.max_sessions + max_waiting
+        self.sched = Scheduler(runner.max_sessions)
+        self.sessions: dict[str, Session] = {}
+        self.metrics = EngineMetrics(runner.max_sessions)
+        self.max_buffer_frames = max_buffer_frames
+        self.idle_timeout = idle_timeout
+        self.draining = False
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- API side -------------------------------------------------------------------------------
+    def create_session(self, sampling: SamplingConfig, sink: Callable[[FrameOutput | str], None],
+                       end_on_input_end: bool = False, wait: float = 0.0) -> Session | None:
+        """Admits a session if a slot is (or within `wait` seconds becomes) free; None otherwise."""
+        sampling.validate()
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while not self.draining and self._full():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if self.draining or self._full():
+                self.metrics.inc("sessions_rejected_total")
+                return None
+            session = Session(sampling, self.runner.frame_size, self.max_buffer_frames, end_on_input_end, sink)
+            self.sessions[session.id] = session
+            self.sched.submit(session.id)
+            self.metrics.inc("sessions_created_total")
+            return session
+
+    def _full(self) -> bool:
+        return self.max_admitted is not None and len(self.sessions) >= self.max_admitted
+
+    def end_session(self, sid: str, reason: str) -> None:
+        """Ends a session; it leaves the batch at the next tick. Unknown or ended ids are ignored."""
+        with self._cond:
+            session = self.sessions.get(sid)
+            if session is None or session.end_reason is not None:
+                return
+            session.end_reason = reason
+            self.sched.finish(sid)
+            if sid not in self.sched.slot_of:  # never joined: nothing to step, end it now
+                self._retire(session)
+
+    def _retire(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+        self.metrics.inc("sessions_finished_total")
+        self.metrics.inc("input_underruns_total", session.underruns)
+        self.metrics.inc("input_dropped_samples_total", session.dropped_samples)
+        self._cond.notify_all()
+        session.sink(session.end_reason or "ended")
+
+    # ---- engine side ----------------------------------------------------------------------------
+    def tick(self) -> Plan:
+        with self._cond:
+            self._expire_idle()
+            plan = self.sched.tick(has_input=lambda sid: self.sessions[sid].has_frame())
+            for sid, _ in plan.leaves:
+                self._retire(self.sessions[sid])
+            stepping = [(self.sessions[sid], slot) for sid, slot in plan.step]
+            m = self.metrics
+            m.gauges.update(num_sessions_running=len(stepping), slots_used=len(stepping),
+                            num_sessions_waiting=len(self.sched.waiting))
+        for sid, slot in plan.joins:
+            self.runner.join(slot, self.sessions[sid].sampling)
+            self.sessions[sid].joined = True
+        if not stepping:
+            return plan
+        frames = []
+        for session, _ in stepping:
+            frame, exhausted = session.pop_frame()
+            frames.append(frame)
+            if exhausted and session.end_on_input_end:
+                self.end_session(session.id, "input_end")
+        start = time.perf_counter()
+        out = self.runner.step(plan.slots, torch.from_numpy(np.stack(frames)))
+        self.metrics.step_duration.observe(time.perf_counter() - start)
+        self.metrics.batch_size.observe(len(stepping))
+        now = time.monotonic()
+        for row, (session, slot) in enumerate(stepping):
+            if not out.ready[row]:
+                continue
+            if session.first_audio_at is None:
+                session.first_audio_at = now
+                self.metrics.first_audio.observe(now - session.created)
+            token = out.text_tokens[row]
+            session.sink(FrameOutput(session.frames_out, token, self.runner.tokenizer.piece(token),
+                                     out.audio_tokens[row], out.pcm[slot].numpy()))
+            session.frames_out += 1
+        with self._cond:
+            self.metrics.counters["ticks_total"] += 1
+        return plan
+
+    def _expire_idle(self) -> None:
+        if self.idle_timeout is None:
+            return
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            if not session.input_ended and now - session.last_activity > self.idle_timeout:
+                session.end_reason = session.end_reason or "idle_timeout"
+                self.sched.finish(session.id)
+                if session.id not in self.sched.slot_of:
+                    self._retire(session)
+
+    def run_offline(self, on_tick: Callable[[Plan], None] | None = None) -> None:
+        while self.sessions:
+            plan = self.tick()
+            if on_tick is not None:
+                on_tick(plan)
+
+    def run_realtime(self) -> None:
+        due = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now < due:
+                self._stop.wait(due - now)
+                continue
+            self.tick()
+            due += FRAME_PERIOD
+            behind = time.monotonic() - due
+            if behind > 0:
+                # The tick overran its frame: count it; after several frames of lag, resync the
+                # cadence rather than bursting ticks to catch up.
+                self.metrics.inc("late_ticks_total")
+                if behind > MAX_CATCH_UP_FRAMES * FRAME_PERIOD:
+                    due = time.monotonic()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_realtime, name="lockstep-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def drain(self) -> None:
+        """Refuse new sessions from now on; running ones go on."""
+        with self._cond:
+            self.draining = True
+            self._cond.notify_all()
