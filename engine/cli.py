@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from engine.checkpoint import CheckpointError
-from engine.config import ConfigError, EngineConfig, SamplingConfig
+from engine.config import ConfigError, EngineConfig, SamplingConfig, ServeConfig
 
 BUILTIN_PRESET = "tiny-lm"
 
@@ -34,6 +34,18 @@ _SAMPLING_HELP = {
 }
 
 
+_SERVE_HELP = {
+    "host": "address to listen on",
+    "port": "port to listen on",
+    "api_key": "require 'Authorization: Bearer KEY' (repeat for several keys)",
+    "admission_wait": "seconds a new session may wait for a free slot before 503",
+    "max_body_mb": "largest audio upload per request, in MB",
+    "idle_timeout": "end a session that sends no audio for this many seconds",
+    "shutdown_timeout": "on SIGTERM, seconds running sessions get to finish",
+    "max_buffer_seconds": "input audio buffered ahead of real time beyond this is dropped (oldest first)",
+}
+
+
 def _flag(name: str) -> str:
     return "--" + {"config_path": "config", "moshi_weight": "moshi-weight"}.get(name, name.replace("_", "-"))
 
@@ -44,6 +56,8 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str])
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
             p.add_argument(_flag(f.name), dest=f.name, action="store_true", help=helps[f.name])
+        elif isinstance(default, tuple):
+            p.add_argument(_flag(f.name), dest=f.name, action="append", default=None, help=helps[f.name])
         else:
             kind = int if f.type in ("int", "int | None") else float if f.type == "float" else str
             p.add_argument(_flag(f.name), dest=f.name, type=kind, default=default,
@@ -51,7 +65,11 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str])
 
 
 def _from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}).validate()
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if isinstance(getattr(cls(), f.name), tuple):
+            values[f.name] = tuple(values[f.name] or ())
+    return cls(**values).validate()
 
 
 def builtin_checkpoint() -> Path:
@@ -91,6 +109,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from api.server import serve
+    serve(engine_config(args), _from_args(ServeConfig, args))
+
+
+def cmd_client(args: argparse.Namespace) -> None:
+    from api.client import run_client
+    params = {"greedy": True} if args.greedy else {}
+    if args.seed is not None:
+        params["seed"] = args.seed
+    result = run_client(args.url, Path(args.input), Path(args.output), args.api_key, not args.no_pace, params)
+    print("".join(result.text).strip())
+    print(f"saved {len(result.pcm)} frames to {args.output} (transcript: {Path(args.output).with_suffix('.txt')}),"
+          f" end: {result.end_reason}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lockstep", description="Serve Kyutai's Moshi to many sessions at once.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output-dir", required=True)
     gen.add_argument("inputs", nargs="+", help="input audio files (wav), one session each")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the streaming HTTP / websocket API")
+    _add_dataclass_flags(srv, EngineConfig, _ENGINE_HELP)
+    _add_dataclass_flags(srv, ServeConfig, _SERVE_HELP)
+    srv.set_defaults(func=cmd_serve)
+
+    cl = sub.add_parser("client", help="stream an audio file to a server in real time")
+    cl.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8998")
+    cl.add_argument("input", help="input audio file")
+    cl.add_argument("--output", required=True, help="where to write Moshi's audio (wav); transcript beside it")
+    cl.add_argument("--api-key", default=None)
+    cl.add_argument("--greedy", action="store_true")
+    cl.add_argument("--seed", type=int, default=None)
+    cl.add_argument("--no-pace", action="store_true", help="send as fast as possible instead of in real time")
+    cl.set_defaults(func=cmd_client)
     return parser
 
 

@@ -290,7 +290,7 @@ class SamplingConfig:
         return self
 
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -320,3 +320,25 @@ class EngineConfig:
     def torch_dtype(self):
         import torch
         return getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What `lockstep serve` adds to the engine settings."""
+    host: str = "127.0.0.1"
+    port: int = 8998
+    api_key: tuple[str, ...] = ()
+    admission_wait: float = 2.0
+    max_body_mb: float = 512.0
+    idle_timeout: float = 30.0
+    shutdown_timeout: float = 30.0
+    max_buffer_seconds: float = 10.0
+
+    def validate(self) -> "ServeConfig":
+        _check(0 < self.port < 65536, f"--port must be in 1..65535, got {self.port}")
+        _check(self.admission_wait >= 0, "--admission-wait must be >= 0 seconds")
+        _check(self.max_body_mb > 0, "--max-body-mb must be positive")
+        _check(self.idle_timeout > 0, "--idle-timeout must be positive (seconds)")
+        _check(self.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0 seconds")
+        _check(self.max_buffer_seconds >= 0.08, "--max-buffer-seconds must hold at least one 80 ms frame")
+        return self

@@ -1,0 +1,63 @@
+"""Bridges engine sessions (engine thread) to asyncio handlers (event loop)."""
+from __future__ import annotations
+
+import asyncio
+
+from engine.config import FRAME_RATE, SAMPLE_RATE, SamplingConfig, ServeConfig
+from engine.serving import EngineLoop
+from engine.session import FrameOutput, Session
+
+
+class ApiSession:
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[FrameOutput | str] = asyncio.Queue()
+        self.session: Session  # set right after admission
+        self._stream_claimed = False
+
+    def sink(self, event: FrameOutput | str) -> None:
+        # Called on the engine thread; the queue belongs to the event loop.
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def claim_stream(self) -> bool:
+        if self._stream_claimed:
+            return False
+        self._stream_claimed = True
+        return True
+
+
+class SessionRegistry:
+    def __init__(self, engine: EngineLoop, cfg: ServeConfig):
+        self.engine = engine
+        self.cfg = cfg
+        self._by_id: dict[str, ApiSession] = {}
+
+    async def open(self, sampling: SamplingConfig, end_on_input_end: bool) -> ApiSession | None:
+        api_session = ApiSession(asyncio.get_running_loop())
+
+        def sink(event: FrameOutput | str) -> None:
+            if isinstance(event, str):
+                self._by_id.pop(api_session.session.id, None)
+            api_session.sink(event)
+
+        # Admission may wait for a slot: do it off the event loop.
+        session = await asyncio.to_thread(self.engine.create_session, sampling, sink, end_on_input_end,
+                                          self.cfg.admission_wait)
+        if session is None:
+            return None
+        api_session.session = session
+        self._by_id[session.id] = api_session
+        return api_session
+
+    def get(self, sid: str) -> ApiSession | None:
+        return self._by_id.get(sid)
+
+    def describe(self, api_session: ApiSession) -> dict:
+        s = api_session.session
+        return {"id": s.id, "sample_rate": SAMPLE_RATE, "frame_size": s.frame_size, "frame_rate": FRAME_RATE,
+                "format": "s16le", "channels": 1, "end_on_input_end": s.end_on_input_end,
+                "output_delay_frames": self.engine.runner.max_delay,
+                "sampling": s.sampling.__dict__}

@@ -1,0 +1,78 @@
+"""`lockstep client URL IN.wav --output OUT.wav`: one full-duplex conversation over POST /v1/chat,
+sending the file in real time while Moshi's audio and text stream back."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.audio import pcm_to_s16le, read_audio, s16le_to_pcm, write_wav
+from engine.config import FRAME_SIZE, SAMPLE_RATE
+
+
+@dataclass
+class ChatResult:
+    pcm: list[np.ndarray] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    text_tokens: list[int] = field(default_factory=list)
+    audio_tokens: list[list[int]] = field(default_factory=list)
+    end_reason: str | None = None
+    first_audio_s: float | None = None
+    frame_times: list[float] = field(default_factory=list)
+
+
+async def chat(url: str, pcm: np.ndarray, realtime: bool = True, api_key: str | None = None,
+               params: dict | None = None, chunk_frames: int = 1) -> ChatResult:
+    import aiohttp
+    frames_per_chunk = max(1, chunk_frames)
+    step = FRAME_SIZE * frames_per_chunk
+    start = time.monotonic()
+
+    async def body():
+        for i, offset in enumerate(range(0, len(pcm), step)):
+            if realtime:
+                await asyncio.sleep(max(0.0, start + i * 0.08 * frames_per_chunk - time.monotonic()))
+            yield pcm_to_s16le(pcm[offset: offset + step])
+
+    headers = {"content-type": "application/octet-stream"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    query = {"tokens": "1", **{k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items()}}
+    result = ChatResult()
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        async with http.post(url.rstrip("/") + "/v1/chat", params=query, data=body(), headers=headers) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"server answered {resp.status}: {await resp.text()}")
+            async for line in resp.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event["type"] == "audio":
+                    now = time.monotonic() - start
+                    result.first_audio_s = result.first_audio_s if result.first_audio_s is not None else now
+                    result.frame_times.append(now)
+                    result.pcm.append(s16le_to_pcm(base64.b64decode(event["pcm"])))
+                elif event["type"] == "text":
+                    result.text.append(event["text"])
+                elif event["type"] == "tokens":
+                    result.text_tokens.append(event["text_token"])
+                    result.audio_tokens.append(event["audio_tokens"])
+                elif event["type"] == "end":
+                    result.end_reason = event["reason"]
+                    break
+    return result
+
+
+def run_client(url: str, path: Path, output: Path, api_key: str | None, realtime: bool, params: dict) -> ChatResult:
+    pcm = read_audio(path, SAMPLE_RATE)
+    result = asyncio.run(chat(url, pcm, realtime=realtime, api_key=api_key, params=params))
+    write_wav(output, np.concatenate(result.pcm) if result.pcm else np.zeros(0, np.float32), SAMPLE_RATE)
+    transcript = "".join(result.text).strip()
+    output.with_suffix(".txt").write_text(transcript + "\n")
+    return result

@@ -1,0 +1,98 @@
+"""`/api/chat`: the websocket protocol of Kyutai's Moshi server, so its web UI and CLI connect
+unchanged. Messages are binary, first byte the kind: 0x00 handshake (server, once the session has
+a slot), 0x01 Ogg/Opus pages at 24 kHz mono (both ways), 0x02 UTF-8 text piece (server)."""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import numpy as np
+import sphn
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+
+from api.bridge import SessionRegistry
+from engine.config import SAMPLE_RATE, SamplingConfig
+from engine.session import FrameOutput
+
+KIND_HANDSHAKE, KIND_AUDIO, KIND_TEXT = 0, 1, 2
+
+
+def sampling_from_query(params) -> SamplingConfig:
+    """The query parameters Kyutai's web UI sends, which its own server ignores."""
+    def num(name: str, cast, default):
+        value = params.get(name)
+        return default if value in (None, "") else cast(value)
+
+    defaults = SamplingConfig()
+    text_seed, audio_seed = num("text_seed", int, None), num("audio_seed", int, None)
+    seed = audio_seed if audio_seed is not None else text_seed
+    if text_seed is not None and audio_seed is not None:
+        seed = (audio_seed * 1_000_003 + text_seed) % 2**63
+    return SamplingConfig(
+        temperature=num("audio_temperature", float, defaults.temperature),
+        top_k=num("audio_topk", int, defaults.top_k),
+        text_temperature=num("text_temperature", float, defaults.text_temperature),
+        text_top_k=num("text_topk", int, defaults.text_top_k),
+        seed=seed).validate()
+
+
+def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Callable[[WebSocket], bool]) -> None:
+    engine = registry.engine
+
+    @app.websocket("/api/chat")
+    async def moshi_chat(ws: WebSocket):
+        if not authorized(ws):
+            await ws.close(code=1008, reason="missing or wrong API key")
+            return
+        try:
+            sampling = sampling_from_query(ws.query_params)
+        except (ValueError, TypeError) as e:
+            await ws.close(code=1008, reason=f"bad sampling parameters: {e}"[:120])
+            return
+        await ws.accept()
+        api_session = await registry.open(sampling, end_on_input_end=False)
+        if api_session is None:
+            await ws.close(code=1013, reason="all session slots are busy; try again later")
+            return
+        session = api_session.session
+        opus_in = sphn.OpusStreamReader(SAMPLE_RATE)
+        opus_out = sphn.OpusStreamWriter(SAMPLE_RATE)
+        await ws.send_bytes(bytes([KIND_HANDSHAKE]))
+
+        async def receive_audio() -> None:
+            while True:
+                message = await ws.receive_bytes()
+                if not message or message[0] != KIND_AUDIO:
+                    continue  # unknown kinds are ignored, as the reference server does
+                try:
+                    pcm = opus_in.append_bytes(message[1:])
+                except Exception:  # corrupt Opus from this client must not reach the engine
+                    continue
+                if pcm is not None and len(pcm):
+                    session.push(np.asarray(pcm, dtype=np.float32))
+
+        reader = asyncio.create_task(receive_audio())
+        try:
+            while True:
+                getter = asyncio.ensure_future(api_session.queue.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break  # the client stopped sending: disconnected
+                event = getter.result()
+                if not isinstance(event, FrameOutput):
+                    break
+                page = opus_out.append_pcm(event.pcm)
+                if page:
+                    await ws.send_bytes(bytes([KIND_AUDIO]) + page)
+                if event.text:
+                    await ws.send_bytes(bytes([KIND_TEXT]) + event.text.encode())
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass
+        finally:
+            engine.end_session(session.id, "client_disconnected")
+            reader.cancel()
+            try:
+                await ws.close()
+            except RuntimeError:
+                pass

@@ -1,0 +1,61 @@
+"""`lockstep serve`: the engine thread plus uvicorn, with a graceful drain on SIGTERM."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import uvicorn
+
+from api.app import create_app
+from engine.config import FRAME_RATE, EngineConfig, ServeConfig
+from engine.runner import ModelRunner
+from engine.serving import EngineLoop
+
+log = logging.getLogger("lockstep")
+
+
+class DrainingServer(uvicorn.Server):
+    """First SIGTERM/SIGINT: refuse new sessions and give running ones `shutdown_timeout` seconds
+    to finish; then stop. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, engine: EngineLoop, shutdown_timeout: float):
+        super().__init__(config)
+        self.engine = engine
+        self.shutdown_timeout = shutdown_timeout
+        self._draining = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining:
+            return super().handle_exit(sig, frame)
+        self._draining = True
+        self.engine.drain()
+        log.info("draining: %d running session(s), up to %.0f s", len(self.engine.sessions), self.shutdown_timeout)
+        threading.Thread(target=self._wait_then_exit, daemon=True).start()
+
+    def _wait_then_exit(self) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.engine.sessions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for sid in list(self.engine.sessions):
+            self.engine.end_session(sid, "server_shutdown")
+        time.sleep(0.3)  # let the end events reach their streams
+        self.should_exit = True
+
+
+def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop:
+    runner = ModelRunner.load(engine_cfg)
+    return EngineLoop(runner, max_buffer_frames=max(1, int(serve_cfg.max_buffer_seconds * FRAME_RATE)),
+                      idle_timeout=serve_cfg.idle_timeout, max_waiting=0)
+
+
+def serve(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> None:
+    engine = build_engine(engine_cfg, serve_cfg)
+    engine.start()
+    config = uvicorn.Config(create_app(engine, serve_cfg), host=serve_cfg.host, port=serve_cfg.port,
+                            log_level="info")
+    try:
+        DrainingServer(config, engine, serve_cfg.shutdown_timeout).run()
+    finally:
+        engine.stop()
+

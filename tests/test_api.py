@@ -1,0 +1,261 @@
+"""The real server (uvicorn on loopback, real-time ticks) driven over HTTP and the Moshi websocket."""
+import asyncio
+import base64
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import uvicorn
+
+from api.app import create_app
+from api.client import chat
+from engine.audio import frames, pcm_to_s16le, read_audio
+from engine.config import EngineConfig, SamplingConfig, ServeConfig
+from engine.generate import run_sessions
+from engine.runner import ModelRunner
+from engine.serving import EngineLoop
+
+aiohttp = pytest.importorskip("aiohttp")
+MAX_SESSIONS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_wrap_ckpt):
+    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=MAX_SESSIONS))
+    engine = EngineLoop(runner, max_buffer_frames=250, idle_timeout=5.0, max_waiting=0)
+    engine.start()
+    cfg = ServeConfig(port=free_port(), admission_wait=0.2)
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, cfg), host="127.0.0.1", port=cfg.port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{cfg.port}", engine
+    srv.should_exit = True
+    thread.join(timeout=5)
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_wrap_ckpt, wav_inputs):
+    """What `lockstep generate` gives for each input alone (greedy)."""
+    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    out = {}
+    for path in wav_inputs:
+        fr = frames(read_audio(path))
+        res = run_sessions(runner, {path.stem: fr}, {path.stem: SamplingConfig(greedy=True)})[path.stem]
+        out[path.stem] = (fr, res.text_tokens, res.audio_tokens)
+    return out
+
+
+async def v1_session(http, base, pcm: np.ndarray, body: dict):
+    async with http.post(f"{base}/v1/sessions", json=body) as r:
+        assert r.status == 201, await r.text()
+        info = await r.json()
+    events = []
+
+    async def read_stream():
+        async with http.get(f"{base}/v1/sessions/{info['id']}/stream", params={"tokens": "1"}) as r:
+            assert r.status == 200
+            async for line in r.content:
+                events.append(json.loads(line))
+                if events[-1]["type"] == "end":
+                    return
+
+    reader = asyncio.create_task(read_stream())
+    # Arbitrary chunk sizes, one odd: frames are reassembled whatever the HTTP chunking.
+    raw = pcm_to_s16le(pcm)
+
+    async def chunks():
+        for i in range(0, len(raw), 3001):
+            yield raw[i:i + 3001]
+
+    async with http.post(f"{base}/v1/sessions/{info['id']}/audio", data=chunks()) as r:
+        assert r.status == 200, await r.text()
+    await asyncio.wait_for(reader, 30)
+    return info, events
+
+
+def test_eight_concurrent_sessions_get_generate_tokens(server, expected):
+    base, engine = server
+    names = list(expected) * 2
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            return await asyncio.gather(*[
+                v1_session(http, base, expected[n][0].reshape(-1), {"greedy": True, "end_on_input_end": True})
+                for n in names])
+
+    results = asyncio.run(main())
+    for name, (info, events) in zip(names, results):
+        assert info["sample_rate"] == 24000 and info["frame_size"] == 1920
+        tokens = [e for e in events if e["type"] == "tokens"]
+        assert [e["text_token"] for e in tokens] == expected[name][1]
+        assert [e["audio_tokens"] for e in tokens] == expected[name][2]
+        audio = [e for e in events if e["type"] == "audio"]
+        assert [e["frame"] for e in audio] == list(range(len(expected[name][1])))
+        assert all(len(base64.b64decode(e["pcm"])) == 3840 for e in audio)
+        assert events[-1] == {"type": "end", "reason": "input_end"}
+    assert engine.metrics.counters["input_underruns_total"] == 0
+
+
+def test_chat_is_full_duplex(server, expected):
+    """The client sends its next frame only after reading output: this deadlocks unless the server
+    reads the body while it streams the response."""
+    base, _ = server
+    pcm, want_text, want_audio = expected["alpha"]
+
+    async def main():
+        got_output = asyncio.Event()
+        sent = 0
+
+        async def body():
+            nonlocal sent
+            for i, frame in enumerate(pcm):
+                if i >= 2:  # the first output needs two input frames (one frame of acoustic delay)
+                    await asyncio.wait_for(got_output.wait(), 10)
+                    got_output.clear()
+                sent += 1
+                yield pcm_to_s16le(frame)
+
+        tokens = []
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/v1/chat", params={"greedy": "1", "tokens": "1"}, data=body()) as r:
+                assert r.status == 200
+                async for line in r.content:
+                    event = json.loads(line)
+                    if event["type"] == "tokens":
+                        tokens.append(event)
+                        got_output.set()
+                    if event["type"] == "end":
+                        return tokens, event, sent
+
+    tokens, end, sent = asyncio.run(main())
+    assert sent == len(pcm) and end["reason"] == "input_end"
+    assert [t["text_token"] for t in tokens] == want_text
+    assert [t["audio_tokens"] for t in tokens] == want_audio
+
+
+def test_client_helper_streams_in_real_time(server, expected):
+    base, _ = server
+    pcm = expected["delta"][0].reshape(-1)
+    res = asyncio.run(chat(base, pcm, realtime=True, params={"greedy": True}))
+    assert res.text_tokens == expected["delta"][1] and res.end_reason == "input_end"
+    # Paced input: output frames arrive about one per 80 ms, not all at once.
+    assert res.frame_times[-1] - res.frame_times[0] > 0.05 * (len(res.frame_times) - 1)
+
+
+def test_moshi_websocket_protocol_with_opus(server, expected):
+    sphn = pytest.importorskip("sphn")
+    base, _ = server
+    pcm = expected["charlie"][0].reshape(-1)
+
+    async def main():
+        writer, reader = sphn.OpusStreamWriter(24000), sphn.OpusStreamReader(24000)
+        out_pcm, texts = [], []
+        async with aiohttp.ClientSession() as http:
+            url = base.replace("http", "ws") + "/api/chat?text_temperature=0.7&text_topk=25&audio_temperature=0.8" \
+                  "&audio_topk=250&text_seed=4&audio_seed=5"
+            async with http.ws_connect(url) as ws:
+                first = await ws.receive_bytes(timeout=10)
+                assert first == b"\x00"
+                for i in range(0, len(pcm), 1920):
+                    page = writer.append_pcm(pcm[i:i + 1920])
+                    if page:
+                        await ws.send_bytes(b"\x01" + page)
+                deadline = time.monotonic() + 10
+                while sum(map(len, out_pcm)) < 24000 * 0.5 and time.monotonic() < deadline:
+                    msg = await ws.receive_bytes(timeout=10)
+                    if msg[0] == 1:
+                        decoded = reader.append_bytes(msg[1:])
+                        if decoded is not None and len(decoded):
+                            out_pcm.append(decoded)
+                    elif msg[0] == 2:
+                        texts.append(msg[1:].decode())
+        return out_pcm, texts
+
+    out_pcm, texts = asyncio.run(main())
+    assert sum(map(len, out_pcm)) >= 24000 * 0.5
+    assert all("▁" not in t for t in texts)
+
+
+def test_errors_leave_the_server_serving(server, expected):
+    base, engine = server
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/v1/sessions", data=b"{not json",
+                                 headers={"content-type": "application/json"}) as r:
+                assert r.status == 422
+            async with http.post(f"{base}/v1/sessions", json={"temperature": -1}) as r:
+                assert r.status == 422
+            async with http.post(f"{base}/v1/sessions", json={"bogus": 1}) as r:
+                assert r.status == 422
+            for method, path in (("get", "/stream"), ("post", "/audio"), ("delete", "")):
+                async with getattr(http, method)(f"{base}/v1/sessions/nope{path}") as r:
+                    assert r.status == 404
+            # Odd byte count: the whole samples are kept, the request is told it was malformed.
+            async with http.post(f"{base}/v1/sessions", json={}) as r:
+                sid = (await r.json())["id"]
+            async with http.post(f"{base}/v1/sessions/{sid}/audio", data=b"\x01\x02\x03") as r:
+                assert r.status == 400
+            async with http.delete(f"{base}/v1/sessions/{sid}") as r:
+                assert r.status == 204
+            # Over capacity: 503 with Retry-After once every slot is taken.
+            ids = []
+            for _ in range(MAX_SESSIONS):
+                async with http.post(f"{base}/v1/sessions", json={}) as r:
+                    assert r.status == 201
+                    ids.append((await r.json())["id"])
+            async with http.post(f"{base}/v1/sessions", json={}) as r:
+                assert r.status == 503 and "Retry-After" in r.headers
+            for sid in ids:
+                async with http.delete(f"{base}/v1/sessions/{sid}"):
+                    pass
+            # A client vanishing mid-stream frees its slot.
+            async with http.post(f"{base}/v1/sessions", json={"greedy": True}) as r:
+                sid = (await r.json())["id"]
+            async with http.post(f"{base}/v1/sessions/{sid}/audio", data=pcm_to_s16le(expected["alpha"][0].reshape(-1))):
+                pass
+            resp = await http.get(f"{base}/v1/sessions/{sid}/stream")
+            await resp.content.readline()
+            resp.close()
+            for _ in range(100):
+                if sid not in engine.sessions:
+                    break
+                await asyncio.sleep(0.05)
+            assert sid not in engine.sessions
+            async with http.get(f"{base}/metrics") as r:
+                text = await r.text()
+                assert "lockstep:step_duration_seconds_bucket" in text and "lockstep:sessions_rejected_total" in text
+
+    asyncio.run(main())
+    # Still serving: a fresh session gets the right tokens.
+    test_client_helper_streams_in_real_time(server, expected)
+
+
+def test_api_key_required_when_configured(tiny_wrap_ckpt):
+    httpx = pytest.importorskip("httpx")
+    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    app = create_app(EngineLoop(runner), ServeConfig(api_key=("sekrit",)))
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            assert (await c.post("/v1/sessions", json={})).status_code == 401
+            bad = await c.post("/v1/sessions", json={}, headers={"authorization": "Bearer nope"})
+            assert bad.status_code == 401
+            ok = await c.post("/v1/sessions", json={}, headers={"authorization": "Bearer sekrit"})
+            assert ok.status_code == 201
+            assert (await c.get("/healthz")).status_code == 200
+
+    asyncio.run(main())
