@@ -125,6 +125,11 @@ def cmd_client(args: argparse.Namespace) -> None:
           f" end: {result.end_reason}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import importlib
+    importlib.import_module(f"bench.{args.which}").main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lockstep", description="Serve Kyutai's Moshi to many sessions at once.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--seed", type=int, default=None)
     cl.add_argument("--no-pace", action="store_true", help="send as fast as possible instead of in real time")
     cl.set_defaults(func=cmd_client)
+
+    bn = sub.add_parser("bench", help="benchmarks: tick (offline sweep), serve (HTTP callers), kernels")
+    bn.add_argument("which", choices=["tick", "serve", "kernels"])
+    bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help of each)")
+    bn.set_defaults(func=cmd_bench)
     return parser
 
 

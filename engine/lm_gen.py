@@ -12,9 +12,11 @@ import dataclasses
 import torch
 
 from engine.lm import MoshiLM
+from engine.profiling import StageTimer
 from engine.sampling import SamplingParams, sample
 
 UNGENERATED = -2
+_NO_TIMER = StageTimer("cpu")
 
 
 class LMGen:
@@ -37,8 +39,8 @@ class LMGen:
         self.lm.reset(slots)
 
     @torch.no_grad()
-    def step(self, slots: torch.Tensor, user_tokens: torch.Tensor, params: SamplingParams
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, slots: torch.Tensor, user_tokens: torch.Tensor, params: SamplingParams,
+             timer: StageTimer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """user_tokens [B, n_q - dep_q] for `slots` -> (tokens [B, dep_q + 1], ready [B]).
 
         tokens[:, 0] is the text token and tokens[:, 1:] the audio codes of one aligned output
@@ -60,9 +62,12 @@ class LMGen:
         inputs = torch.where(is_init, self.initial.view(1, -1), inputs)
 
         params = dataclasses.replace(params, counters=offsets)
-        transformer_out, text_logits = self.lm.forward_text(inputs, slots)
-        text_token = sample(text_logits, params, stream=0)
-        audio_tokens = self.lm.depth_step(text_token, transformer_out, slots, params)
+        timer = timer or _NO_TIMER
+        with timer("lm_temporal"):
+            transformer_out, text_logits = self.lm.forward_text(inputs, slots)
+            text_token = sample(text_logits, params, stream=0)
+        with timer("lm_depth"):
+            audio_tokens = self.lm.depth_step(text_token, transformer_out, slots, params)
 
         offsets = offsets + 1
         gen = torch.cat([text_token[:, None], audio_tokens], dim=1)  # [B, dep_q + 1]

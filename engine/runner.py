@@ -10,6 +10,7 @@ from engine.config import EngineConfig, SamplingConfig
 from engine.lm import MoshiLM
 from engine.lm_gen import LMGen
 from engine.mimi import Mimi
+from engine.profiling import StageTimer
 from engine.slots import SlotTable
 from engine.tokenizer import TextTokenizer
 
@@ -36,6 +37,7 @@ class ModelRunner:
         mimi.init_state(max_sessions)
         self.gen = LMGen(lm, max_sessions)
         self.slots = SlotTable(max_sessions, self.device)
+        self.timer = StageTimer(self.device)
 
     @staticmethod
     def load(cfg: EngineConfig, files: CheckpointFiles | None = None) -> "ModelRunner":
@@ -62,8 +64,9 @@ class ModelRunner:
         if len(set(slots)) != len(slots):
             raise ValueError(f"duplicate slots in one step: {slots}")
         idx = torch.tensor(slots, device=self.device, dtype=torch.long)
-        codes = self.mimi.encode_step(pcm.to(self.device, torch.float32).view(len(slots), 1, -1), idx)
-        out, _ = self.gen.step(idx, codes, self.slots.params(idx, slots))
+        with self.timer("mimi_encode"):
+            codes = self.mimi.encode_step(pcm.to(self.device, torch.float32).view(len(slots), 1, -1), idx)
+        out, _ = self.gen.step(idx, codes, self.slots.params(idx, slots), self.timer)
         ready = []
         for s in slots:
             self.slots.frames[s] += 1
@@ -72,7 +75,8 @@ class ModelRunner:
         pcm_out: dict[int, torch.Tensor] = {}
         if rows:
             sel = torch.tensor(rows, device=self.device)
-            audio = self.mimi.decode_step(out.index_select(0, sel)[:, 1:], idx.index_select(0, sel))
+            with self.timer("mimi_decode"):
+                audio = self.mimi.decode_step(out.index_select(0, sel)[:, 1:], idx.index_select(0, sel))
             audio = audio[:, 0].float().cpu()
             for j, i in enumerate(rows):
                 pcm_out[slots[i]] = audio[j]

@@ -1,0 +1,97 @@
+"""Shared benchmark plumbing: percentiles, the bandwidth roofline, and table / JSON / PNG output."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+FRAME_MS = 80.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def summarize(seconds: list[float]) -> dict:
+    ms = [t * 1e3 for t in seconds]
+    return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms),
+            "n": len(ms)}
+
+
+def measured_bandwidth_gbs(device: torch.device, size_mb: int = 512, reps: int = 10) -> float:
+    """Device memory bandwidth from a large copy (read + write bytes per copy)."""
+    n = size_mb * 2**20 // 4
+    src = torch.empty(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    sync()
+    return 2 * n * 4 * reps / (time.perf_counter() - start) / 1e9
+
+
+_BANDWIDTH: dict[str, float] = {}
+
+
+def roofline_ms(runner, batch: int, full_context: bool, bandwidth_gbs: float | None) -> float:
+    """Memory-bandwidth floor of one tick: every LM weight read once, plus each slot's valid KV."""
+    key = str(runner.device)
+    if bandwidth_gbs is None:
+        bandwidth_gbs = _BANDWIDTH.setdefault(key, measured_bandwidth_gbs(runner.device))
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.lm.parameters())
+    t = runner.lm.transformer
+    cfg = runner.lm.cfg
+    valid = cfg.context if full_context else 1
+    kv_bytes = 2 * len(t.layers) * t.num_heads * t.head_dim * valid * t.k_cache.element_size() * batch
+    return (weight_bytes + kv_bytes) / (bandwidth_gbs * 1e9) * 1e3
+
+
+def write_outputs(prefix: Path, meta: dict, rows: list[dict]) -> None:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    header = f"{'B':>4} {'p50 ms':>9} {'p99 ms':>9} {'margin':>8} {'floor ms':>9} {'ref p50':>9} {'speedup':>8}"
+    print(f"device: {meta['device']}  dtype: {meta['dtype']}  full context: {meta.get('full_context')}")
+    print(header)
+    for r in rows:
+        e = r["engine"]
+        ref = r.get("reference", {}).get("p50_ms", float("nan"))
+        print(f"{r['batch']:>4} {e['p50_ms']:>9.2f} {e['p99_ms']:>9.2f} {FRAME_MS / e['p99_ms']:>7.1f}x "
+              f"{r['floor_ms']:>9.2f} {ref:>9.2f} {r.get('speedup', float('nan')):>7.2f}x")
+    under = [r["batch"] for r in rows if r["engine"]["p99_ms"] < FRAME_MS]
+    meta["max_realtime_batch"] = max(under) if under else 0
+    print(f"largest B with p99 tick < {FRAME_MS:.0f} ms: {meta['max_realtime_batch']}")
+    if rows and rows[-1]["engine"].get("stages_ms"):
+        print("stages at B=%d (ms): %s" % (rows[-1]["batch"], ", ".join(
+            f"{k} {v:.2f}" for k, v in rows[-1]["engine"]["stages_ms"].items())))
+    prefix.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: skipping the plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bs = [r["batch"] for r in rows]
+    ax.plot(bs, [r["engine"]["p99_ms"] for r in rows], "o-", label="lockstep p99")
+    ax.plot(bs, [r["engine"]["p50_ms"] for r in rows], "o--", label="lockstep p50")
+    if all("reference" in r for r in rows):
+        ax.plot(bs, [r["reference"]["p50_ms"] for r in rows], "s-", label="reference p50")
+    ax.plot(bs, [r["floor_ms"] for r in rows], ":", label="bandwidth floor")
+    ax.axhline(FRAME_MS, color="red", lw=0.8, label="80 ms frame")
+    ax.set_xlabel("concurrent sessions")
+    ax.set_ylabel("tick time (ms)")
+    ax.set_title(f"{meta['device']} {meta['dtype']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(prefix.with_suffix(".png"), dpi=120)
+    print(f"wrote {prefix.with_suffix('.json')} and {prefix.with_suffix('.png')}")

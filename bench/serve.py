@@ -1,0 +1,137 @@
+"""Serving benchmark: N callers stream audio in real time over POST /v1/chat to a running server,
+arriving as a Poisson process; reports first-audio latency, delivery jitter, underruns and late ticks.
+
+    lockstep serve --max-sessions 16 &           # in one shell
+    python -m bench.serve --url http://127.0.0.1:8998 --callers 1 4 8 16 --seconds 10
+    python -m bench.serve --spawn --callers 1 2 4    # starts `lockstep serve` itself (built-in checkpoint)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from api.client import chat
+from bench.report import percentile
+from engine.audio import read_audio
+
+
+def synthetic_speech(seconds: float, seed: int) -> np.ndarray:
+    """A voiced, pitch-gliding signal with pauses: stands in for speech when no --input is given."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(24000 * seconds)) / 24000
+    f0 = 110 + 60 * np.sin(2 * np.pi * 0.4 * t + rng.uniform(0, 6))
+    voiced = (np.sin(2 * np.pi * 1.5 * t + rng.uniform(0, 6)) > -0.3).astype(np.float32)
+    sig = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / 24000) / k for k in range(1, 6))
+    return (0.2 * voiced * sig + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+async def scrape(url: str) -> dict[str, float]:
+    import aiohttp
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url + "/metrics") as r:
+            text = await r.text()
+    out = {}
+    for name in ("late_ticks_total", "input_underruns_total", "sessions_rejected_total"):
+        m = re.search(rf"^lockstep:{name} (\S+)$", text, re.M)
+        out[name] = float(m.group(1)) if m else float("nan")
+    return out
+
+
+async def run_callers(url: str, n: int, rate: float, audio: list[np.ndarray], seed: int) -> dict:
+    rng = random.Random(seed)
+    before = await scrape(url)
+    results, failures = [], 0
+
+    async def caller(i: int, delay: float):
+        nonlocal failures
+        await asyncio.sleep(delay)
+        try:
+            results.append(await chat(url, audio[i % len(audio)], realtime=True, params={"seed": i}))
+        except Exception as e:  # a refused or failed caller is a result, not a crash
+            failures += 1
+            print(f"caller {i}: {e}", file=sys.stderr)
+
+    arrivals, t = [], 0.0
+    for _ in range(n):
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    await asyncio.gather(*[caller(i, a) for i, a in enumerate(arrivals)])
+    after = await scrape(url)
+    first = [r.first_audio_s * 1e3 for r in results if r.first_audio_s is not None]
+    jitter = [abs((b - a) * 1e3 - 80.0) for r in results for a, b in zip(r.frame_times, r.frame_times[1:])]
+    row = {"callers": n, "failed": failures, "late_ticks": after["late_ticks_total"] - before["late_ticks_total"],
+           "underruns": after["input_underruns_total"] - before["input_underruns_total"]}
+    for name, values in (("first_audio_ms", first), ("jitter_ms", jitter)):
+        row[name] = {f"p{q}": percentile(values, q) for q in (50, 90, 99)}
+    return row
+
+
+def spawn_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), *extra],
+                            env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+    raise RuntimeError("server did not start")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="lockstep bench serve", description=__doc__.split("\n")[0])
+    ap.add_argument("--url")
+    ap.add_argument("--spawn", action="store_true", help="start `lockstep serve` (pass its flags after --)")
+    ap.add_argument("--callers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate (callers per second)")
+    ap.add_argument("--seconds", type=float, default=6.0, help="audio per caller")
+    ap.add_argument("--input", nargs="*", default=[], help="wav files to stream (default: synthetic)")
+    ap.add_argument("--output", default="bench/out/serve.json")
+    ap.add_argument("server_args", nargs="*")
+    args = ap.parse_args(argv)
+    audio = [read_audio(p) for p in args.input] or [synthetic_speech(args.seconds, s) for s in range(4)]
+    proc = None
+    if args.spawn:
+        proc, url = spawn_server(args.server_args + ["--max-sessions", str(max(args.callers))])
+    elif args.url:
+        url = args.url.rstrip("/")
+    else:
+        ap.error("give --url of a running server, or --spawn")
+    rows = []
+    try:
+        for n in args.callers:
+            row = asyncio.run(run_callers(url, n, args.rate, audio, seed=n))
+            rows.append(row)
+            print(f"N={n:>3} first audio p50/p99 {row['first_audio_ms']['p50']:.0f}/"
+                  f"{row['first_audio_ms']['p99']:.0f} ms  jitter p50/p90/p99 {row['jitter_ms']['p50']:.1f}/"
+                  f"{row['jitter_ms']['p90']:.1f}/{row['jitter_ms']['p99']:.1f} ms  late ticks {row['late_ticks']:.0f}"
+                  f"  underruns {row['underruns']:.0f}  failed {row['failed']}")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    ok = [r["callers"] for r in rows if r["late_ticks"] == 0 and r["failed"] == 0]
+    print(f"largest N with no late ticks: {max(ok) if ok else 0}")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps({"url": url, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Offline tick benchmark: tick time vs concurrent sessions, lockstep beside the reference package.
+
+    python -m bench.tick --model-dir DIR --batch 1 4 8       # or: lockstep bench tick ...
+    python -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 8 32 64 --full-context
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.report import roofline_ms, summarize, write_outputs
+from engine.config import EngineConfig, LMConfig, MimiConfig, SamplingConfig
+from engine.lm import MoshiLM
+from engine.mimi import Mimi
+from engine.runner import ModelRunner
+from engine.tokenizer import TextTokenizer, train_tokenizer
+
+
+def dummy_runner(name: str, device: str, dtype: torch.dtype, max_sessions: int) -> ModelRunner:
+    """Moshi 7B / Mimi shapes with random weights made on the device: no files needed."""
+    if name != "7b":
+        raise ValueError("--dummy supports only '7b'")
+    with torch.device(device):
+        lm = MoshiLM(LMConfig()).to(dtype)
+        mimi = Mimi(MimiConfig())
+    for p in lm.parameters():
+        p.data.normal_(0, 0.02)
+    for name_, buf in mimi.named_buffers():
+        if name_.endswith("cluster_usage"):
+            buf.fill_(1.0)
+        elif name_.endswith("embedding_sum"):
+            buf.normal_()
+    tok_path = Path(tempfile.mkdtemp()) / "tok.model"
+    train_tokenizer(tok_path, 1000)
+    return ModelRunner(lm, mimi, TextTokenizer(tok_path), max_sessions)
+
+
+def time_engine(runner: ModelRunner, batch: int, warmup: int, ticks: int, full_context: bool) -> dict:
+    slots = list(range(batch))
+    for s in slots:
+        runner.join(s, SamplingConfig())
+    if full_context:
+        # Every slot as if deep into a long call: the whole ring is valid history.
+        idx = torch.tensor(slots, device=runner.device)
+        runner.lm.transformer.offsets[idx] = runner.lm.cfg.context
+        for s in slots:
+            runner.slots.frames[s] = runner.lm.cfg.context
+    pcm = torch.randn(batch, runner.frame_size) * 0.1
+    times = []
+    for i in range(warmup + ticks):
+        if i == warmup:
+            runner.timer.reset()
+            runner.timer.enabled = True
+        start = time.perf_counter()
+        runner.step(slots, pcm)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    runner.timer.enabled = False
+    stages = {k: statistics.median(v) * 1e3 for k, v in runner.timer.totals.items()}
+    # Stage timing adds syncs: the untimed ticks are measured separately.
+    plain = []
+    for _ in range(ticks):
+        start = time.perf_counter()
+        runner.step(slots, pcm)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        plain.append(time.perf_counter() - start)
+    return {**summarize(plain), "stages_ms": stages}
+
+
+def reference_models(runner: ModelRunner, dtype: torch.dtype):
+    """Kyutai's models holding exactly lockstep's weights."""
+    from moshi.models.loaders import get_mimi, get_moshi_lm
+    lm = get_moshi_lm(None, lm_kwargs=runner.lm.cfg.to_dict(), device="meta", dtype=dtype)
+    lm.load_state_dict(runner.lm.state_dict(), assign=True)
+    mimi = get_mimi(None, runner.mimi.cfg.to_dict(), device=str(runner.device))
+    mimi.load_state_dict(runner.mimi.state_dict())
+    mimi.set_num_codebooks(runner.lm.cfg.mimi_codebooks)
+    return lm.to(runner.device).eval(), mimi.eval()
+
+
+def time_reference(lm, mimi, batch: int, warmup: int, ticks: int, device: torch.device) -> dict:
+    from moshi.models.lm import LMGen
+    gen = LMGen(lm)
+    pcm = torch.randn(batch, 1, mimi.frame_size, device=device) * 0.1
+    times = []
+    with torch.no_grad(), mimi.streaming(batch), gen.streaming(batch):
+        for i in range(warmup + ticks):
+            start = time.perf_counter()
+            tokens = gen.step(mimi.encode(pcm))
+            if tokens is not None:
+                mimi.decode(tokens[:, 1:])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return summarize(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="lockstep bench tick", description=__doc__.split("\n")[0])
+    ap.add_argument("--model-dir")
+    ap.add_argument("--dummy", choices=["7b"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--ticks", type=int, default=20)
+    ap.add_argument("--full-context", action="store_true", help="hold every slot's LM context full")
+    ap.add_argument("--no-reference", action="store_true", help="skip kyutai's package")
+    ap.add_argument("--bandwidth-gbs", type=float, default=None, help="HBM bandwidth for the roofline (default: measured)")
+    ap.add_argument("--output", default="bench/out/tick", help="prefix for the .json and .png outputs")
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    max_b = max(args.batch)
+    if args.dummy:
+        runner = dummy_runner(args.dummy, args.device, dtype, max_b)
+    else:
+        from engine.cli import builtin_checkpoint
+        model_dir = args.model_dir or str(builtin_checkpoint())
+        runner = ModelRunner.load(EngineConfig(model_dir=model_dir, device=args.device, dtype=str(dtype)[6:],
+                                               max_sessions=max_b))
+    ref = None if args.no_reference else reference_models(runner, dtype)
+    rows = []
+    from tqdm import tqdm
+    for batch in tqdm(args.batch, desc="sweep", unit="batch"):
+        if runner.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        row = {"batch": batch, "engine": time_engine(runner, batch, args.warmup, args.ticks, args.full_context)}
+        if runner.device.type == "cuda":
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if ref is not None:
+            row["reference"] = time_reference(*ref, batch, args.warmup, args.ticks, runner.device)
+            row["speedup"] = row["reference"]["p50_ms"] / row["engine"]["p50_ms"]
+        row["floor_ms"] = roofline_ms(runner, batch, args.full_context, args.bandwidth_gbs)
+        rows.append(row)
+    meta = {"device": torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
+            "dtype": str(dtype), "lm": runner.lm.cfg.to_dict(), "full_context": args.full_context,
+            "threads": torch.get_num_threads()}
+    write_outputs(Path(args.output), meta, rows)
+
+
+if __name__ == "__main__":
+    main()
