@@ -6,6 +6,7 @@ as possible for `lockstep generate` and the benchmarks.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Callable
@@ -19,6 +20,7 @@ from engine.runner import ModelRunner
 from engine.scheduler import Plan, Scheduler
 from engine.session import FrameOutput, Session
 
+log = logging.getLogger("lockstep")
 FRAME_PERIOD = 1.0 / FRAME_RATE
 MAX_CATCH_UP_FRAMES = 5
 
@@ -149,7 +151,16 @@ class EngineLoop:
             if now < due:
                 self._stop.wait(due - now)
                 continue
-            self.tick()
+            try:
+                self.tick()
+            except Exception:
+                # A bug must not stop the cadence for everyone: end the sessions of the failed
+                # tick (their slot state is suspect) and keep serving the rest.
+                log.exception("tick failed; ending the sessions it was stepping")
+                with self._cond:
+                    stepping = list(self.sched.slot_of)
+                for sid in stepping:
+                    self.end_session(sid, "engine_error")
             due += FRAME_PERIOD
             behind = time.monotonic() - due
             if behind > 0:

@@ -1,0 +1,63 @@
+"""`lockstep serve` as a process: SIGTERM refuses new sessions and lets running ones finish."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict | bytes):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_sigterm_drains(tiny_wrap_ckpt):
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model-dir", str(tiny_wrap_ckpt),
+                             "--port", str(port), "--max-sessions", "2", "--shutdown-timeout", "20"],
+                            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(base + "/healthz", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(proc.stderr.read().decode()[-2000:])
+                time.sleep(0.1)
+        status, body = post(base + "/v1/sessions", {"greedy": True, "end_on_input_end": True})
+        assert status == 201
+        sid = json.loads(body)["id"]
+        stream = urllib.request.urlopen(f"{base}/v1/sessions/{sid}/stream", timeout=30)
+        # 1 s of input: the session is still running when the signal arrives.
+        assert post(f"{base}/v1/sessions/{sid}/audio", b"\x00\x01" * 24000)[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        status, _ = post(base + "/v1/sessions", {})
+        assert status == 503
+        events = [json.loads(line) for line in stream]
+        assert events[-1] == {"type": "end", "reason": "input_end"}
+        assert sum(e["type"] == "audio" for e in events) == 12  # 13 frames in, one of delay
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
