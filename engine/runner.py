@@ -7,6 +7,7 @@ import torch
 
 from engine.checkpoint import CheckpointFiles, load_weights, resolve
 from engine.config import EngineConfig, SamplingConfig
+from engine.graphs import GraphedStep
 from engine.lm import MoshiLM
 from engine.lm_gen import LMGen
 from engine.mimi import Mimi
@@ -25,7 +26,8 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, lm: MoshiLM, mimi: Mimi, tokenizer: TextTokenizer, max_sessions: int):
+    def __init__(self, lm: MoshiLM, mimi: Mimi, tokenizer: TextTokenizer, max_sessions: int,
+                 use_cuda_graphs: bool = True):
         self.lm = lm.eval()
         self.mimi = mimi.eval()
         self.tokenizer = tokenizer
@@ -33,11 +35,14 @@ class ModelRunner:
         self.device = next(lm.parameters()).device
         self.frame_size = mimi.frame_size
         self.max_delay = lm.cfg.max_delay
+        # One state row past the sessions' is scratch: padded rows and decodes that must not count.
+        self.scratch_slot = max_sessions
         mimi.set_num_codebooks(lm.cfg.mimi_codebooks)
-        mimi.init_state(max_sessions)
-        self.gen = LMGen(lm, max_sessions)
-        self.slots = SlotTable(max_sessions, self.device)
+        mimi.init_state(max_sessions + 1)
+        self.gen = LMGen(lm, max_sessions + 1)
+        self.slots = SlotTable(max_sessions + 1, self.device)
         self.timer = StageTimer(self.device)
+        self.graphs = GraphedStep(self) if self.device.type == "cuda" and use_cuda_graphs else None
 
     @staticmethod
     def load(cfg: EngineConfig, files: CheckpointFiles | None = None) -> "ModelRunner":
@@ -59,27 +64,37 @@ class ModelRunner:
         self.gen.reset(idx)
 
     @torch.no_grad()
+    def forward(self, idx: torch.Tensor, decode_idx: torch.Tensor, pcm: torch.Tensor, k_audio: int,
+                k_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device part of a step, free of host syncs (graph-capturable): pcm [B, frame_size] for
+        slots `idx` -> (tokens [B, 1 + dep_q], pcm [B, frame_size]); audio is decoded into
+        `decode_idx`'s decoder state (the scratch slot for rows with no output yet)."""
+        B = idx.shape[0]
+        with self.timer("mimi_encode"):
+            codes = self.mimi.encode_step(pcm.view(B, 1, -1), idx)
+        tokens, _ = self.gen.step(idx, codes, self.slots.params(idx, k_audio, k_text), self.timer)
+        with self.timer("mimi_decode"):
+            # Rows without output yet hold -2; any valid code will do for their scratch decode.
+            audio = self.mimi.decode_step(tokens[:, 1:].clamp(min=0), decode_idx)
+        return tokens, audio[:, 0]
+
+    @torch.no_grad()
     def step(self, slots: list[int], pcm: torch.Tensor) -> StepOutput:
         """pcm [B, frame_size] (float32, one frame per slot) -> the slots' next output frame."""
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"duplicate slots in one step: {slots}")
-        idx = torch.tensor(slots, device=self.device, dtype=torch.long)
-        with self.timer("mimi_encode"):
-            codes = self.mimi.encode_step(pcm.to(self.device, torch.float32).view(len(slots), 1, -1), idx)
-        out, _ = self.gen.step(idx, codes, self.slots.params(idx, slots), self.timer)
-        ready = []
+        if len(set(slots)) != len(slots) or not all(0 <= s < self.max_sessions for s in slots):
+            raise ValueError(f"slots must be distinct and in 0..{self.max_sessions - 1}: {slots}")
+        ready = [self.slots.frames[s] >= self.max_delay for s in slots]
+        decode_host = [s if r else self.scratch_slot for s, r in zip(slots, ready)]
+        bounds = self.slots.top_k_bounds(slots)
+        if self.graphs is not None and not self.timer.enabled:
+            tokens, audio = self.graphs.run(slots, decode_host, pcm, bounds)
+        else:
+            idx = torch.tensor(slots, device=self.device)
+            decode_idx = torch.tensor(decode_host, device=self.device)
+            tokens, audio = self.forward(idx, decode_idx, pcm.to(self.device, torch.float32), *bounds)
         for s in slots:
             self.slots.frames[s] += 1
-            ready.append(self.slots.frames[s] > self.max_delay)
-        rows = [i for i, r in enumerate(ready) if r]
-        pcm_out: dict[int, torch.Tensor] = {}
-        if rows:
-            sel = torch.tensor(rows, device=self.device)
-            with self.timer("mimi_decode"):
-                audio = self.mimi.decode_step(out.index_select(0, sel)[:, 1:], idx.index_select(0, sel))
-            audio = audio[:, 0].float().cpu()
-            for j, i in enumerate(rows):
-                pcm_out[slots[i]] = audio[j]
-        tokens = out.cpu()
+        # A copy: on CPU the static graph buffers would otherwise be shared with the caller.
+        tokens, audio = tokens.cpu(), audio.to("cpu", torch.float32, copy=True)
         return StepOutput(ready=ready, text_tokens=tokens[:, 0].tolist(), audio_tokens=tokens[:, 1:].tolist(),
-                          pcm=pcm_out)
+                          pcm={s: audio[i] for i, s in enumerate(slots) if ready[i]})

@@ -40,16 +40,19 @@ class SlotTable:
         self._top_k[slot] = cfg.top_k
         self._text_top_k[slot] = cfg.text_top_k
 
-    def params(self, slots: torch.Tensor, host_slots: list[int]) -> SamplingParams:
+    def top_k_bounds(self, host_slots: list[int]) -> tuple[int, int]:
+        """Static (audio, text) top-k bounds over the given slots; 0 ("whole vocabulary") dominates."""
         def bound(ks: list[int]) -> int:
-            # 0 means "whole vocabulary" and dominates any finite k.
             vals = [ks[s] for s in host_slots]
             return 0 if any(v == 0 for v in vals) else max(vals, default=1)
 
+        return bound(self._top_k), bound(self._text_top_k)
+
+    def params(self, slots: torch.Tensor, max_top_k: int, max_text_top_k: int) -> SamplingParams:
+        """Device-side gather only, so it can be captured in a CUDA graph."""
         return SamplingParams(
             greedy=self.greedy.index_select(0, slots), temperature=self.temperature.index_select(0, slots),
             top_k=self.top_k.index_select(0, slots),
             text_temperature=self.text_temperature.index_select(0, slots),
             text_top_k=self.text_top_k.index_select(0, slots), seeds=self.seeds.index_select(0, slots),
-            counters=torch.zeros_like(slots), max_top_k=bound(self._top_k),
-            max_text_top_k=bound(self._text_top_k))
+            counters=torch.zeros_like(slots), max_top_k=max_top_k, max_text_top_k=max_text_top_k)
