@@ -6,13 +6,17 @@ with its own 1x1 input/output projections and EMA codebooks (``embedding_sum / c
 
 Nearest-centroid search reproduces what ``torch.cdist`` does for the reference (same augmented
 matmul, clamp and sqrt, then first-index argmin), so fp32 codes are bit-identical to the reference's
-on the same device. Quantization math always runs in fp32, whatever the module dtype: with 2048
-centroids, half-precision distances would flip many argmins.
+on the same device (the torch kernel backend; the Triton one searches with |c|^2 - 2 x.c and can
+differ only on fp32-rounding ties). Quantization math always runs in fp32, whatever the module
+dtype: with 2048 centroids, half-precision distances would flip many argmins.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kernels import rvq as rvq_kernels
+from kernels.rvq import nearest  # noqa: F401  (re-exported: the engine's exact fp32 search)
 
 from .config import QuantizerConfig
 
@@ -24,9 +28,6 @@ _LEGACY_NAMES = {
     "embed_avg": "embedding_sum",
     "embed_sum": "embedding_sum",
 }
-# torch.cdist only takes its matmul path above this many rows on either side; below it, it sums
-# squared differences directly, which rounds differently.
-_CDIST_MM_THRESHOLD = 25
 
 
 class Codebook(nn.Module):
@@ -70,24 +71,10 @@ def _forget_cache(module: "ResidualVQ", _incompatible_keys) -> None:
     module.forget()
 
 
-def nearest(x: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid for each row of fp32 `x` [N, D], ties to the lowest index.
-
-    `aug` is a codebook's `Codebook.augmented()` matrix.
-    """
-    n, d = x.shape
-    if n > _CDIST_MM_THRESHOLD or aug.shape[0] > _CDIST_MM_THRESHOLD:
-        x1 = x[None]
-        x1_sq = x1.pow(2).sum(-1, keepdim=True)
-        lhs = torch.cat([x1.mul(-2), x1_sq, torch.ones_like(x1_sq)], dim=-1)
-        dist = torch.matmul(lhs, aug[None].mT)
-        dist.clamp_min_(0).sqrt_()
-        return dist[0].argmin(dim=-1)
-    return torch.cdist(x[None], aug[None, :, :d].contiguous(), p=2.0)[0].argmin(dim=-1)
-
-
 class ResidualVQ(nn.Module):
     """One residual VQ with forced 1x1 projections (``ResidualVectorQuantizer`` in the reference)."""
+
+    kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
 
     def __init__(self, n_q: int, dimension: int, bins: int, input_dimension: int, output_dimension: int):
         super().__init__()
@@ -131,36 +118,38 @@ class ResidualVQ(nn.Module):
         """[n_q, bins] fp32 squared centroid norms (a strided view)."""
         return self.augmented[..., self.dimension + 1]
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, input_dimension, T] -> fp32 residual rows [B * T, dimension]."""
+        b, _, t = x.shape
+        return self.input_proj(x).transpose(1, 2).reshape(b * t, self.dimension).float()
+
     def encode(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """[B, input_dimension, T] -> [B, n, T] codes from the first `n` stages."""
         b, _, t = x.shape
         if n == 0 or t == 0:
             return torch.zeros(b, n, t, dtype=torch.long, device=x.device)
-        aug = self.augmented
-        d = self.dimension
-        h = self.input_proj(x)
-        residual = h.transpose(1, 2).reshape(b * t, d).float()
-        codes = []
-        for i in range(n):
-            idx = nearest(residual, aug[i])
-            codes.append(idx)
-            if i + 1 < n:
-                residual = residual - aug[i].index_select(0, idx)[:, :d]
-        return torch.stack(codes, dim=1).view(b, t, n).transpose(1, 2).contiguous()
+        codes = rvq_kernels.encode(self.project(x)[None], [self.augmented], [n], self.kernel_backend)
+        return codes.view(b, t, n).transpose(1, 2).contiguous()
+
+    def project_out(self, q: torch.Tensor, b: int, t: int) -> torch.Tensor:
+        """Summed centroids [B * T, dimension] fp32 -> [B, output_dimension, T]."""
+        w = self.output_proj.weight
+        return self.output_proj(q.view(b, t, -1).transpose(1, 2).to(w.dtype))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """[B, k, T] codes (k <= n_q) -> [B, output_dimension, T] in the projection's dtype."""
         b, k, t = codes.shape
-        cents = self.centroids
-        q = cents[0][codes[:, 0]]
-        for i in range(1, k):
-            q = q + cents[i][codes[:, i]]
-        w = self.output_proj.weight
-        return self.output_proj(q.transpose(1, 2).to(w.dtype))
+        flat = codes.transpose(1, 2).reshape(b * t, k)
+        q = rvq_kernels.decode(flat, [self.augmented], [k], self.kernel_backend)[0]
+        return self.project_out(q, b, t)
 
 
 class SplitRVQ(nn.Module):
-    """Semantic RVQ (first `n_q_semantic` codebooks) and acoustic RVQ (the rest) over the same input."""
+    """Semantic RVQ (first `n_q_semantic` codebooks) and acoustic RVQ (the rest) over the same input.
+
+    Both RVQs are encoded (and decoded) by one call of the `kernels.rvq` family."""
+
+    kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
 
     def __init__(self, cfg: QuantizerConfig):
         super().__init__()
@@ -198,18 +187,26 @@ class SplitRVQ(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[B, input_dimension, T] -> LongTensor [B, num_codebooks, T]."""
         n = self._num_codebooks
-        codes = self.rvq_first.encode(x, self.n_q_semantic)
-        if n > self.n_q_semantic:
-            codes = torch.cat([codes, self.rvq_rest.encode(x, n - self.n_q_semantic)], dim=1)
-        return codes
+        b, _, t = x.shape
+        if t == 0:
+            return torch.zeros(b, n, 0, dtype=torch.long, device=x.device)
+        rvqs = [self.rvq_first] + ([self.rvq_rest] if n > self.n_q_semantic else [])
+        stages = [self.n_q_semantic, n - self.n_q_semantic][: len(rvqs)]
+        residuals = torch.stack([r.project(x) for r in rvqs])
+        codes = rvq_kernels.encode(residuals, [r.augmented for r in rvqs], stages, self.kernel_backend)
+        return codes.view(b, t, n).transpose(1, 2).contiguous()
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """[B, k, T] codes (1 <= k <= n_q) -> [B, output_dimension, T]."""
-        k = codes.shape[1]
+        b, k, t = codes.shape
         if not 1 <= k <= self.n_q:
             raise ValueError(f"decode needs between 1 and {self.n_q} codebooks, got {k}")
-        out = self.rvq_first.decode(codes[:, : self.n_q_semantic])
-        if k > self.n_q_semantic:
-            out = out + self.rvq_rest.decode(codes[:, self.n_q_semantic:])
+        rvqs = [self.rvq_first] + ([self.rvq_rest] if k > self.n_q_semantic else [])
+        stages = [min(k, self.n_q_semantic), k - self.n_q_semantic][: len(rvqs)]
+        flat = codes.transpose(1, 2).reshape(b * t, k)
+        sums = rvq_kernels.decode(flat, [r.augmented for r in rvqs], stages, self.kernel_backend)
+        out = self.rvq_first.project_out(sums[0], b, t)
+        if len(rvqs) > 1:
+            out = out + self.rvq_rest.project_out(sums[1], b, t)
         return out

@@ -14,6 +14,7 @@ from engine.mimi import Mimi
 from engine.profiling import StageTimer
 from engine.slots import SlotTable
 from engine.tokenizer import TextTokenizer
+from kernels.dispatch import apply_backend, resolve_backend
 
 
 @dataclass
@@ -54,6 +55,9 @@ class ModelRunner:
         load_weights(lm, files.moshi_weights, cfg.torch_dtype, cfg.device)
         # Mimi stays in fp32 whatever the LM dtype, as in kyutai's server.
         load_weights(mimi, files.mimi_weights, torch.float32, cfg.device)
+        backend = resolve_backend(cfg.kernels, cfg.device)
+        apply_backend(lm, backend)
+        apply_backend(mimi, backend)
         return ModelRunner(lm, mimi, TextTokenizer(files.tokenizer), cfg.max_sessions)
 
     def join(self, slot: int, sampling: SamplingConfig) -> None:

@@ -12,7 +12,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from kernels import conv as conv_kernels
 
 from .config import SeanetConfig
 
@@ -27,6 +28,8 @@ def _holder(name: str, module: nn.Module) -> nn.Module:
 
 class StreamingConv1d(nn.Module):
     """Causal Conv1d; `previous` holds the last ``effective_kernel - stride`` input samples per slot."""
+
+    kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  dilation: int = 1, groups: int = 1, bias: bool = True, pad_mode: str = "constant"):
@@ -55,27 +58,22 @@ class StreamingConv1d(nn.Module):
         self.previous.index_fill_(0, slots, 0.0)
         self.first.index_fill_(0, slots, True)
 
-    def step(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, slots: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        """One step for `slots`; `act="elu"` applies the preceding ELU inside the conv."""
         if x.shape[-1] % self.stride:
             raise ValueError(f"step length {x.shape[-1]} is not a multiple of the stride {self.stride}")
         if self.previous is None:
             raise RuntimeError("streaming state not allocated: call init_state(max_sessions) first")
-        tp = self.context
-        if tp:
-            prev = self.previous.index_select(0, slots)
-            if self.pad_mode == "replicate":
-                # A fresh slot's missing past is its first sample repeated, not silence.
-                fresh = self.first.index_select(0, slots)
-                prev = torch.where(fresh[:, None, None], x[..., :1], prev)
-                self.first.index_fill_(0, slots, False)
-            x = torch.cat([prev, x], dim=-1)
-            self.previous.index_copy_(0, slots, x[..., -tp:])
         c = self.conv.conv
-        return F.conv1d(x, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+        first = self.first if self.pad_mode == "replicate" else None
+        return conv_kernels.conv1d_step(x, c.weight, c.bias, self.previous, slots, self.stride, c.dilation[0],
+                                        c.groups, first, act, self.kernel_backend)
 
 
 class StreamingConvTranspose1d(nn.Module):
     """Causal ConvTranspose1d; `partial` holds the ``kernel - stride`` overlap-add tail per slot."""
+
+    kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  groups: int = 1, bias: bool = True):
@@ -96,31 +94,36 @@ class StreamingConvTranspose1d(nn.Module):
     def reset_rows(self, slots: torch.Tensor) -> None:
         self.partial.index_fill_(0, slots, 0.0)
 
-    def step(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, slots: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        """One step for `slots`; `act="elu"` applies the preceding ELU inside the conv."""
         if self.partial is None:
             raise RuntimeError("streaming state not allocated: call init_state(max_sessions) first")
         c = self.convtr.convtr
-        y = F.conv_transpose1d(x, c.weight, c.bias, c.stride, 0, 0, c.groups, c.dilation)
-        pt = self.overlap
-        if not pt:
-            return y
-        y[..., :pt] += self.partial.index_select(0, slots)
-        tail = y[..., -pt:]
-        if c.bias is not None:
-            # The next step's output already carries the bias once; the stored tail must not.
-            # In place on `y`, like the reference, so the (never hit for kernel = 2 * stride)
-            # case of a step shorter than the overlap behaves the same.
-            tail -= c.bias[:, None]
-        self.partial.index_copy_(0, slots, tail)
-        return y[..., :-pt]
+        return conv_kernels.conv_transpose1d_step(x, c.weight, c.bias, self.partial, slots, c.stride[0], c.groups,
+                                                  act, self.kernel_backend)
 
 
 _STATEFUL = (StreamingConv1d, StreamingConvTranspose1d)
 
 
+def _fuses_elu(elu: nn.Module, nxt: nn.Module | None) -> bool:
+    # Only the Triton convs take the ELU in; the torch path keeps the reference's separate op.
+    return (isinstance(elu, nn.ELU) and elu.alpha == 1.0 and isinstance(nxt, _STATEFUL)
+            and nxt.kernel_backend == "triton")
+
+
 def _run(layers: nn.Sequential, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    for layer in layers:
+    mods = list(layers)
+    i = 0
+    while i < len(mods):
+        layer = mods[i]
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if _fuses_elu(layer, nxt):
+            x = nxt.step(x, slots, act="elu")
+            i += 2
+            continue
         x = layer.step(x, slots) if hasattr(layer, "step") else layer(x)
+        i += 1
     return x
 
 

@@ -13,31 +13,54 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import attention as attn_kernels
+from kernels import norm as norm_kernels
 
 
-class RMSNorm(nn.Module):
+class _Norm:
+    """Mixin: forward and the fused residual-add + norm go through `kernels.norm`."""
+
+    kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
+
+    @property
+    def params(self) -> norm_kernels.NormParams:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return norm_kernels.norm(x, self.params, self.kernel_backend)
+
+    def add_forward(self, x: torch.Tensor, update: torch.Tensor,
+                    scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + scale * update, this norm of it)."""
+        return norm_kernels.add_norm(x, update, scale, self.params, self.kernel_backend)
+
+
+class RMSNorm(_Norm, nn.Module):
     def __init__(self, dim: int, eps: float, compute_dtype: torch.dtype | None):
         super().__init__()
         self.eps = eps
         self.compute_dtype = compute_dtype
         self.alpha = nn.Parameter(torch.ones(1, 1, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_dtype = x.dtype
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
-        var = self.eps + torch.mean(x**2, dim=2, keepdim=True)
-        return (x * (self.alpha.to(var) * torch.rsqrt(var))).to(x_dtype)
+    @property
+    def params(self) -> norm_kernels.NormParams:
+        return norm_kernels.NormParams(True, self.alpha, None, self.eps, self.compute_dtype is not None)
 
 
-class LayerNormF32(nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+class LayerNorm(_Norm, nn.LayerNorm):
+    @property
+    def params(self) -> norm_kernels.NormParams:
+        return norm_kernels.NormParams(False, self.weight, self.bias, self.eps, False)
+
+
+class LayerNormF32(_Norm, nn.LayerNorm):
+    @property
+    def params(self) -> norm_kernels.NormParams:
+        return norm_kernels.NormParams(False, self.weight, self.bias, self.eps, True)
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:
     if kind == "layer_norm":
-        return nn.LayerNorm(dim, eps=1e-5)
+        return LayerNorm(dim, eps=1e-5)
     if kind == "layer_norm_f32":
         return LayerNormF32(dim, eps=1e-8)
     if kind == "rms_norm":
@@ -61,6 +84,8 @@ _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "elu": F.elu, "s
 
 
 class ActivationGating(nn.Module):
+    kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
+
     def __init__(self, dim: int, dim_feedforward: int, activation: str):
         super().__init__()
         # kyutai's sizing rule for the gated hidden width, needed to match checkpoint shapes.
@@ -69,11 +94,18 @@ class ActivationGating(nn.Module):
         self.linear_out = nn.Linear(hidden, dim, bias=False)
         self.activation = _ACTIVATIONS[activation]
 
+    def triton_supported(self) -> bool:
+        return self.activation is F.silu
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, self.linear_in.weight)
-        B, T, _ = h.shape
-        h = h.view(B, T, 2, -1)
-        return F.linear(self.activation(h[..., 0, :]) * h[..., 1, :], self.linear_out.weight)
+        if self.activation is F.silu:
+            gated = norm_kernels.silu_gate(h, self.kernel_backend)
+        else:
+            B, T, _ = h.shape
+            h = h.view(B, T, 2, -1)
+            gated = self.activation(h[..., 0, :]) * h[..., 1, :]
+        return F.linear(gated, self.linear_out.weight)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, max_period: float):
@@ -128,15 +160,22 @@ class TransformerLayer(nn.Module):
         else:
             self.layer_scale_1, self.layer_scale_2 = LayerScale(dim, layer_scale), LayerScale(dim, layer_scale)
 
-    def feed_forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        h = self.norm2(x)
+    def ffn(self, h: torch.Tensor, step: int) -> torch.Tensor:
+        """The feed-forward update for the normed input h."""
         if self.gating is None:
-            update = self.linear2(F.gelu(self.linear1(h)))
-        elif isinstance(self.gating, nn.ModuleList):
-            update = self.gating[step](h)
-        else:
-            update = self.gating(h)
-        return x.to(update) + self.layer_scale_2(update)
+            return self.linear2(F.gelu(self.linear1(h)))
+        if isinstance(self.gating, nn.ModuleList):
+            return self.gating[step](h)
+        return self.gating(h)
+
+    @staticmethod
+    def residual(x: torch.Tensor, update: torch.Tensor, layer_scale: nn.Module,
+                 norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x + layer_scale(update), `norm` of it or None): fused when `norm` runs on Triton."""
+        if norm is None:
+            return x.to(update) + layer_scale(update), None
+        scale = layer_scale.scale if isinstance(layer_scale, LayerScale) else None
+        return norm.add_forward(x, update, scale)
 
 
 class StreamingTransformer(nn.Module):
@@ -145,6 +184,8 @@ class StreamingTransformer(nn.Module):
     With `weights_per_step` > 0 (Moshi's depth transformer), step i of a frame uses weight set i and
     the cache holds one frame's steps; `reset` before each frame starts it afresh.
     """
+
+    kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
 
     def __init__(self, dim: int, num_heads: int, num_layers: int, dim_feedforward: int, norm: str,
                  gating: str, layer_scale: float | None, context: int | None, rope_max_period: float | None,
@@ -180,16 +221,20 @@ class StreamingTransformer(nn.Module):
         B, T, _ = x.shape
         dtype_in = x.dtype
         offsets = self.offsets.index_select(0, slots)
+        # Each residual add is followed by the next norm (norm2, then the next layer's norm1), so
+        # the two are computed together; h is always the normed input of the next sub-layer.
+        h = self.layers[0].norm1(x)
         for i, layer in enumerate(self.layers):
-            h = layer.norm1(x)
             q, k, v = layer.self_attn.qkv(h, step)
             if self.rope_max_period is not None:
                 q, k = apply_rope(q, k, offsets, self.rope_max_period)
             out = attn_kernels.ring_attention(q, k, v, self.k_cache[i], self.v_cache[i], slots, offsets,
-                                              self.context)
+                                              self.context, self.kernel_backend)
             out = out.transpose(1, 2).reshape(B, T, -1)
             update = layer.self_attn.out_projs[step](out)
-            x = x.to(update) + layer.layer_scale_1(update)
-            x = layer.feed_forward(x, step)
+            x, h = layer.residual(x, update, layer.layer_scale_1, layer.norm2)
+            update = layer.ffn(h, step)
+            nxt = self.layers[i + 1].norm1 if i + 1 < len(self.layers) else None
+            x, h = layer.residual(x, update, layer.layer_scale_2, nxt)
         self.offsets.index_copy_(0, slots, offsets + T)
         return x.to(dtype_in)

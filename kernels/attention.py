@@ -1,8 +1,10 @@
-"""Decode attention over per-slot ring-buffer KV caches (torch reference path).
+"""Decode attention over per-slot ring-buffer KV caches: the public entry point and its torch path.
 
 Semantics follow kyutai's `RingKVCache`: the T new keys are written first, then every query
 attends over the whole ring, where each ring entry's absolute position is derived from the slot's
 offset; entries not yet written, in the future, or `context` or more positions back are masked.
+`backend="triton"` runs `kernels.attention_triton` (same contract, cost proportional to each
+slot's valid length, rows whose slot is < 0 skipped).
 """
 from __future__ import annotations
 
@@ -22,9 +24,14 @@ def ring_positions(offsets: torch.Tensor, T: int, capacity: int) -> torch.Tensor
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor,
-                   context: int | None) -> torch.Tensor:
+                   context: int | None, backend: str = "torch") -> torch.Tensor:
     """q, k, v: [B, H, T, D] for slots `slots` at positions offsets[b] + t; caches [S, H, cap, D].
     Writes k, v into the caches and returns the attention output [B, H, T, D]."""
+    if backend == "triton":
+        from kernels import attention_triton
+        return attention_triton.ring_attention(q, k, v, k_cache, v_cache, slots, offsets, context)
+    if backend != "torch":
+        raise ValueError(f"unknown kernel backend {backend!r}")
     B, H, T, D = q.shape
     capacity = k_cache.shape[2]
     assert k_cache.shape[1:] == (H, capacity, D) and v_cache.shape == k_cache.shape

@@ -1,0 +1,211 @@
+"""Kernel benchmark: each Triton kernel beside its torch path at Moshi 7B / Mimi shapes.
+
+    python -m bench.kernels [--batch 1 8 32 64] [--only attention rvq conv norm] [--json OUT]
+
+For every case it prints the time per call (median of CUDA-event timings), the bytes the operation
+must move (its minimal traffic: each valid KV entry, codebook, weight and activation read once and
+each output written once), the achieved GB/s on that basis and the fraction of the device's copy
+bandwidth, measured first with a large device-to-device copy. Decode kernels are memory bound,
+so that fraction is the figure of merit. Needs a CUDA device; elsewhere it says so and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from kernels import attention, conv, norm, rvq
+from kernels.norm import NormParams
+
+LM_HEADS, LM_HEAD_DIM, LM_CONTEXT = 32, 128, 3000
+DEPTH_HEADS, DEPTH_HEAD_DIM, DEPTH_STEPS = 16, 64, 8
+MIMI_HEADS, MIMI_HEAD_DIM, MIMI_CONTEXT = 8, 64, 250
+RVQ_DIM, RVQ_BINS, RVQ_STAGES = 256, 2048, (1, 7)
+LM_DIM, LM_HIDDEN = 4096, 11264
+
+
+@dataclass
+class Row:
+    family: str
+    case: str
+    batch: int
+    backend: str
+    ms: float
+    bytes: int
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.ms / 1e6
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 25) -> float:
+    for _ in range(warmup):  # includes the Triton JIT compile on first use
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (read + write counted), best of several 1 GiB copies."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = min(time_ms(lambda: dst.copy_(src), warmup=3, iters=10) for _ in range(3))
+    del src, dst
+    return 2 * nbytes / ms / 1e6
+
+
+def _both(family, case, batch, nbytes, make_call) -> list[Row]:
+    rows = []
+    for backend in ("torch", "triton"):
+        rows.append(Row(family, case, batch, backend, time_ms(make_call(backend)), nbytes))
+    return rows
+
+
+def bench_attention(device, batches) -> list[Row]:
+    rows = []
+    shapes = [("lm", LM_HEADS, LM_HEAD_DIM, LM_CONTEXT, LM_CONTEXT, 1, torch.bfloat16),
+              ("depth", DEPTH_HEADS, DEPTH_HEAD_DIM, DEPTH_STEPS, None, 1, torch.bfloat16),
+              ("mimi", MIMI_HEADS, MIMI_HEAD_DIM, MIMI_CONTEXT, MIMI_CONTEXT, 2, torch.float32)]
+    for name, H, D, cap, ctx, T, dtype in shapes:
+        S = max(batches)
+        k_cache = torch.randn(S, H, cap, D, device=device, dtype=dtype)
+        v_cache = torch.randn_like(k_cache)
+        # Full: deep in a call, the ring wrapped many times. Short: 100 frames in (LM/Mimi only).
+        contexts = {"full": 5 * cap + 3} if name == "depth" else {"full": 5 * cap + 3, "short": 100}
+        for label, offset in contexts.items():
+            valid = min(offset + T, cap, ctx if ctx is not None else cap)
+            for B in batches:
+                q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype) for _ in range(3))
+                slots = torch.arange(B, device=device)
+                offsets = torch.full((B,), offset, device=device, dtype=torch.long)
+                esize = q.element_size()
+                nbytes = B * H * D * esize * (2 * valid + 6 * T)  # KV read, q/k/v/out, KV write
+
+                def call(backend, q=q, k=k, v=v, slots=slots, offsets=offsets):
+                    return lambda: attention.ring_attention(q, k, v, k_cache, v_cache, slots, offsets, ctx, backend)
+                rows += _both("attention", f"{name}-{label}-ctx{valid}", B, nbytes, call)
+        del k_cache, v_cache
+    return rows
+
+
+def bench_rvq(device, batches) -> list[Row]:
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    tables = []
+    for n in RVQ_STAGES:
+        c = torch.randn(n, RVQ_BINS, RVQ_DIM, device=device, generator=g)
+        sq = c.pow(2).sum(-1, keepdim=True)
+        tables.append(torch.cat([c, torch.ones_like(sq), sq], -1).contiguous())
+    stages = list(RVQ_STAGES)
+    table_bytes = sum(t.numel() for t in tables) * 4
+    for B in batches:  # one 12.5 Hz frame per slot: N = B rows
+        x = torch.randn(len(stages), B, RVQ_DIM, device=device, generator=g)
+        codes = torch.randint(0, RVQ_BINS, (B, sum(stages)), device=device, generator=g)
+        enc_bytes = table_bytes + x.numel() * 4 + codes.numel() * 8
+        rows += _both("rvq", "encode-1+7", B, enc_bytes,
+                      lambda be, x=x: (lambda: rvq.encode(x, tables, stages, be)))
+        dec_bytes = B * sum(stages) * (RVQ_DIM * 4 + 8) + len(stages) * B * RVQ_DIM * 4
+        rows += _both("rvq", "decode-1+7", B, dec_bytes,
+                      lambda be, codes=codes: (lambda: rvq.decode(codes, tables, stages, be)))
+    return rows
+
+
+def bench_conv(device, batches) -> list[Row]:
+    # Representative SEANet layers (Mimi runs fp32): the full-rate first conv, a strided
+    # downsampling conv, a dilated residual conv, a decoder upsampling conv, Mimi's upsample.
+    convs = [("enc-first", 1, 64, 7, 1, 1, 1920, False), ("enc-down", 64, 128, 8, 4, 1, 1920, False),
+             ("enc-res", 128, 64, 3, 1, 1, 480, False), ("dec-up", 128, 64, 8, 4, 1, 480, True),
+             ("mimi-up", 512, 512, 4, 2, 512, 1, True)]
+    rows = []
+    S = max(batches)
+    for name, cin, cout, K, stride, groups, L, transposed in convs:
+        if transposed:
+            w = torch.randn(cin, cout // groups, K, device=device) / (cin * K) ** 0.5
+            state = torch.zeros(S, cout, K - stride, device=device)
+            out_len = L * stride
+        else:
+            w = torch.randn(cout, cin, K, device=device) / (cin * K) ** 0.5
+            state = torch.zeros(S, cin, K - stride, device=device)
+            out_len = L // stride
+        bias = torch.zeros(cout, device=device) if groups == 1 else None
+        for B in batches:
+            x = torch.randn(B, cin, L, device=device)
+            slots = torch.arange(B, device=device)
+            nbytes = 4 * (x.numel() + B * cout * out_len + w.numel() + 2 * B * state[0].numel())
+
+            def call(be, x=x, slots=slots, w=w, bias=bias, state=state, name=name):
+                if name.endswith("up"):
+                    return lambda: conv.conv_transpose1d_step(x, w, bias, state, slots, stride, groups, "elu", be)
+                return lambda: conv.conv1d_step(x, w, bias, state, slots, stride, 1, 1, None,
+                                                "elu" if name != "enc-first" else None, be)
+            rows += _both("conv", f"{name}-{cin}to{cout}-k{K}s{stride}-L{L}", B, nbytes, call)
+    return rows
+
+
+def bench_norm(device, batches) -> list[Row]:
+    rows = []
+    dtype = torch.bfloat16
+    p = NormParams(True, torch.ones(LM_DIM, device=device, dtype=dtype), None, 1e-8, True)
+    for B in batches:
+        x = torch.randn(B, 1, LM_DIM, device=device, dtype=dtype)
+        u = torch.randn_like(x)
+        esize = x.element_size()
+        rows += _both("norm", "rms4096", B, 2 * x.numel() * esize + LM_DIM * esize,
+                      lambda be, x=x: (lambda: norm.norm(x, p, be)))
+        rows += _both("norm", "add+rms4096", B, 4 * x.numel() * esize + LM_DIM * esize,
+                      lambda be, x=x, u=u: (lambda: norm.add_norm(x, u, None, p, be)))
+        h = torch.randn(B, 1, 2 * LM_HIDDEN, device=device, dtype=dtype)
+        rows += _both("norm", f"silu-gate{LM_HIDDEN}", B, 3 * B * LM_HIDDEN * esize,
+                      lambda be, h=h: (lambda: norm.silu_gate(h, be)))
+    return rows
+
+
+FAMILIES = {"attention": bench_attention, "rvq": bench_rvq, "conv": bench_conv, "norm": bench_norm}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64], help="concurrent slots")
+    ap.add_argument("--only", nargs="+", choices=sorted(FAMILIES), help="kernel families to run")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json", help="also write the rows (and the measured peak) to this file")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.kernels needs a CUDA device (it times Triton kernels against the torch path on the "
+              "GPU); none is available here, so nothing was measured.")
+        return 0
+    device = torch.device(args.device)
+    torch.cuda.set_device(device)
+    peak = peak_bandwidth_gbps(device)
+    print(f"{torch.cuda.get_device_name(device)}: measured copy bandwidth {peak:.0f} GB/s")
+    print(f"{'family':<10} {'case':<34} {'B':>3} {'backend':<7} {'ms':>9} {'MB':>9} {'GB/s':>8} {'peak':>6}")
+    rows: list[Row] = []
+    with torch.no_grad():
+        for family in args.only or list(FAMILIES):
+            for r in FAMILIES[family](device, sorted(args.batch)):
+                rows.append(r)
+                print(f"{r.family:<10} {r.case:<34} {r.batch:>3} {r.backend:<7} {r.ms:9.4f} "
+                      f"{r.bytes / 1e6:9.2f} {r.gbps:8.0f} {r.gbps / peak:6.1%}", flush=True)
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(device), "peak_gbps": peak,
+                       "rows": [asdict(r) | {"gbps": r.gbps} for r in rows]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

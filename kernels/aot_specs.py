@@ -1,0 +1,143 @@
+"""The launches the engine makes at Moshi 7B / Mimi shapes, planned on meta tensors.
+
+Each family's `plan` is the one its launcher uses, so a shape or constexpr change in a launcher
+shows up here without edits. Batch sizes are chosen to hit every distinct specialization (e.g.
+split counts for attention).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from kernels.aot import DTYPES
+from kernels.launch import Launch
+
+META = torch.device("meta")
+H100_SMS = 132
+LM = dict(heads=32, head_dim=128, capacity=3000, T=1, context=3000)
+DEPTH = dict(heads=16, head_dim=64, capacity=8, T=1, context=None)
+MIMI = dict(heads=8, head_dim=64, capacity=250, T=2, context=250)
+MAX_SESSIONS = 64
+
+
+def _qkv(B: int, T: int, H: int, D: int, dtype: torch.dtype):
+    # As the engine hands them over: q/k fresh from RoPE (contiguous), v a view of the projection.
+    projected = torch.empty(B, T, 3, H, D, device=META, dtype=dtype)
+    v = projected.permute(2, 0, 3, 1, 4)[2]
+    q = torch.empty(B, H, T, D, device=META, dtype=dtype)
+    return q, torch.empty_like(q), v
+
+
+def attention_specs() -> Iterator[tuple[str, list[Launch]]]:
+    from kernels import attention_triton
+    for name, shape, batches in (("lm", LM, (1, 4, 64)), ("depth", DEPTH, (1, 64)), ("mimi", MIMI, (1, 64))):
+        H, D, cap, T = shape["heads"], shape["head_dim"], shape["capacity"], shape["T"]
+        for dtype in DTYPES:
+            cache = torch.empty(MAX_SESSIONS, H, cap, D, device=META, dtype=dtype)
+            for B in batches:
+                q, k, v = _qkv(B, T, H, D, dtype)
+                slots = torch.empty(B, device=META, dtype=torch.long)
+                launches, _ = attention_triton.plan(q, k, v, cache, torch.empty_like(cache), slots,
+                                                    torch.empty_like(slots), shape["context"],
+                                                    num_sms=H100_SMS)
+                yield f"{name}-B{B}-{str(dtype)[6:]}", launches
+
+
+def rvq_specs() -> Iterator[tuple[str, list[Launch]]]:
+    # fp32 only: Mimi quantizes in fp32 whatever the LM dtype and the launcher rejects anything else.
+    from kernels import rvq_triton
+    D, bins, n_q = 256, 2048, 32
+    tables = [torch.empty(1, bins, D + 2, device=META), torch.empty(n_q - 1, bins, D + 2, device=META)]
+    for B in (1, 64):
+        x = torch.empty(2, B, D, device=META)
+        launches, codes = rvq_triton.plan_encode(x, tables, [1, 7])
+        yield f"encode-split1+7-N{B}", launches
+        yield f"decode-split1+7-N{B}", rvq_triton.plan_decode(codes, tables, [1, 7])[0]
+
+
+def _stateful_convs(layers, L: int, out: list) -> int:
+    """Appends (conv module, input length, act) in execution order, ELUs fused as on the Triton
+    path; returns the output length."""
+    from torch import nn
+
+    from engine.seanet import SeanetResBlock, StreamingConv1d, StreamingConvTranspose1d
+    act = None
+    for layer in layers:
+        if isinstance(layer, nn.ELU):
+            act = "elu"
+            continue
+        if isinstance(layer, SeanetResBlock):
+            _stateful_convs(layer.block, L, out)
+        elif isinstance(layer, StreamingConv1d):
+            out.append((layer, L, act))
+            L //= layer.stride
+        elif isinstance(layer, StreamingConvTranspose1d):
+            out.append((layer, L, act))
+            L *= layer.convtr.convtr.stride[0]
+        act = None
+    return L
+
+
+def conv_specs() -> Iterator[tuple[str, list[Launch]]]:
+    from engine.config import MimiConfig
+    from engine.mimi import Mimi
+    from engine.seanet import StreamingConv1d
+    from kernels import conv_triton
+    cfg = MimiConfig()
+    B = 8
+    for dtype in DTYPES:
+        with torch.device(META):
+            mimi = Mimi(cfg).to(dtype)
+        mimi.init_state(MAX_SESSIONS)
+        convs: list = []
+        L = _stateful_convs(mimi.encoder.model, cfg.frame_size, convs)
+        _stateful_convs([mimi.downsample.conv], L, convs)
+        _stateful_convs([mimi.upsample.convtr], 1, convs)
+        _stateful_convs(mimi.decoder.model, L, convs)
+        slots = torch.empty(B, device=META, dtype=torch.long)
+        for layer, L_in, act in convs:
+            if isinstance(layer, StreamingConv1d):
+                c = layer.conv.conv
+                x = torch.empty(B, c.in_channels, L_in, device=META, dtype=dtype)
+                first = layer.first if layer.pad_mode == "replicate" else None
+                launches, _ = conv_triton.plan_conv1d(x, c.weight, c.bias, layer.previous, slots, layer.stride,
+                                                      c.dilation[0], c.groups, first, act)
+                label = f"conv1d-{c.in_channels}to{c.out_channels}-k{c.kernel_size[0]}s{layer.stride}"
+            else:
+                c = layer.convtr.convtr
+                x = torch.empty(B, c.in_channels, L_in, device=META, dtype=dtype)
+                launches, _ = conv_triton.plan_conv_transpose1d(x, c.weight, c.bias, layer.partial, slots,
+                                                                c.stride[0], c.groups, act)
+                label = f"convtr-{c.in_channels}to{c.out_channels}-k{c.kernel_size[0]}s{c.stride[0]}g{c.groups}"
+            yield f"{label}-L{L_in}-{str(dtype)[6:]}", launches
+
+
+def norm_specs() -> Iterator[tuple[str, list[Launch]]]:
+    from engine.config import LMConfig
+    from kernels import norm_triton
+    lm = LMConfig()
+    B = 8
+    rows = (("lm", lm.dim, True, 1), ("depth", lm.depformer_dim, True, 1), ("mimi", 512, False, 2))
+    for dtype in DTYPES:
+        for name, C, rms, T in rows:
+            x = torch.empty(B, T, C, device=META, dtype=dtype)
+            w = torch.empty(C, device=META, dtype=dtype)
+            bias = None if rms else torch.empty_like(w)
+            scale = None if rms else torch.empty_like(w)  # Mimi has layer scale, Moshi does not
+            kind = "rms" if rms else "layer"
+            yield f"{name}-{kind}{C}-{str(dtype)[6:]}", norm_triton.plan_norm(x, w, bias, 1e-5, rms)[0]
+            yield (f"{name}-add+{kind}{C}-{str(dtype)[6:]}",
+                   norm_triton.plan_norm(x, w, bias, 1e-5, rms, torch.empty_like(x), scale)[0])
+        for name, dim, ff in (("lm", lm.dim, int(lm.hidden_scale * lm.dim)),
+                              ("depth", lm.depformer_dim, lm.depformer_dim_feedforward)):
+            hidden = (21 * dim) // 8 if ff == 4 * dim else (2 * ff) // 3
+            h = torch.empty(B, 1, 2 * hidden, device=META, dtype=dtype)
+            yield f"{name}-silu-gate{hidden}-{str(dtype)[6:]}", norm_triton.plan_silu_gate(h)[0]
+
+
+def all_specs() -> Iterator[tuple[str, str, list[Launch]]]:
+    for family, gen in (("attention", attention_specs), ("rvq", rvq_specs), ("conv", conv_specs),
+                        ("norm", norm_specs)):
+        for label, launches in gen():
+            yield family, label, launches
