@@ -259,3 +259,13 @@ def test_api_key_required_when_configured(tiny_wrap_ckpt):
             assert (await c.get("/healthz")).status_code == 200
 
     asyncio.run(main())
+
+
+def test_client_command_saves_audio_and_transcript(server, expected, wav_inputs, tmp_path, capsys):
+    from engine.cli import main
+    base, _ = server
+    out = tmp_path / "reply.wav"
+    main(["client", base, str(wav_inputs[3]), "--output", str(out), "--greedy", "--no-pace"])
+    assert len(read_audio(out)) == 1920 * len(expected["delta"][1])
+    assert out.with_suffix(".txt").exists()
+    assert "end: input_end" in capsys.readouterr().out
