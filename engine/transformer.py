@@ -17,13 +17,11 @@ from kernels import norm as norm_kernels
 
 
 class _Norm:
-    """Mixin: forward and the fused residual-add + norm go through `kernels.norm`."""
+    """Mixin: forward and the fused residual-add + norm go through `kernels.norm`; each subclass
+    describes itself as `params` (a NormParams)."""
 
     kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
-
-    @property
-    def params(self) -> norm_kernels.NormParams:
-        raise NotImplementedError
+    params: norm_kernels.NormParams
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return norm_kernels.norm(x, self.params, self.kernel_backend)
