@@ -22,6 +22,16 @@ def ring_positions(offsets: torch.Tensor, T: int, capacity: int) -> torch.Tensor
     return torch.where(idx >= offsets.view(-1, 1) + T, torch.full_like(pos, -1), pos)
 
 
+def _rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache[slots]; a view rather than a copy of every ring when the slots are a contiguous run
+    (the scheduler's usual batch). Only checked on CPU, where reading `slots` costs no sync."""
+    if slots.device.type == "cpu" and len(slots):
+        first = int(slots[0])
+        if torch.equal(slots, torch.arange(first, first + len(slots), dtype=slots.dtype)):
+            return cache.narrow(0, first, len(slots))
+    return cache.index_select(0, slots)
+
+
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor,
                    context: int | None, backend: str = "torch") -> torch.Tensor:
@@ -40,8 +50,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
     rows = slots.view(-1, 1).expand(B, T)
     k_cache[rows, :, write] = k.transpose(1, 2).to(k_cache.dtype)
     v_cache[rows, :, write] = v.transpose(1, 2).to(v_cache.dtype)
-    keys = k_cache.index_select(0, slots).to(q.dtype)
-    values = v_cache.index_select(0, slots).to(q.dtype)
+    keys, values = _rows(k_cache, slots).to(q.dtype), _rows(v_cache, slots).to(q.dtype)
     pos_k = ring_positions(offsets, T, capacity)[:, None]  # [B, 1, cap]
     pos_q = offsets.view(-1, 1, 1) + torch.arange(T, device=q.device).view(-1, 1)  # [B, T, 1]
     delta = pos_q - pos_k

@@ -15,6 +15,42 @@ import torch
 from torch.nn import functional as F
 
 
+# A streaming step sees only a few output positions of the deep, wide layers (SEANet's last
+# downsampling conv: 512 -> 1024 channels, kernel 16, two outputs per frame), where oneDNN's and
+# the reference ATen convolutions run an order of magnitude below GEMM speed on CPU. Those go
+# through one matmul instead.
+_GEMM_MAX_POSITIONS = 4
+
+
+def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int,
+            groups: int) -> torch.Tensor:
+    c_out, c_in, k = weight.shape
+    n_out = (x.shape[-1] - dilation * (k - 1) - 1) // stride + 1
+    if groups != 1 or dilation != 1 or n_out > _GEMM_MAX_POSITIONS or x.device.type != "cpu":
+        return F.conv1d(x, weight, bias, stride, 0, dilation, groups)
+    B = x.shape[0]
+    cols = x.unfold(2, k, stride).permute(0, 2, 1, 3).reshape(B * n_out, c_in * k)
+    y = cols @ weight.reshape(c_out, c_in * k).t()
+    if bias is not None:
+        y = y + bias
+    return y.view(B, n_out, c_out).transpose(1, 2)
+
+
+def _conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                      groups: int) -> torch.Tensor:
+    c_in, c_out, k = weight.shape
+    B, _, n_in = x.shape
+    if groups != 1 or n_in > _GEMM_MAX_POSITIONS or x.device.type != "cpu":
+        return F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups, 1)
+    z = (x.transpose(1, 2).reshape(B * n_in, c_in) @ weight.reshape(c_in, c_out * k)).view(B, n_in, c_out, k)
+    y = x.new_zeros(B, c_out, (n_in - 1) * stride + k)
+    for t in range(n_in):  # overlap-add of each input position's kernel-long contribution
+        y[..., t * stride: t * stride + k] += z[:, t]
+    if bias is not None:
+        y += bias[:, None]
+    return y
+
+
 def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
                 slots: torch.Tensor, stride: int, dilation: int, groups: int,
                 first: torch.Tensor | None = None, act: str | None = None, backend: str = "torch") -> torch.Tensor:
@@ -40,7 +76,7 @@ def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             first.index_fill_(0, slots, False)
         x = torch.cat([prev, x], dim=-1)
         state.index_copy_(0, slots, x[..., -tp:])
-    return F.conv1d(x, weight, bias, stride, 0, dilation, groups)
+    return _conv1d(x, weight, bias, stride, dilation, groups)
 
 
 def conv_transpose1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -59,7 +95,7 @@ def conv_transpose1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         x = F.elu(x)
     elif act is not None:
         raise ValueError(f"act must be None or 'elu', got {act!r}")
-    y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups, 1)
+    y = _conv_transpose1d(x, weight, bias, stride, groups)
     pt = partial.shape[-1]
     if not pt:
         return y
