@@ -22,7 +22,7 @@ from engine.runner import ModelRunner
 from engine.tokenizer import TextTokenizer, train_tokenizer
 
 
-def dummy_runner(name: str, device: str, dtype: torch.dtype, max_sessions: int) -> ModelRunner:
+def dummy_runner(name: str, device: str, dtype: torch.dtype, max_sessions: int, kernels: str) -> ModelRunner:
     """Moshi 7B / Mimi shapes with random weights made on the device: no files needed."""
     if name != "7b":
         raise ValueError("--dummy supports only '7b'")
@@ -38,7 +38,7 @@ def dummy_runner(name: str, device: str, dtype: torch.dtype, max_sessions: int) 
             buf.normal_()
     tok_path = Path(tempfile.mkdtemp()) / "tok.model"
     train_tokenizer(tok_path, 1000)
-    return ModelRunner(lm, mimi, TextTokenizer(tok_path), max_sessions)
+    return ModelRunner(lm, mimi, TextTokenizer(tok_path), max_sessions, kernels)
 
 
 def time_engine(runner: ModelRunner, batch: int, warmup: int, ticks: int, full_context: bool) -> dict:
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--ticks", type=int, default=20)
     ap.add_argument("--full-context", action="store_true", help="hold every slot's LM context full")
@@ -122,12 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     max_b = max(args.batch)
     if args.dummy:
-        runner = dummy_runner(args.dummy, args.device, dtype, max_b)
+        runner = dummy_runner(args.dummy, args.device, dtype, max_b, args.kernels)
     else:
         from engine.cli import builtin_checkpoint
         model_dir = args.model_dir or str(builtin_checkpoint())
         runner = ModelRunner.load(EngineConfig(model_dir=model_dir, device=args.device, dtype=str(dtype)[6:],
-                                               max_sessions=max_b))
+                                               max_sessions=max_b, kernels=args.kernels))
     ref = None if args.no_reference else reference_models(runner, dtype)
     rows = []
     from tqdm import tqdm

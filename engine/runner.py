@@ -28,9 +28,12 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, lm: MoshiLM, mimi: Mimi, tokenizer: TextTokenizer, max_sessions: int,
-                 use_cuda_graphs: bool = True):
+                 kernels: str = "auto", use_cuda_graphs: bool = True):
         self.lm = lm.eval()
         self.mimi = mimi.eval()
+        self.kernel_backend = resolve_backend(kernels, next(lm.parameters()).device)
+        apply_backend(lm, self.kernel_backend)
+        apply_backend(mimi, self.kernel_backend)
         self.tokenizer = tokenizer
         self.max_sessions = max_sessions
         self.device = next(lm.parameters()).device
@@ -55,10 +58,7 @@ class ModelRunner:
         load_weights(lm, files.moshi_weights, cfg.torch_dtype, cfg.device)
         # Mimi stays in fp32 whatever the LM dtype, as in kyutai's server.
         load_weights(mimi, files.mimi_weights, torch.float32, cfg.device)
-        backend = resolve_backend(cfg.kernels, cfg.device)
-        apply_backend(lm, backend)
-        apply_backend(mimi, backend)
-        return ModelRunner(lm, mimi, TextTokenizer(files.tokenizer), cfg.max_sessions)
+        return ModelRunner(lm, mimi, TextTokenizer(files.tokenizer), cfg.max_sessions, cfg.kernels)
 
     def join(self, slot: int, sampling: SamplingConfig) -> None:
         """Starts a fresh session in `slot`; other slots are untouched."""
