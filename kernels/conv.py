@@ -51,6 +51,16 @@ def _conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return y
 
 
+def _torch_prologue(x: torch.Tensor, act: str | None, backend: str) -> torch.Tensor:
+    if backend != "torch":
+        raise ValueError(f"unknown kernel backend {backend!r}")
+    if act == "elu":
+        return F.elu(x)
+    if act is not None:
+        raise ValueError(f"act must be None or 'elu', got {act!r}")
+    return x
+
+
 def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
                 slots: torch.Tensor, stride: int, dilation: int, groups: int,
                 first: torch.Tensor | None = None, act: str | None = None, backend: str = "torch") -> torch.Tensor:
@@ -61,12 +71,7 @@ def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         launches, y = conv_triton.plan_conv1d(x, weight, bias, state, slots, stride, dilation, groups, first, act)
         run_all(launches)
         return y
-    if backend != "torch":
-        raise ValueError(f"unknown kernel backend {backend!r}")
-    if act == "elu":
-        x = F.elu(x)
-    elif act is not None:
-        raise ValueError(f"act must be None or 'elu', got {act!r}")
+    x = _torch_prologue(x, act, backend)
     tp = state.shape[-1]
     if tp:
         prev = state.index_select(0, slots)
@@ -89,12 +94,7 @@ def conv_transpose1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         launches, y = conv_triton.plan_conv_transpose1d(x, weight, bias, partial, slots, stride, groups, act)
         run_all(launches)
         return y
-    if backend != "torch":
-        raise ValueError(f"unknown kernel backend {backend!r}")
-    if act == "elu":
-        x = F.elu(x)
-    elif act is not None:
-        raise ValueError(f"act must be None or 'elu', got {act!r}")
+    x = _torch_prologue(x, act, backend)
     y = _conv_transpose1d(x, weight, bias, stride, groups)
     pt = partial.shape[-1]
     if not pt:
