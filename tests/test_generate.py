@@ -74,3 +74,15 @@ def test_unreadable_input_does_not_stop_others(tiny_wrap_ckpt, wav_inputs, tmp_p
     doc = json.loads((out / "delta.json").read_text())
     assert len(doc["text_tokens"]) == len(doc["audio_tokens"]) > 0
     assert all(len(a) == 8 for a in doc["audio_tokens"])
+
+
+@pytest.mark.parametrize("ckpt", ["tiny_wrap_ckpt", "tiny_lm_ckpt"])
+def test_mimi_codes_match_reference_frame_by_frame(ckpt, request, wav_inputs):
+    model_dir = request.getfixturevalue(ckpt)
+    runner = ModelRunner.load(EngineConfig(model_dir=str(model_dir), max_sessions=2))
+    fr = frames(read_audio(wav_inputs[0]))
+    want = reference_generate(model_dir, fr)["codes"]
+    slot = torch.tensor([1])
+    runner.mimi.reset(slot)
+    got = [runner.mimi.encode_step(torch.from_numpy(f).view(1, 1, -1), slot)[0].tolist() for f in fr]
+    assert got == want
