@@ -63,7 +63,6 @@ def peak_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = min(time_ms(lambda: dst.copy_(src), warmup=3, iters=10) for _ in range(3))
-    del src, dst
     return 2 * nbytes / ms / 1e6
 
 
@@ -94,8 +93,8 @@ def bench_attention(device, batches) -> list[Row]:
                 esize = q.element_size()
                 nbytes = B * H * D * esize * (2 * valid + 6 * T)  # KV read, q/k/v/out, KV write
 
-                def call(backend, q=q, k=k, v=v, slots=slots, offsets=offsets):
-                    return lambda: attention.ring_attention(q, k, v, k_cache, v_cache, slots, offsets, ctx, backend)
+                def call(backend, q=q, k=k, v=v, slots=slots, offsets=offsets, kc=k_cache, vc=v_cache):
+                    return lambda: attention.ring_attention(q, k, v, kc, vc, slots, offsets, ctx, backend)
                 rows += _both("attention", f"{name}-{label}-ctx{valid}", B, nbytes, call)
         del k_cache, v_cache
     return rows

@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.report import roofline_ms, summarize, write_outputs
@@ -19,6 +19,7 @@ from engine.config import EngineConfig, LMConfig, MimiConfig, SamplingConfig
 from engine.lm import MoshiLM
 from engine.mimi import Mimi
 from engine.runner import ModelRunner
+from engine.serving import EngineLoop
 from engine.tokenizer import TextTokenizer, train_tokenizer
 
 
@@ -42,37 +43,43 @@ def dummy_runner(name: str, device: str, dtype: torch.dtype, max_sessions: int, 
 
 
 def time_engine(runner: ModelRunner, batch: int, warmup: int, ticks: int, full_context: bool) -> dict:
-    slots = list(range(batch))
-    for s in slots:
-        runner.join(s, SamplingConfig())
+    """Ticks of the engine loop itself (offline mode, the code `lockstep serve` runs unpaced)."""
+    n = warmup + 2 * ticks + 1
+    loop = EngineLoop(runner, max_buffer_frames=n, max_waiting=None)
+    rng = np.random.default_rng(batch)
+    for _ in range(batch):
+        session = loop.create_session(SamplingConfig(), lambda event: None)
+        session.push((0.1 * rng.standard_normal(n * runner.frame_size)).astype(np.float32))
+    loop.tick()  # everyone joins
     if full_context:
         # Every slot as if deep into a long call: the whole ring is valid history.
-        idx = torch.tensor(slots, device=runner.device)
-        runner.lm.transformer.offsets[idx] = runner.lm.cfg.context
+        slots = sorted(loop.sched.slot_of.values())
+        runner.lm.transformer.offsets[torch.tensor(slots, device=runner.device)] = runner.lm.cfg.context
         for s in slots:
             runner.slots.frames[s] = runner.lm.cfg.context
-    pcm = torch.randn(batch, runner.frame_size) * 0.1
-    times = []
-    for i in range(warmup + ticks):
-        if i == warmup:
-            runner.timer.reset()
-            runner.timer.enabled = True
-        start = time.perf_counter()
-        runner.step(slots, pcm)
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+
+    def timed_ticks(count: int) -> list[float]:
+        out = []
+        for _ in range(count):
+            start = time.perf_counter()
+            plan = loop.tick()
+            if runner.device.type == "cuda":
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - start)
+            assert len(plan.step) == batch
+        return out
+
+    timed_ticks(warmup)
+    runner.timer.reset()
+    runner.timer.enabled = True
+    timed_ticks(ticks)
     runner.timer.enabled = False
     stages = {k: statistics.median(v) * 1e3 for k, v in runner.timer.totals.items()}
-    # Stage timing adds syncs: the untimed ticks are measured separately.
-    plain = []
-    for _ in range(ticks):
-        start = time.perf_counter()
-        runner.step(slots, pcm)
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize()
-        plain.append(time.perf_counter() - start)
+    # Stage timing adds device syncs (and on CUDA bypasses the graphs): plain ticks are timed apart.
+    plain = timed_ticks(ticks)
+    for sid in list(loop.sessions):
+        loop.end_session(sid, "bench_done")
+    loop.tick()
     return {**summarize(plain), "stages_ms": stages}
 
 
