@@ -71,12 +71,14 @@ class EngineLoop:
         """Ends a session; it leaves the batch at the next tick. Unknown or ended ids are ignored."""
         with self._cond:
             session = self.sessions.get(sid)
-            if session is None or session.end_reason is not None:
-                return
-            session.end_reason = reason
-            self.sched.finish(sid)
-            if sid not in self.sched.slot_of:  # never joined: nothing to step, end it now
-                self._retire(session)
+            if session is not None and session.end_reason is None:
+                self._end_locked(session, reason)
+
+    def _end_locked(self, session: Session, reason: str) -> None:
+        session.end_reason = reason
+        self.sched.finish(session.id)
+        if session.id not in self.sched.slot_of:  # never joined: nothing to step, end it now
+            self._retire(session)
 
     def _retire(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
@@ -132,11 +134,9 @@ class EngineLoop:
             return
         now = time.monotonic()
         for session in list(self.sessions.values()):
-            if not session.input_ended and now - session.last_activity > self.idle_timeout:
-                session.end_reason = session.end_reason or "idle_timeout"
-                self.sched.finish(session.id)
-                if session.id not in self.sched.slot_of:
-                    self._retire(session)
+            idle = not session.input_ended and now - session.last_activity > self.idle_timeout
+            if idle and session.end_reason is None:
+                self._end_locked(session, "idle_timeout")
 
     def run_offline(self, on_tick: Callable[[Plan], None] | None = None) -> None:
         while self.sessions:
