@@ -270,6 +270,10 @@ class LMConfig:
                        "(a Moshi dialogue checkpoint)")
             elif key not in _META_KEYS:
                 raise ConfigError(f"config.json has unknown key {key!r}; remove it or check the checkpoint")
+        if kwargs.get("depformer_dim_feedforward", 0) is None:
+            # kyutai's rule for an unset depth FFN width.
+            dep_dim = kwargs.get("depformer_dim", LMConfig.depformer_dim)
+            kwargs["depformer_dim_feedforward"] = int(kwargs.get("hidden_scale", LMConfig.hidden_scale) * dep_dim)
         return LMConfig(**kwargs).validate()
 
 

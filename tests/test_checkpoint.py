@@ -101,3 +101,12 @@ def test_hf_repo_from_offline_cache(tiny_wrap_ckpt, tmp_path, monkeypatch):
     assert runner.lm.cfg.context == 6
     with pytest.raises(CheckpointError, match="neither in the local cache"):
         ModelRunner.load(EngineConfig(hf_repo="kyutai/not-there"))
+
+
+def test_kyutai_config_keys_are_understood():
+    raw = {"moshi_name": "model.safetensors", "mimi_name": "m.safetensors", "tokenizer_name": "t.model",
+           "depformer_causal": True, "conditioners": {}, "cross_attention": False, "model_id": {"sig": "x"},
+           "lm_gen_config": {"temp": 0.8}, "depformer_dim_feedforward": None, "depformer_dim": 512,
+           "hidden_scale": 4.125}
+    cfg = LMConfig.from_dict(raw)
+    assert cfg.depformer_dim_feedforward == int(4.125 * 512) and cfg.dim == 4096
