@@ -43,29 +43,37 @@ def measured_bandwidth_gbs(device: torch.device, size_mb: int = 512, reps: int =
 _BANDWIDTH: dict[str, float] = {}
 
 
-def roofline_ms(runner, batch: int, full_context: bool, bandwidth_gbs: float | None) -> float:
-    """Memory-bandwidth floor of one tick: every LM weight read once, plus each slot's valid KV."""
-    key = str(runner.device)
-    if bandwidth_gbs is None:
-        bandwidth_gbs = _BANDWIDTH.setdefault(key, measured_bandwidth_gbs(runner.device))
+def tick_bytes(runner, batch: int, full_context: bool) -> int:
+    """Bytes a tick must read at least: every LM weight once, plus each slot's valid KV."""
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.lm.parameters())
     t = runner.lm.transformer
     cfg = runner.lm.cfg
     valid = cfg.context if full_context else 1
     kv_bytes = 2 * len(t.layers) * t.num_heads * t.head_dim * valid * t.k_cache.element_size() * batch
-    return (weight_bytes + kv_bytes) / (bandwidth_gbs * 1e9) * 1e3
+    return weight_bytes + kv_bytes
+
+
+def roofline(runner, batch: int, full_context: bool, bandwidth_gbs: float | None) -> dict:
+    """The memory-bandwidth floor of a tick (ms) at the measured (or given) bandwidth."""
+    if bandwidth_gbs is None:
+        bandwidth_gbs = _BANDWIDTH.setdefault(str(runner.device), measured_bandwidth_gbs(runner.device))
+    nbytes = tick_bytes(runner, batch, full_context)
+    return {"bytes": nbytes, "bandwidth_gbs": bandwidth_gbs, "floor_ms": nbytes / (bandwidth_gbs * 1e9) * 1e3}
 
 
 def write_outputs(prefix: Path, meta: dict, rows: list[dict]) -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    header = f"{'B':>4} {'p50 ms':>9} {'p99 ms':>9} {'margin':>8} {'floor ms':>9} {'ref p50':>9} {'speedup':>8}"
+    header = (f"{'B':>4} {'p50 ms':>9} {'p99 ms':>9} {'margin':>8} {'floor ms':>9} {'GB/s':>8} {'of peak':>8} "
+              f"{'ref p50':>9} {'speedup':>8}")
     print(f"device: {meta['device']}  dtype: {meta['dtype']}  full context: {meta.get('full_context')}")
     print(header)
     for r in rows:
         e = r["engine"]
         ref = r.get("reference", {}).get("p50_ms", float("nan"))
+        achieved = r["bytes"] / (e["p50_ms"] * 1e-3) / 1e9  # the bandwidth the tick effectively ran at
         print(f"{r['batch']:>4} {e['p50_ms']:>9.2f} {e['p99_ms']:>9.2f} {FRAME_MS / e['p99_ms']:>7.1f}x "
-              f"{r['floor_ms']:>9.2f} {ref:>9.2f} {r.get('speedup', float('nan')):>7.2f}x")
+              f"{r['floor_ms']:>9.2f} {achieved:>8.1f} {achieved / r['bandwidth_gbs']:>7.1%} "
+              f"{ref:>9.2f} {r.get('speedup', float('nan')):>7.2f}x")
     under = [r["batch"] for r in rows if r["engine"]["p99_ms"] < FRAME_MS]
     meta["max_realtime_batch"] = max(under) if under else 0
     print(f"largest B with p99 tick < {FRAME_MS:.0f} ms: {meta['max_realtime_batch']}")

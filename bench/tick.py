@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.report import roofline_ms, summarize, write_outputs
+from bench.report import roofline, summarize, write_outputs
 from engine.config import EngineConfig, LMConfig, MimiConfig, SamplingConfig
 from engine.lm import MoshiLM
 from engine.mimi import Mimi
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         if ref is not None:
             row["reference"] = time_reference(*ref, batch, args.warmup, args.ticks, runner.device)
             row["speedup"] = row["reference"]["p50_ms"] / row["engine"]["p50_ms"]
-        row["floor_ms"] = roofline_ms(runner, batch, args.full_context, args.bandwidth_gbs)
+        row.update(roofline(runner, batch, args.full_context, args.bandwidth_gbs))
         rows.append(row)
     meta = {"device": torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
             "dtype": str(dtype), "lm": runner.lm.cfg.to_dict(), "full_context": args.full_context,
