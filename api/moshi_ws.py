@@ -61,9 +61,12 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
 
         async def receive_audio() -> None:
             while True:
-                message = await ws.receive_bytes()
+                event = await ws.receive()
+                if event["type"] == "websocket.disconnect":
+                    return
+                message = event.get("bytes")
                 if not message or message[0] != KIND_AUDIO:
-                    continue  # unknown kinds are ignored, as the reference server does
+                    continue  # text frames and unknown kinds are ignored, as the reference server does
                 try:
                     pcm = opus_in.append_bytes(message[1:])
                 except Exception:  # corrupt Opus from this client must not reach the engine
@@ -94,5 +97,5 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
             reader.cancel()
             try:
                 await ws.close()
-            except RuntimeError:
-                pass
+            except (RuntimeError, WebSocketDisconnect):
+                pass  # already closed by the client

@@ -269,3 +269,29 @@ def test_client_command_saves_audio_and_transcript(server, expected, wav_inputs,
     assert len(read_audio(out)) == 1920 * len(expected["delta"][1])
     assert out.with_suffix(".txt").exists()
     assert "end: input_end" in capsys.readouterr().out
+
+
+def test_websocket_garbage_ends_nothing_but_its_own_session(server, expected):
+    base, engine = server
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(base.replace("http", "ws") + "/api/chat") as ws:
+                assert await ws.receive_bytes(timeout=10) == b"\x00"
+                await ws.send_str("not binary")
+                await ws.send_bytes(b"")
+                await ws.send_bytes(b"\x07junk")
+                await ws.send_bytes(b"\x01" + bytes(range(256)) * 4)  # not Ogg/Opus
+                await asyncio.sleep(0.3)
+                assert not ws.closed
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # bad settings: refused
+                await http.ws_connect(base.replace("http", "ws") + "/api/chat?audio_topk=-3")
+            assert refused.value.status == 403
+
+    asyncio.run(main())
+    for _ in range(100):
+        if not engine.sessions:
+            break
+        time.sleep(0.05)
+    assert not engine.sessions
+    test_client_helper_streams_in_real_time(server, expected)
