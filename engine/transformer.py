@@ -222,12 +222,14 @@ class StreamingTransformer(nn.Module):
         # Each residual add is followed by the next norm (norm2, then the next layer's norm1), so
         # the two are computed together; h is always the normed input of the next sub-layer.
         h = self.layers[0].norm1(x)
+        plan = (attn_kernels.ring_plan(offsets, T, self.capacity, self.context)
+                if self.kernel_backend == "torch" else None)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.self_attn.qkv(h, step)
             if self.rope_max_period is not None:
                 q, k = apply_rope(q, k, offsets, self.rope_max_period)
             out = attn_kernels.ring_attention(q, k, v, self.k_cache[i], self.v_cache[i], slots, offsets,
-                                              self.context, self.kernel_backend)
+                                              self.context, self.kernel_backend, plan)
             out = out.transpose(1, 2).reshape(B, T, -1)
             update = layer.self_attn.out_projs[step](out)
             x, h = layer.residual(x, update, layer.layer_scale_1, layer.norm2)

@@ -8,6 +8,8 @@ slot's valid length, rows whose slot is < 0 skipped).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -32,11 +34,29 @@ def _rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, slots)
 
 
+class RingPlan(NamedTuple):
+    """Where a step writes and what each query may see; the same for every layer of a step."""
+    write: torch.Tensor  # [B, T] ring index of each new position
+    mask: torch.Tensor  # [B, 1, T, cap] bool
+
+
+def ring_plan(offsets: torch.Tensor, T: int, capacity: int, context: int | None) -> RingPlan:
+    write = (offsets.view(-1, 1) + torch.arange(T, device=offsets.device)) % capacity
+    pos_k = ring_positions(offsets, T, capacity)[:, None]  # [B, 1, cap]
+    pos_q = offsets.view(-1, 1, 1) + torch.arange(T, device=offsets.device).view(-1, 1)  # [B, T, 1]
+    delta = pos_q - pos_k
+    mask = (pos_k >= 0) & (delta >= 0)
+    if context is not None:
+        mask = mask & (delta < context)
+    return RingPlan(write, mask[:, None])
+
+
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor,
-                   context: int | None, backend: str = "torch") -> torch.Tensor:
+                   context: int | None, backend: str = "torch", plan: RingPlan | None = None) -> torch.Tensor:
     """q, k, v: [B, H, T, D] for slots `slots` at positions offsets[b] + t; caches [S, H, cap, D].
-    Writes k, v into the caches and returns the attention output [B, H, T, D]."""
+    Writes k, v into the caches and returns the attention output [B, H, T, D]. `plan` (torch path)
+    is `ring_plan(...)` for this step, shared by the layers; computed here when not given."""
     if backend == "triton":
         from kernels import attention_triton
         return attention_triton.ring_attention(q, k, v, k_cache, v_cache, slots, offsets, context)
@@ -46,15 +66,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
     capacity = k_cache.shape[2]
     assert k_cache.shape[1:] == (H, capacity, D) and v_cache.shape == k_cache.shape
     assert slots.shape == (B,) and offsets.shape == (B,)
-    write = (offsets.view(-1, 1) + torch.arange(T, device=q.device)) % capacity  # [B, T]
+    plan = plan or ring_plan(offsets, T, capacity, context)
     rows = slots.view(-1, 1).expand(B, T)
-    k_cache[rows, :, write] = k.transpose(1, 2).to(k_cache.dtype)
-    v_cache[rows, :, write] = v.transpose(1, 2).to(v_cache.dtype)
+    k_cache[rows, :, plan.write] = k.transpose(1, 2).to(k_cache.dtype)
+    v_cache[rows, :, plan.write] = v.transpose(1, 2).to(v_cache.dtype)
     keys, values = _rows(k_cache, slots).to(q.dtype), _rows(v_cache, slots).to(q.dtype)
-    pos_k = ring_positions(offsets, T, capacity)[:, None]  # [B, 1, cap]
-    pos_q = offsets.view(-1, 1, 1) + torch.arange(T, device=q.device).view(-1, 1)  # [B, T, 1]
-    delta = pos_q - pos_k
-    mask = (pos_k >= 0) & (delta >= 0)
-    if context is not None:
-        mask = mask & (delta < context)
-    return F.scaled_dot_product_attention(q, keys, values, mask[:, None], dropout_p=0.0)
+    return F.scaled_dot_product_attention(q, keys, values, plan.mask, dropout_p=0.0)
