@@ -62,6 +62,8 @@ class ModelRunner:
 
     def join(self, slot: int, sampling: SamplingConfig) -> None:
         """Starts a fresh session in `slot`; other slots are untouched."""
+        if not 0 <= slot < self.max_sessions:
+            raise ValueError(f"slot {slot} out of range 0..{self.max_sessions - 1}")
         self.slots.assign(slot, sampling)
         idx = torch.tensor([slot], device=self.device)
         self.mimi.reset(idx)
