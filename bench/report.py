@@ -77,6 +77,8 @@ def write_outputs(prefix: Path, meta: dict, rows: list[dict]) -> None:
     under = [r["batch"] for r in rows if r["engine"]["p99_ms"] < FRAME_MS]
     meta["max_realtime_batch"] = max(under) if under else 0
     print(f"largest B with p99 tick < {FRAME_MS:.0f} ms: {meta['max_realtime_batch']}")
+    if rows and "peak_memory_gb" in rows[-1]:
+        print(f"peak memory at B={rows[-1]['batch']}: {rows[-1]['peak_memory_gb']:.2f} GB")
     if rows and rows[-1]["engine"].get("stages_ms"):
         print("stages at B=%d (ms): %s" % (rows[-1]["batch"], ", ".join(
             f"{k} {v:.2f}" for k, v in rows[-1]["engine"]["stages_ms"].items())))

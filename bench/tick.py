@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import tempfile
 import time
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         row = {"batch": batch, "engine": time_engine(runner, batch, args.warmup, args.ticks, args.full_context)}
         if runner.device.type == "cuda":
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        else:  # the process' peak resident set (Linux reports KiB)
+            row["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
         if ref is not None:
             row["reference"] = time_reference(*ref, batch, args.warmup, args.ticks, runner.device)
             row["speedup"] = row["reference"]["p50_ms"] / row["engine"]["p50_ms"]
