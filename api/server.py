@@ -52,6 +52,10 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
 def serve(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> None:
     engine = build_engine(engine_cfg, serve_cfg)
     engine.start()
+    r = engine.runner
+    print(f"lockstep: {engine_cfg.model_dir or engine_cfg.hf_repo} on {r.device} (LM {engine_cfg.dtype}, "
+          f"kernels {r.kernel_backend}, CUDA graphs {'on' if r.graphs else 'off'}), {r.max_sessions} slots, "
+          f"http://{serve_cfg.host}:{serve_cfg.port} (v1 API, /v1/chat, ws /api/chat, /metrics)", flush=True)
     config = uvicorn.Config(create_app(engine, serve_cfg), host=serve_cfg.host, port=serve_cfg.port,
                             log_level="info")
     try:
