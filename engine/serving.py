@@ -101,7 +101,6 @@ class EngineLoop:
                             num_sessions_waiting=len(self.sched.waiting))
         for sid, slot in plan.joins:
             self.runner.join(slot, self.sessions[sid].sampling)
-            self.sessions[sid].joined = True
         if not stepping:
             return plan
         frames = []

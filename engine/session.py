@@ -42,8 +42,6 @@ class Session:
         self.created = time.monotonic()
         self.last_activity = self.created
         self.first_audio_at: float | None = None
-        self.joined = False
-        self.frames_in = 0
         self.frames_out = 0
         self.underruns = 0
         self.dropped_samples = 0
@@ -84,6 +82,5 @@ class Session:
                 # Underrun: the tick cannot wait, so it hears silence; buffered samples stay queued.
                 frame = np.zeros(n, dtype=np.float32)
                 self.underruns += 1
-            self.frames_in += 1
             exhausted = self.input_ended and len(self._buf) == 0
             return frame, exhausted
