@@ -8,6 +8,9 @@ from engine.serving import EngineLoop
 from engine.session import FrameOutput, Session
 
 
+MAX_UNREAD_FRAMES = 250  # 20 s of output
+
+
 class ApiSession:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -41,6 +44,9 @@ class SessionRegistry:
         def sink(event: FrameOutput | str) -> None:
             if isinstance(event, str):
                 self._by_id.pop(api_session.session.id, None)
+            elif api_session.queue.qsize() > MAX_UNREAD_FRAMES:
+                # Nobody reads this session's output: stop it before its backlog grows without bound.
+                self.engine.end_session(api_session.session.id, "output_not_read")
             api_session.sink(event)
 
         # Admission may wait for a slot: do it off the event loop.

@@ -295,3 +295,25 @@ def test_websocket_garbage_ends_nothing_but_its_own_session(server, expected):
         time.sleep(0.05)
     assert not engine.sessions
     test_client_helper_streams_in_real_time(server, expected)
+
+
+def test_unread_output_ends_the_session(server, monkeypatch):
+    import api.bridge
+    monkeypatch.setattr(api.bridge, "MAX_UNREAD_FRAMES", 3)
+    base, engine = server
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/v1/sessions", json={}) as r:
+                sid = (await r.json())["id"]
+            async with http.post(f"{base}/v1/sessions/{sid}/audio", data=b"\x00\x00" * 1920 * 12):
+                pass
+            for _ in range(100):
+                if sid not in engine.sessions:
+                    break
+                await asyncio.sleep(0.05)
+            assert sid not in engine.sessions
+            async with http.get(f"{base}/v1/sessions/{sid}/stream") as r:
+                assert r.status == 404
+
+    asyncio.run(main())
