@@ -23,13 +23,19 @@ _check = checker("rvq")
 
 
 @triton.jit
+def _quantizer(tab0_ptr, tab1_ptr, n0, n1):
+    """Grid axis 1 picks Mimi's semantic (0) or acoustic (1) quantizer: its table, stage count and
+    first output column."""
+    g = tl.program_id(1)
+    return tl.where(g == 0, tab0_ptr, tab1_ptr), tl.where(g == 0, n0, n1), tl.where(g == 0, 0, n0)
+
+
+@triton.jit
 def _rvq_encode_kernel(x_ptr, tab0_ptr, tab1_ptr, codes_ptr, N, bins, s_xg, s_xn, s_cn, n0, n1,
                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     g = tl.program_id(1)
-    tab = tl.where(g == 0, tab0_ptr, tab1_ptr)
-    n_stages = tl.where(g == 0, n0, n1)
-    col0 = tl.where(g == 0, 0, n0)
+    tab, n_stages, col0 = _quantizer(tab0_ptr, tab1_ptr, n0, n1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     row_ok = rows < N
@@ -63,9 +69,7 @@ def _rvq_decode_kernel(codes_ptr, tab0_ptr, tab1_ptr, out_ptr, N, bins, s_cn, s_
                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     pid = tl.program_id(0)
     g = tl.program_id(1)
-    tab = tl.where(g == 0, tab0_ptr, tab1_ptr)
-    n_stages = tl.where(g == 0, n0, n1)
-    col0 = tl.where(g == 0, 0, n0)
+    tab, n_stages, col0 = _quantizer(tab0_ptr, tab1_ptr, n0, n1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     row_ok = rows < N

@@ -58,6 +58,15 @@ def expected(tiny_wrap_ckpt, wav_inputs):
     return out
 
 
+async def gone(engine, sid: str, timeout: float = 5.0) -> bool:
+    """Whether the session leaves the engine within `timeout` seconds."""
+    for _ in range(int(timeout / 0.05)):
+        if sid not in engine.sessions:
+            return True
+        await asyncio.sleep(0.05)
+    return sid not in engine.sessions
+
+
 async def v1_session(http, base, pcm: np.ndarray, body: dict):
     async with http.post(f"{base}/v1/sessions", json=body) as r:
         assert r.status == 201, await r.text()
@@ -230,11 +239,7 @@ def test_errors_leave_the_server_serving(server, expected):
             resp = await http.get(f"{base}/v1/sessions/{sid}/stream")
             await resp.content.readline()
             resp.close()
-            for _ in range(100):
-                if sid not in engine.sessions:
-                    break
-                await asyncio.sleep(0.05)
-            assert sid not in engine.sessions
+            assert await gone(engine, sid)
             async with http.get(f"{base}/metrics") as r:
                 text = await r.text()
                 assert "lockstep:step_duration_seconds_bucket" in text and "lockstep:sessions_rejected_total" in text
@@ -308,11 +313,7 @@ def test_unread_output_ends_the_session(server, monkeypatch):
                 sid = (await r.json())["id"]
             async with http.post(f"{base}/v1/sessions/{sid}/audio", data=b"\x00\x00" * 1920 * 12):
                 pass
-            for _ in range(100):
-                if sid not in engine.sessions:
-                    break
-                await asyncio.sleep(0.05)
-            assert sid not in engine.sessions
+            assert await gone(engine, sid)
             async with http.get(f"{base}/v1/sessions/{sid}/stream") as r:
                 assert r.status == 404
 
