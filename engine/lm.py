@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from engine.config import LMConfig
-from engine.sampling import SamplingParams, sample
-from engine.transformer import StreamingTransformer, make_norm
+from engine.sampling import SamplingParams, race_noise, sample
+from engine.transformer import Linear, StreamingTransformer, make_norm
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -26,13 +26,13 @@ class MoshiLM(nn.Module):
         self.cfg = cfg
         self.emb = nn.ModuleList([ScaledEmbedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)])
         self.text_emb = ScaledEmbedding(cfg.text_card + 1, cfg.dim)
-        self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
+        self.text_linear = Linear(cfg.dim, cfg.text_card, bias=False)
         self.transformer = StreamingTransformer(
             cfg.dim, cfg.num_heads, cfg.num_layers, int(cfg.hidden_scale * cfg.dim), cfg.norm, cfg.gating,
             cfg.layer_scale, cfg.context, cfg.max_period)
         self.out_norm = make_norm(cfg.norm, cfg.dim)
         n_in = cfg.dep_q if cfg.depformer_multi_linear else 1
-        self.depformer_in = nn.ModuleList([nn.Linear(cfg.dim, cfg.depformer_dim, bias=False) for _ in range(n_in)])
+        self.depformer_in = nn.ModuleList([Linear(cfg.dim, cfg.depformer_dim, bias=False) for _ in range(n_in)])
         self.depformer_emb = nn.ModuleList(
             [ScaledEmbedding(cfg.card + 1, cfg.depformer_dim) for _ in range(cfg.dep_q - 1)])
         self.depformer_text_emb = ScaledEmbedding(cfg.text_card + 1, cfg.depformer_dim)
@@ -40,7 +40,7 @@ class MoshiLM(nn.Module):
             cfg.depformer_dim, cfg.depformer_num_heads, cfg.depformer_num_layers,
             cfg.depformer_dim_feedforward, cfg.norm, cfg.depformer_gating, cfg.depformer_layer_scale,
             None, None, weights_per_step=cfg.dep_q)
-        self.linears = nn.ModuleList([nn.Linear(cfg.depformer_dim, cfg.card, bias=False) for _ in range(cfg.dep_q)])
+        self.linears = nn.ModuleList([Linear(cfg.depformer_dim, cfg.card, bias=False) for _ in range(cfg.dep_q)])
 
     def init_state(self, max_sessions: int) -> None:
         self.transformer.init_state(max_sessions)
@@ -65,11 +65,12 @@ class MoshiLM(nn.Module):
         self.depformer.reset(slots)
         prev = text_token
         tokens = []
+        noise = race_noise(params, 1, self.cfg.dep_q, self.cfg.card)
         for cb in range(self.cfg.dep_q):
             x = self.depformer_in[cb if self.cfg.depformer_multi_linear else 0](transformer_out)
             emb = self.depformer_text_emb if cb == 0 else self.depformer_emb[cb - 1]
             x = x + emb(prev[:, None])
             logits = self.linears[cb](self.depformer(x, slots, step=cb))
-            prev = sample(logits[:, 0], params, stream=cb + 1)
+            prev = sample(logits[:, 0], params, stream=cb + 1, noise=noise[:, cb])
             tokens.append(prev)
         return torch.stack(tokens, dim=1)

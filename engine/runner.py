@@ -15,6 +15,7 @@ from engine.profiling import StageTimer
 from engine.slots import SlotTable
 from engine.tokenizer import TextTokenizer
 from kernels.dispatch import apply_backend, resolve_backend
+from kernels.linear import prepack
 
 
 @dataclass
@@ -34,6 +35,8 @@ class ModelRunner:
         self.kernel_backend = resolve_backend(kernels, next(lm.parameters()).device)
         apply_backend(lm, self.kernel_backend)
         apply_backend(mimi, self.kernel_backend)
+        prepack(lm)
+        prepack(mimi)
         self.tokenizer = tokenizer
         self.max_sessions = max_sessions
         self.device = next(lm.parameters()).device

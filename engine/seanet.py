@@ -30,6 +30,7 @@ class StreamingConv1d(nn.Module):
     """Causal Conv1d; `previous` holds the last ``effective_kernel - stride`` input samples per slot."""
 
     kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
+    packed: torch.Tensor | None = None  # set by kernels.linear.prepack
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  dilation: int = 1, groups: int = 1, bias: bool = True, pad_mode: str = "constant"):
@@ -67,13 +68,18 @@ class StreamingConv1d(nn.Module):
         c = self.conv.conv
         first = self.first if self.pad_mode == "replicate" else None
         return conv_kernels.conv1d_step(x, c.weight, c.bias, self.previous, slots, self.stride, c.dilation[0],
-                                        c.groups, first, act, self.kernel_backend)
+                                        c.groups, first, act, self.kernel_backend, self.packed)
+
+    def gemm_weight(self) -> torch.Tensor | None:
+        c = self.conv.conv
+        return conv_kernels.gemm_weight(c.weight, False, c.groups, c.dilation[0])
 
 
 class StreamingConvTranspose1d(nn.Module):
     """Causal ConvTranspose1d; `partial` holds the ``kernel - stride`` overlap-add tail per slot."""
 
     kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
+    packed: torch.Tensor | None = None  # set by kernels.linear.prepack
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  groups: int = 1, bias: bool = True):
@@ -100,16 +106,18 @@ class StreamingConvTranspose1d(nn.Module):
             raise RuntimeError("streaming state not allocated: call init_state(max_sessions) first")
         c = self.convtr.convtr
         return conv_kernels.conv_transpose1d_step(x, c.weight, c.bias, self.partial, slots, c.stride[0], c.groups,
-                                                  act, self.kernel_backend)
+                                                  act, self.kernel_backend, self.packed)
+
+    def gemm_weight(self) -> torch.Tensor | None:
+        c = self.convtr.convtr
+        return conv_kernels.gemm_weight(c.weight, True, c.groups)
 
 
 _STATEFUL = (StreamingConv1d, StreamingConvTranspose1d)
 
 
 def _fuses_elu(elu: nn.Module, nxt: nn.Module | None) -> bool:
-    # Only the Triton convs take the ELU in; the torch path keeps the reference's separate op.
-    return (isinstance(elu, nn.ELU) and elu.alpha == 1.0 and isinstance(nxt, _STATEFUL)
-            and nxt.kernel_backend == "triton")
+    return isinstance(elu, nn.ELU) and elu.alpha == 1.0 and isinstance(nxt, _STATEFUL)
 
 
 def _run(layers: nn.Sequential, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import attention as attn_kernels
+from kernels import linear as linear_kernels
 from kernels import norm as norm_kernels
 
 
@@ -77,6 +78,18 @@ class LayerScale(nn.Module):
         return self.scale * x
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose product runs on a prepacked weight where `kernels.linear.prepack` made one."""
+
+    packed: torch.Tensor | None = None
+
+    def gemm_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_kernels.linear(x, self.weight, self.bias, self.packed)
+
+
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "elu": F.elu, "sigmoid": torch.sigmoid,
                 "tanh": torch.tanh}
 
@@ -88,22 +101,22 @@ class ActivationGating(nn.Module):
         super().__init__()
         # kyutai's sizing rule for the gated hidden width, needed to match checkpoint shapes.
         hidden = (21 * dim) // 8 if dim_feedforward == 4 * dim else (2 * dim_feedforward) // 3
-        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
-        self.linear_out = nn.Linear(hidden, dim, bias=False)
+        self.linear_in = Linear(dim, 2 * hidden, bias=False)
+        self.linear_out = Linear(hidden, dim, bias=False)
         self.activation = _ACTIVATIONS[activation]
 
     def triton_supported(self) -> bool:
         return self.activation is F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.linear_in.weight)
+        h = self.linear_in(x)
         if self.activation is F.silu:
             gated = norm_kernels.silu_gate(h, self.kernel_backend)
         else:
             B, T, _ = h.shape
             h = h.view(B, T, 2, -1)
             gated = self.activation(h[..., 0, :]) * h[..., 1, :]
-        return F.linear(gated, self.linear_out.weight)
+        return self.linear_out(gated)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, max_period: float):
@@ -128,8 +141,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_weights: int):
         super().__init__()
         self.num_heads = num_heads
-        self.in_projs = nn.ModuleList([nn.Linear(dim, 3 * dim, bias=False) for _ in range(num_weights)])
-        self.out_projs = nn.ModuleList([nn.Linear(dim, dim, bias=False) for _ in range(num_weights)])
+        self.in_projs = nn.ModuleList([Linear(dim, 3 * dim, bias=False) for _ in range(num_weights)])
+        self.out_projs = nn.ModuleList([Linear(dim, dim, bias=False) for _ in range(num_weights)])
 
     def qkv(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
@@ -146,8 +159,8 @@ class TransformerLayer(nn.Module):
         self.norm1 = make_norm(norm, dim)
         self.norm2 = make_norm(norm, dim)
         if gating == "none":
-            self.linear1 = nn.Linear(dim, dim_feedforward, bias=False)
-            self.linear2 = nn.Linear(dim_feedforward, dim, bias=False)
+            self.linear1 = Linear(dim, dim_feedforward, bias=False)
+            self.linear2 = Linear(dim_feedforward, dim, bias=False)
             self.gating = None
         elif num_weights > 1:
             self.gating = nn.ModuleList([ActivationGating(dim, dim_feedforward, gating) for _ in range(num_weights)])

@@ -37,18 +37,25 @@ def _rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 class RingPlan(NamedTuple):
     """Where a step writes and what each query may see; the same for every layer of a step."""
     write: torch.Tensor  # [B, T] ring index of each new position
-    mask: torch.Tensor  # [B, 1, T, cap] bool
+    mask: torch.Tensor  # [B, 1, T, n_keys] bool
+    n_keys: int  # ring entries [0, n_keys) are attended over; the rest were never written
 
 
 def ring_plan(offsets: torch.Tensor, T: int, capacity: int, context: int | None) -> RingPlan:
     write = (offsets.view(-1, 1) + torch.arange(T, device=offsets.device)) % capacity
-    pos_k = ring_positions(offsets, T, capacity)[:, None]  # [B, 1, cap]
+    # A ring fills from index 0, so entries at or past the batch's longest history were never
+    # written: skipping them makes a young conversation's cost follow its length. Only on CPU,
+    # where reading the offsets costs no device sync; on GPU the Triton path does this per slot.
+    n_keys = capacity
+    if offsets.device.type == "cpu" and len(offsets):
+        n_keys = min(capacity, int(offsets.max()) + T)
+    pos_k = ring_positions(offsets, T, capacity)[:, None, :n_keys]  # [B, 1, n_keys]
     pos_q = offsets.view(-1, 1, 1) + torch.arange(T, device=offsets.device).view(-1, 1)  # [B, T, 1]
     delta = pos_q - pos_k
     mask = (pos_k >= 0) & (delta >= 0)
     if context is not None:
         mask = mask & (delta < context)
-    return RingPlan(write, mask[:, None])
+    return RingPlan(write, mask[:, None], n_keys)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -70,5 +77,6 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
     rows = slots.view(-1, 1).expand(B, T)
     k_cache[rows, :, plan.write] = k.transpose(1, 2).to(k_cache.dtype)
     v_cache[rows, :, plan.write] = v.transpose(1, 2).to(v_cache.dtype)
-    keys, values = _rows(k_cache, slots).to(q.dtype), _rows(v_cache, slots).to(q.dtype)
+    keys = _rows(k_cache, slots)[:, :, :plan.n_keys].to(q.dtype)
+    values = _rows(v_cache, slots)[:, :, :plan.n_keys].to(q.dtype)
     return F.scaled_dot_product_attention(q, keys, values, plan.mask, dropout_p=0.0)

@@ -14,48 +14,80 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from kernels import linear as linear_kernels
 
-# A streaming step sees only a few output positions of the deep, wide layers (SEANet's last
-# downsampling conv: 512 -> 1024 channels, kernel 16, two outputs per frame), where oneDNN's and
-# the reference ATen convolutions run an order of magnitude below GEMM speed on CPU. Those go
-# through one matmul instead.
-_GEMM_MAX_POSITIONS = 4
+
+# On CPU a streaming step's convolutions go through one matmul (`kernels.linear`, on a weight
+# prepacked for oneDNN) wherever that measured faster than ATen's convolution (bench/RESULTS.md):
+# strided and pointwise convs and any conv with few output positions, e.g. SEANet's 512 -> 1024,
+# kernel 16 layer, which sees two outputs per frame and ran 8-25x slower as a convolution. Wide
+# stride-1 convs over many positions stay convolutions: unfolding their input costs more than the
+# GEMM saves, and so do strided convs over hundreds of positions (the input copy that lines up
+# their columns ran at a fraction of memory speed).
+_GEMM_MAX_POSITIONS = 16
+_GEMM_MAX_STRIDED_POSITIONS = 96
 
 
 def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int,
-            groups: int) -> torch.Tensor:
+            groups: int, packed: torch.Tensor | None) -> torch.Tensor:
     c_out, c_in, k = weight.shape
     n_out = (x.shape[-1] - dilation * (k - 1) - 1) // stride + 1
-    if groups != 1 or dilation != 1 or n_out > _GEMM_MAX_POSITIONS or x.device.type != "cpu":
+    gemm = (k == 1 or n_out <= _GEMM_MAX_POSITIONS
+            or (stride > 1 and n_out <= _GEMM_MAX_STRIDED_POSITIONS))
+    if groups != 1 or dilation != 1 or not gemm or x.device.type != "cpu":
         return F.conv1d(x, weight, bias, stride, 0, dilation, groups)
     B = x.shape[0]
     cols = x.unfold(2, k, stride).permute(0, 2, 1, 3).reshape(B * n_out, c_in * k)
-    y = cols @ weight.reshape(c_out, c_in * k).t()
-    if bias is not None:
-        y = y + bias
+    y = linear_kernels.linear(cols, weight.reshape(c_out, c_in * k), bias, packed)
     return y.view(B, n_out, c_out).transpose(1, 2)
 
 
 def _conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-                      groups: int) -> torch.Tensor:
+                      groups: int, packed: torch.Tensor | None) -> torch.Tensor:
     c_in, c_out, k = weight.shape
     B, _, n_in = x.shape
     if groups != 1 or n_in > _GEMM_MAX_POSITIONS or x.device.type != "cpu":
         return F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups, 1)
-    z = (x.transpose(1, 2).reshape(B * n_in, c_in) @ weight.reshape(c_in, c_out * k)).view(B, n_in, c_out, k)
-    y = x.new_zeros(B, c_out, (n_in - 1) * stride + k)
-    for t in range(n_in):  # overlap-add of each input position's kernel-long contribution
-        y[..., t * stride: t * stride + k] += z[:, t]
+    # Each input position contributes a kernel-long run of outputs; split the kernel into J chunks
+    # of `stride` so the overlap-add is J shifted block adds rather than one per position.
+    J = -(-k // stride)
+    z = linear_kernels.linear(x.transpose(1, 2), weight.reshape(c_in, c_out * k).t(), None, packed)
+    z = F.pad(z.view(B, n_in, c_out, k), (0, J * stride - k)).view(B, n_in, c_out, J, stride)
+    blocks = x.new_zeros(B, c_out, n_in + J - 1, stride)
+    for j in range(J):
+        blocks[:, :, j:j + n_in] += z[:, :, :, j].transpose(1, 2)
+    y = blocks.view(B, c_out, -1)[..., :(n_in - 1) * stride + k]
     if bias is not None:
         y += bias[:, None]
     return y
+
+
+def gemm_weight(weight: torch.Tensor, transposed: bool, groups: int, dilation: int = 1) -> torch.Tensor | None:
+    """The [out, in] matrix the CPU GEMM path multiplies by, or None where that path never runs."""
+    if groups != 1 or dilation != 1:
+        return None
+    if transposed:
+        c_in, c_out, k = weight.shape
+        return weight.reshape(c_in, c_out * k).t()
+    return weight.reshape(weight.shape[0], -1)
+
+
+_LOG2E = 1.4426950408889634
+
+
+def elu(x: torch.Tensor) -> torch.Tensor:
+    """ELU (alpha 1) as exp2(min(x, 0) log2 e) - 1 + max(x, 0): ATen's CPU ELU evaluates exp at
+    full libm accuracy and ran 2x slower than this whole expression on SEANet's activations; the
+    result is within one float32 ulp of 1 of it, and exactly x where x > 0."""
+    neg = x.clamp(max=0).mul_(_LOG2E).exp2_().sub_(1)
+    return neg.add_(x.clamp(min=0))
 
 
 def _torch_prologue(x: torch.Tensor, act: str | None, backend: str) -> torch.Tensor:
     if backend != "torch":
         raise ValueError(f"unknown kernel backend {backend!r}")
     if act == "elu":
-        return F.elu(x)
+        return elu(x)
     if act is not None:
         raise ValueError(f"act must be None or 'elu', got {act!r}")
     return x
@@ -63,8 +95,10 @@ def _torch_prologue(x: torch.Tensor, act: str | None, backend: str) -> torch.Ten
 
 def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
                 slots: torch.Tensor, stride: int, dilation: int, groups: int,
-                first: torch.Tensor | None = None, act: str | None = None, backend: str = "torch") -> torch.Tensor:
-    """x [B, Cin, L] -> [B, Cout, L / stride]; state [S, Cin, context] updated for `slots`."""
+                first: torch.Tensor | None = None, act: str | None = None, backend: str = "torch",
+                packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, Cin, L] -> [B, Cout, L / stride]; state [S, Cin, context] updated for `slots`.
+    `packed`: `kernels.linear.pack` of `gemm_weight(weight, ...)`, for the CPU GEMM path."""
     if backend == "triton":
         from kernels import conv_triton
         from kernels.launch import run_all
@@ -81,12 +115,13 @@ def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             first.index_fill_(0, slots, False)
         x = torch.cat([prev, x], dim=-1)
         state.index_copy_(0, slots, x[..., -tp:])
-    return _conv1d(x, weight, bias, stride, dilation, groups)
+    return _conv1d(x, weight, bias, stride, dilation, groups, packed)
 
 
 def conv_transpose1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           partial: torch.Tensor, slots: torch.Tensor, stride: int, groups: int,
-                          act: str | None = None, backend: str = "torch") -> torch.Tensor:
+                          act: str | None = None, backend: str = "torch",
+                          packed: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, Cin, L] -> [B, Cout, L * stride]; partial [S, Cout, K - stride] updated for `slots`."""
     if backend == "triton":
         from kernels import conv_triton
@@ -95,7 +130,7 @@ def conv_transpose1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         run_all(launches)
         return y
     x = _torch_prologue(x, act, backend)
-    y = _conv_transpose1d(x, weight, bias, stride, groups)
+    y = _conv_transpose1d(x, weight, bias, stride, groups, packed)
     pt = partial.shape[-1]
     if not pt:
         return y

@@ -4,7 +4,7 @@ import torch
 
 pytest.importorskip("triton")
 from kernels import attention_triton  # noqa: E402
-from kernels.attention import ring_attention  # noqa: E402
+from kernels.attention import ring_attention, ring_plan  # noqa: E402
 from kernels.launch import KernelError  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.float16: dict(atol=3e-3, rtol=3e-3)}
@@ -99,3 +99,33 @@ def test_preconditions_are_checked_before_launch(bad):
         slots = slots.float()
     with pytest.raises(KernelError):
         attention_triton.ring_attention(q, k, v, ck, cv, slots, offsets, 8)
+
+
+@pytest.mark.parametrize("offsets", [[0, 3], [5, 1], [40, 2], [9, 100]], ids=str)
+def test_torch_path_skips_only_unwritten_entries(offsets):
+    """The torch path attends over the written prefix of the rings; a per-query loop over the whole
+    ring with the reference's validity rule must agree (young rings, one full, wrapped rings)."""
+    H, T, D, cap, context = 2, 2, 8, 12, 10
+    g = torch.Generator().manual_seed(sum(offsets))
+    B = len(offsets)
+    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(3))
+    ck, cv = (torch.randn(3, H, cap, D, generator=g, dtype=torch.float64) for _ in range(2))
+    slots, offs = torch.tensor([2, 0]), torch.tensor(offsets)
+    want = torch.empty_like(q)
+    wk, wv = ck.clone(), cv.clone()
+    for b in range(B):
+        s, o = int(slots[b]), int(offs[b])
+        for t in range(T):
+            wk[s, :, (o + t) % cap], wv[s, :, (o + t) % cap] = k[b, :, t], v[b, :, t]
+        for t in range(T):
+            p = o + t
+            # Ring entry i holds the newest position written there, if any, as of this step.
+            seen = [max((j for j in range(o + T) if j % cap == i), default=-1) for i in range(cap)]
+            ok = torch.tensor([0 <= j <= p and p - j < context for j in seen])
+            scores = torch.einsum("hd,hcd->hc", q[b, :, t], wk[s]) / D ** 0.5
+            w = torch.softmax(scores.masked_fill(~ok, float("-inf")), -1)
+            want[b, :, t] = torch.einsum("hc,hcd->hd", w, wv[s])
+    got = ring_attention(q, k, v, ck, cv, slots, offs, context)
+    assert ring_plan(offs, T, cap, context).n_keys == min(cap, max(offsets) + T)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ck, wk, atol=0, rtol=0)

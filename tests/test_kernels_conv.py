@@ -123,3 +123,43 @@ def test_preconditions(bad):
         else:
             conv_triton.plan_conv_transpose1d(x[..., :1], torch.randn(4, 4, 8), None, torch.zeros(2, 4, 6),
                                               slots, 2, 1)
+
+
+# The torch path's CPU GEMM route (kernels.linear on a prepacked weight) against ATen in float64:
+# (Cin, Cout, K, stride, input length): pointwise over many positions, strided with few and with
+# many outputs (the latter stays a convolution), a stride-1 conv with few and with many outputs.
+GEMM_CONV1D = [(32, 64, 1, 1, 300), (16, 24, 10, 5, 100), (8, 16, 8, 4, 1000), (40, 20, 3, 1, 12),
+               (12, 6, 3, 1, 60)]
+# (Cin, Cout, K, stride, positions): K = 2 * stride, K not a multiple of the stride, too many positions.
+GEMM_CONVTR = [(64, 32, 16, 8, 2), (10, 6, 7, 3, 5), (8, 4, 8, 4, 20)]
+
+
+@pytest.mark.parametrize("cfg", GEMM_CONV1D, ids=lambda c: "Cin{}Cout{}K{}s{}L{}".format(*c))
+def test_cpu_gemm_conv1d_matches_float64(cfg):
+    from kernels.linear import pack
+    Cin, Cout, K, stride, L = cfg
+    g = torch.Generator().manual_seed(K * 7 + L)
+    w, b, x = _rand(g, Cout, Cin, K).float(), _rand(g, Cout).float(), _rand(g, 3, Cin, L).float()
+    packed = pack(conv.gemm_weight(w, False, 1))
+    got = conv._conv1d(x, w, b, stride, 1, 1, packed)
+    want = torch.nn.functional.conv1d(x.double(), w.double(), b.double(), stride)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", GEMM_CONVTR, ids=lambda c: "Cin{}Cout{}K{}s{}n{}".format(*c))
+def test_cpu_gemm_conv_transpose1d_matches_float64(cfg):
+    from kernels.linear import pack
+    Cin, Cout, K, stride, n = cfg
+    g = torch.Generator().manual_seed(K * 5 + n)
+    w, b, x = _rand(g, Cin, Cout, K).float(), _rand(g, Cout).float(), _rand(g, 2, Cin, n).float()
+    packed = pack(conv.gemm_weight(w, True, 1))
+    got = conv._conv_transpose1d(x, w, b, stride, 1, packed)
+    want = torch.nn.functional.conv_transpose1d(x.double(), w.double(), b.double(), stride)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
+def test_elu_within_an_ulp_of_aten():
+    x = torch.cat([torch.linspace(-30, 30, 10001), torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    got = conv.elu(x)
+    assert torch.equal(got[x > 0], x[x > 0])
+    torch.testing.assert_close(got.double(), torch.nn.functional.elu(x.double()), atol=1.2e-7, rtol=0)

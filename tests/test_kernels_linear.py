@@ -1,0 +1,62 @@
+"""CPU products on oneDNN-prepacked weights against float64, and the fallbacks around them."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.transformer import Linear
+from kernels import linear as lin
+
+pytestmark = pytest.mark.skipif(not lin.packable(torch.zeros(2, 2)), reason="torch built without oneDNN")
+
+
+# (leading shape of x, in, out, bias): a single row, a 3-d batch, hundreds of rows (which take the
+# oneDNN path even for a small weight), odd sizes, and a weight past the size threshold.
+CASES = [((1,), 5, 7, False), ((3, 2), 64, 129, True), ((300,), 33, 17, True), ((2,), 700, 257, False)]
+
+
+@pytest.mark.parametrize("lead,n_in,n_out,bias", CASES)
+def test_packed_product_matches_float64(lead, n_in, n_out, bias):
+    g = torch.Generator().manual_seed(n_in)
+    w = torch.randn(n_out, n_in, generator=g)
+    b = torch.randn(n_out, generator=g) if bias else None
+    x = torch.randn(*lead, n_in, generator=g)
+    got = lin.linear(x, w, b, lin.pack(w))
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.shape == (*lead, n_out) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
+def test_non_contiguous_rows():
+    w = torch.randn(300, 400)
+    x = torch.randn(400, 6).t()  # rows with a stride
+    torch.testing.assert_close(lin.linear(x, w, None, lin.pack(w)), x @ w.t(), atol=1e-4, rtol=1e-5)
+
+
+def test_autograd_and_missing_pack_fall_back_to_aten():
+    w = torch.randn(400, 400, requires_grad=True)
+    x = torch.randn(3, 400)
+    with torch.enable_grad():  # the oneDNN op has no backward: ATen must run
+        lin.linear(x, w, None, lin.pack(w)).sum().backward()
+    assert w.grad is not None
+    assert torch.equal(lin.linear(x, w.detach(), None, None), F.linear(x, w.detach()))
+    with pytest.raises(ValueError, match="dense weight"):
+        lin.linear(x.double(), None, None, lin.pack(w))
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4), torch.zeros(2, 2, 2)])
+def test_pack_rejects_what_it_cannot_pack(bad):
+    assert not lin.packable(bad)
+    with pytest.raises(ValueError, match="cannot prepack"):
+        lin.pack(bad)
+
+
+def test_prepack_gives_each_gemm_module_its_weight():
+    model = nn.Sequential(Linear(600, 300, bias=False), nn.ReLU(), Linear(300, 5))
+    x = torch.randn(2, 600)
+    before = model(x)
+    assert lin.prepack(model) == 2
+    assert all(m.packed is not None for m in model if isinstance(m, Linear))
+    torch.testing.assert_close(model(x), before, atol=1e-4, rtol=1e-5)
+    assert lin.prepack(model.to(torch.float64)) == 0  # outside fp32: nothing packed, ATen runs
+    assert model[0].packed is None

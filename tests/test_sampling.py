@@ -1,0 +1,55 @@
+"""Seeded top-k sampling: the noise is a pure function of its coordinates, shared evaluation for
+several streams changes nothing, and the sampled law is the top-k softmax."""
+import torch
+
+from engine.sampling import SamplingParams, race_noise, sample, uniform_noise
+
+
+def _params(B, top_k=4, temperature=0.7, seeds=None, counters=None):
+    return SamplingParams(
+        greedy=torch.zeros(B, dtype=torch.bool), temperature=torch.full((B,), temperature),
+        top_k=torch.full((B,), top_k), text_temperature=torch.full((B,), temperature),
+        text_top_k=torch.full((B,), top_k), seeds=seeds if seeds is not None else torch.arange(B) * 7919,
+        counters=counters if counters is not None else torch.zeros(B, dtype=torch.long),
+        max_top_k=top_k, max_text_top_k=top_k)
+
+
+def test_noise_for_several_streams_is_each_streams_noise():
+    seeds, counters = torch.tensor([1, 2**40 + 3, 5]), torch.tensor([0, 9, 123456])
+    together = uniform_noise(seeds, counters, 1, 11, n_streams=8)
+    for s in range(8):
+        assert torch.equal(together[:, s], uniform_noise(seeds, counters, 1 + s, 11)[:, 0])
+    # Each row's noise depends on its own seed and counter only.
+    assert torch.equal(together[1:2], uniform_noise(seeds[1:2], counters[1:2], 1, 11, n_streams=8))
+    assert ((together > 0) & (together < 1)).all()
+
+
+def test_precomputed_noise_gives_the_same_tokens():
+    g = torch.Generator().manual_seed(0)
+    params = _params(5, top_k=6)
+    noise = race_noise(params, 1, 8, vocab=40)
+    assert noise.shape == (5, 8, 6)
+    for s in range(8):
+        logits = torch.randn(5, 40, generator=g)
+        assert torch.equal(sample(logits, params, 1 + s, noise=noise[:, s]), sample(logits, params, 1 + s))
+
+
+def test_samples_follow_the_top_k_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0, -5.0])
+    n, k, temp = 20000, 3, 0.8
+    params = _params(n, top_k=k, temperature=temp, seeds=torch.arange(n) * 2654435761 + 17)
+    tokens = sample(logits.expand(n, -1), params, stream=2)
+    top = torch.topk(logits, k).indices
+    assert set(tokens.unique().tolist()) <= set(top.tolist())
+    want = torch.softmax(logits[top] / temp, -1)
+    got = torch.stack([(tokens == i).float().mean() for i in top])
+    torch.testing.assert_close(got, want, atol=0.015, rtol=0)
+
+
+def test_greedy_rows_take_the_argmax():
+    params = _params(3)
+    params.greedy[1] = True
+    params.temperature[2] = 0.0
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0, 3.0]]).expand(3, -1)
+    tokens = sample(logits, params, stream=1)
+    assert tokens[1] == 1 and tokens[2] == 1
