@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
 import tempfile
@@ -43,45 +44,48 @@ def dummy_runner(name: str, device: str, dtype: torch.dtype, max_sessions: int, 
     return ModelRunner(lm, mimi, TextTokenizer(tok_path), max_sessions, kernels)
 
 
-def time_engine(runner: ModelRunner, batch: int, warmup: int, ticks: int, full_context: bool) -> dict:
-    """Ticks of the engine loop itself (offline mode, the code `lockstep serve` runs unpaced)."""
-    n = warmup + 2 * ticks + 1
-    loop = EngineLoop(runner, max_buffer_frames=n, max_waiting=None)
-    rng = np.random.default_rng(batch)
-    for _ in range(batch):
-        session = loop.create_session(SamplingConfig(), lambda event: None)
-        session.push((0.1 * rng.standard_normal(n * runner.frame_size)).astype(np.float32))
-    loop.tick()  # everyone joins
-    if full_context:
-        # Every slot as if deep into a long call: the whole ring is valid history.
-        slots = sorted(loop.sched.slot_of.values())
-        runner.lm.transformer.offsets[torch.tensor(slots, device=runner.device)] = runner.lm.cfg.context
-        for s in slots:
-            runner.slots.frames[s] = runner.lm.cfg.context
+class EngineTicks:
+    """The engine loop itself (offline mode, the code `lockstep serve` runs unpaced) with `batch`
+    sessions that each hold `frames` frames of input."""
 
-    def timed_ticks(count: int) -> list[float]:
-        out = []
-        for _ in range(count):
-            start = time.perf_counter()
-            plan = loop.tick()
-            if runner.device.type == "cuda":
-                torch.cuda.synchronize()
-            out.append(time.perf_counter() - start)
-            assert len(plan.step) == batch
-        return out
+    def __init__(self, runner: ModelRunner, batch: int, frames: int, full_context: bool):
+        self.runner, self.batch = runner, batch
+        self.loop = EngineLoop(runner, max_buffer_frames=frames, max_waiting=None)
+        rng = np.random.default_rng(batch)
+        for _ in range(batch):
+            session = self.loop.create_session(SamplingConfig(), lambda event: None)
+            session.push((0.1 * rng.standard_normal(frames * runner.frame_size)).astype(np.float32))
+        self.loop.tick()  # everyone joins
+        if full_context:
+            # Every slot as if deep into a long call: the whole ring is valid history.
+            slots = sorted(self.loop.sched.slot_of.values())
+            runner.lm.transformer.offsets[torch.tensor(slots, device=runner.device)] = runner.lm.cfg.context
+            for s in slots:
+                runner.slots.frames[s] = runner.lm.cfg.context
 
-    timed_ticks(warmup)
-    runner.timer.reset()
-    runner.timer.enabled = True
-    timed_ticks(ticks)
-    runner.timer.enabled = False
-    stages = {k: statistics.median(v) * 1e3 for k, v in runner.timer.totals.items()}
-    # Stage timing adds device syncs (and on CUDA bypasses the graphs): plain ticks are timed apart.
-    plain = timed_ticks(ticks)
-    for sid in list(loop.sessions):
-        loop.end_session(sid, "bench_done")
-    loop.tick()
-    return {**summarize(plain), "stages_ms": stages}
+    def tick(self) -> float:
+        start = time.perf_counter()
+        plan = self.loop.tick()
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        assert len(plan.step) == self.batch
+        return time.perf_counter() - start
+
+    def stages(self, ticks: int) -> dict[str, float]:
+        """Median ms per stage. Stage timing adds device syncs (and on CUDA bypasses the graphs), so
+        these ticks are not the timed ones."""
+        timer = self.runner.timer
+        timer.reset()
+        timer.enabled = True
+        for _ in range(ticks):
+            self.tick()
+        timer.enabled = False
+        return {k: statistics.median(v) * 1e3 for k, v in timer.totals.items()}
+
+    def close(self) -> None:
+        for sid in list(self.loop.sessions):
+            self.loop.end_session(sid, "bench_done")
+        self.loop.tick()
 
 
 def reference_models(runner: ModelRunner, dtype: torch.dtype):
@@ -95,22 +99,56 @@ def reference_models(runner: ModelRunner, dtype: torch.dtype):
     return lm.to(runner.device).eval(), mimi.eval()
 
 
-def time_reference(lm, mimi, batch: int, warmup: int, ticks: int, device: torch.device) -> dict:
+@contextlib.contextmanager
+def reference_ticks(lm, mimi, batch: int, device: torch.device):
+    """Yields a function running one timed step of kyutai's batched `LMGen` + Mimi."""
     from moshi.models.lm import LMGen
     gen = LMGen(lm)
     pcm = torch.randn(batch, 1, mimi.frame_size, device=device) * 0.1
-    times = []
+
+    def tick() -> float:
+        start = time.perf_counter()
+        tokens = gen.step(mimi.encode(pcm))
+        if tokens is not None:
+            mimi.decode(tokens[:, 1:])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
     with torch.no_grad(), mimi.streaming(batch), gen.streaming(batch):
-        for i in range(warmup + ticks):
-            start = time.perf_counter()
-            tokens = gen.step(mimi.encode(pcm))
-            if tokens is not None:
-                mimi.decode(tokens[:, 1:])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return summarize(times)
+        yield tick
+
+
+def measure(runner: ModelRunner, ref, batch: int, warmup: int, ticks: int, full_context: bool) -> dict:
+    """One row of the sweep. The timed engine and reference ticks alternate, so a machine whose speed
+    drifts (shared CPUs, clocks) shifts both alike and the ratio stays honest."""
+    cuda = runner.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    engine = EngineTicks(runner, batch, warmup + 2 * ticks + 1, full_context)
+    for _ in range(warmup):
+        engine.tick()
+    row = {"batch": batch, "engine": {"stages_ms": engine.stages(ticks)}}
+    # The engine's own peak, taken before the reference allocates its caches beside it.
+    if cuda:
+        row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    mine, theirs = [], []
+    with contextlib.ExitStack() as stack:
+        ref_tick = stack.enter_context(reference_ticks(*ref, batch, runner.device)) if ref else None
+        for _ in range(warmup if ref_tick else 0):
+            ref_tick()
+        for _ in range(ticks):
+            mine.append(engine.tick())
+            if ref_tick:
+                theirs.append(ref_tick())
+    engine.close()
+    row["engine"].update(summarize(mine))
+    if not cuda:  # the process' peak resident set, reference included (Linux reports KiB)
+        row["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    if ref_tick:
+        row["reference"] = summarize(theirs)
+        row["speedup"] = row["reference"]["p50_ms"] / row["engine"]["p50_ms"]
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,16 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     from tqdm import tqdm
     for batch in tqdm(args.batch, desc="sweep", unit="batch"):
-        if runner.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        row = {"batch": batch, "engine": time_engine(runner, batch, args.warmup, args.ticks, args.full_context)}
-        if runner.device.type == "cuda":
-            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        else:  # the process' peak resident set (Linux reports KiB)
-            row["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-        if ref is not None:
-            row["reference"] = time_reference(*ref, batch, args.warmup, args.ticks, runner.device)
-            row["speedup"] = row["reference"]["p50_ms"] / row["engine"]["p50_ms"]
+        row = measure(runner, ref, batch, args.warmup, args.ticks, args.full_context)
         row.update(roofline(runner, batch, args.full_context, args.bandwidth_gbs))
         rows.append(row)
     meta = {"device": torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",

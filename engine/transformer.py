@@ -119,14 +119,20 @@ class ActivationGating(nn.Module):
         return self.linear_out(gated)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, max_period: float):
-    """Interleaved rotary embedding on [B, H, T, D] tensors, rotation computed in fp32."""
-    B, H, T, D = q.shape
-    ds = torch.arange(D // 2, device=q.device, dtype=torch.float32)
+def rope_tables(offsets: torch.Tensor, T: int, D: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, 1, T, D/2] of the interleaved rotary embedding at positions offsets[b] + t,
+    in fp32; the same for every layer of a step, so computed once per step."""
+    ds = torch.arange(D // 2, device=offsets.device, dtype=torch.float32)
     freqs = torch.exp(ds * (-math.log(max_period) * 2 / D))
-    ts = offsets.float().view(-1, 1) + torch.arange(T, device=q.device, dtype=torch.float32)
-    ts = ts.view(B, 1, -1, 1)
-    rotr, roti = torch.cos(freqs * ts), torch.sin(freqs * ts)
+    ts = offsets.float().view(-1, 1) + torch.arange(T, device=offsets.device, dtype=torch.float32)
+    angles = freqs * ts.view(-1, 1, T, 1)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]):
+    """Rotates [B, H, T, D] q and k by `rope_tables`, computing in fp32."""
+    rotr, roti = tables
+    B, H, T, D = q.shape
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         x = x.view(*x.shape[:-1], D // 2, 2)
@@ -237,10 +243,12 @@ class StreamingTransformer(nn.Module):
         h = self.layers[0].norm1(x)
         plan = (attn_kernels.ring_plan(offsets, T, self.capacity, self.context)
                 if self.kernel_backend == "torch" else None)
+        rope = (rope_tables(offsets, T, self.head_dim, self.rope_max_period)
+                if self.rope_max_period is not None else None)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.self_attn.qkv(h, step)
-            if self.rope_max_period is not None:
-                q, k = apply_rope(q, k, offsets, self.rope_max_period)
+            if rope is not None:
+                q, k = apply_rope(q, k, rope)
             out = attn_kernels.ring_attention(q, k, v, self.k_cache[i], self.v_cache[i], slots, offsets,
                                               self.context, self.kernel_backend, plan)
             out = out.transpose(1, 2).reshape(B, T, -1)
