@@ -59,8 +59,10 @@ class StreamingConv1d(nn.Module):
         self.previous.index_fill_(0, slots, 0.0)
         self.first.index_fill_(0, slots, True)
 
-    def step(self, x: torch.Tensor, slots: torch.Tensor, act: str | None = None) -> torch.Tensor:
-        """One step for `slots`; `act="elu"` applies the preceding ELU inside the conv."""
+    def step(self, x: torch.Tensor, slots: torch.Tensor, act: str | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+        """One step for `slots`; `act="elu"` applies the preceding ELU inside the conv, `residual`
+        is added to the output."""
         if x.shape[-1] % self.stride:
             raise ValueError(f"step length {x.shape[-1]} is not a multiple of the stride {self.stride}")
         if self.previous is None:
@@ -68,7 +70,7 @@ class StreamingConv1d(nn.Module):
         c = self.conv.conv
         first = self.first if self.pad_mode == "replicate" else None
         return conv_kernels.conv1d_step(x, c.weight, c.bias, self.previous, slots, self.stride, c.dilation[0],
-                                        c.groups, first, act, self.kernel_backend, self.packed)
+                                        c.groups, first, act, self.kernel_backend, self.packed, residual)
 
     def gemm_weight(self) -> torch.Tensor | None:
         c = self.conv.conv
@@ -120,19 +122,21 @@ def _fuses_elu(elu: nn.Module, nxt: nn.Module | None) -> bool:
     return isinstance(elu, nn.ELU) and elu.alpha == 1.0 and isinstance(nxt, _STATEFUL)
 
 
-def _run(layers: nn.Sequential, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+def _run(layers: nn.Sequential, x: torch.Tensor, slots: torch.Tensor,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps `layers` in order, each ELU taken into the conv after it; `residual` is added to the
+    output, inside the last conv when that is a StreamingConv1d."""
     mods = list(layers)
     i = 0
     while i < len(mods):
-        layer = mods[i]
-        nxt = mods[i + 1] if i + 1 < len(mods) else None
-        if _fuses_elu(layer, nxt):
-            x = nxt.step(x, slots, act="elu")
-            i += 2
-            continue
-        x = layer.step(x, slots) if hasattr(layer, "step") else layer(x)
-        i += 1
-    return x
+        fused = _fuses_elu(mods[i], mods[i + 1] if i + 1 < len(mods) else None)
+        layer = mods[i + 1] if fused else mods[i]
+        i += 2 if fused else 1
+        kwargs = {"act": "elu"} if fused else {}
+        if i == len(mods) and residual is not None and isinstance(layer, StreamingConv1d):
+            kwargs["residual"], residual = residual, None
+        x = layer.step(x, slots, **kwargs) if hasattr(layer, "step") else layer(x)
+    return x if residual is None else x + residual
 
 
 class SeanetResBlock(nn.Module):
@@ -151,7 +155,7 @@ class SeanetResBlock(nn.Module):
 
     def step(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         skip = self.shortcut.step(x, slots) if isinstance(self.shortcut, StreamingConv1d) else x
-        return skip + _run(self.block, x, slots)
+        return _run(self.block, x, slots, residual=skip)
 
 
 class SlotStreaming(nn.Module):

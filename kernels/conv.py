@@ -26,12 +26,21 @@ from kernels import linear as linear_kernels
 # their columns ran at a fraction of memory speed).
 _GEMM_MAX_POSITIONS = 16
 _GEMM_MAX_STRIDED_POSITIONS = 96
+_POINTWISE_BMM_MIN_POSITIONS = 96
 
 
 def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int,
-            groups: int, packed: torch.Tensor | None) -> torch.Tensor:
+            groups: int, packed: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
     c_out, c_in, k = weight.shape
     n_out = (x.shape[-1] - dilation * (k - 1) - 1) // stride + 1
+    if residual is not None:
+        pointwise = k == 1 and stride == 1 and groups == 1 and x.device.type == "cpu"
+        if pointwise and n_out >= _POINTWISE_BMM_MIN_POSITIONS:
+            # A pointwise conv over many positions (a SEANet residual block's last) as W @ x per
+            # row, summed onto the residual in the same pass: no transposed copies, no extra add.
+            y = torch.baddbmm(residual, weight[:, :, 0].expand(x.shape[0], c_out, c_in), x)
+            return y if bias is None else y.add_(bias[:, None])
+        return _conv1d(x, weight, bias, stride, dilation, groups, packed).add_(residual)
     gemm = (k == 1 or n_out <= _GEMM_MAX_POSITIONS
             or (stride > 1 and n_out <= _GEMM_MAX_STRIDED_POSITIONS))
     if groups != 1 or dilation != 1 or not gemm or x.device.type != "cpu":
@@ -75,47 +84,59 @@ def gemm_weight(weight: torch.Tensor, transposed: bool, groups: int, dilation: i
 _LOG2E = 1.4426950408889634
 
 
-def elu(x: torch.Tensor) -> torch.Tensor:
-    """ELU (alpha 1) as exp2(min(x, 0) log2 e) - 1 + max(x, 0): ATen's CPU ELU evaluates exp at
-    full libm accuracy and ran 2x slower than this whole expression on SEANet's activations; the
-    result is within one float32 ulp of 1 of it, and exactly x where x > 0."""
-    neg = x.clamp(max=0).mul_(_LOG2E).exp2_().sub_(1)
-    return neg.add_(x.clamp(min=0))
+def elu(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """ELU (alpha 1) as max(x, exp2(min(x, 0) log2 e) - 1) (e^x - 1 >= x everywhere), into `out`
+    if given. ATen's CPU ELU evaluates exp at full libm accuracy and ran 2x slower than this whole
+    expression on SEANet's activations; the result is within one float32 ulp of 1 of it, and
+    exactly x where x > 0."""
+    out = torch.clamp(x, max=0, out=out)
+    out.mul_(_LOG2E).exp2_().sub_(1)
+    return torch.maximum(out, x, out=out)
+
+
+def _check_torch(act: str | None, backend: str) -> None:
+    if backend != "torch":
+        raise ValueError(f"unknown kernel backend {backend!r}")
+    if act not in (None, "elu"):
+        raise ValueError(f"act must be None or 'elu', got {act!r}")
 
 
 def _torch_prologue(x: torch.Tensor, act: str | None, backend: str) -> torch.Tensor:
-    if backend != "torch":
-        raise ValueError(f"unknown kernel backend {backend!r}")
-    if act == "elu":
-        return elu(x)
-    if act is not None:
-        raise ValueError(f"act must be None or 'elu', got {act!r}")
-    return x
+    _check_torch(act, backend)
+    return elu(x) if act == "elu" else x
 
 
 def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
                 slots: torch.Tensor, stride: int, dilation: int, groups: int,
                 first: torch.Tensor | None = None, act: str | None = None, backend: str = "torch",
-                packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, Cin, L] -> [B, Cout, L / stride]; state [S, Cin, context] updated for `slots`.
-    `packed`: `kernels.linear.pack` of `gemm_weight(weight, ...)`, for the CPU GEMM path."""
+                packed: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, Cin, L] -> [B, Cout, L / stride] (+ `residual`); state [S, Cin, context] updated for
+    `slots`. `packed`: `kernels.linear.pack` of `gemm_weight(weight, ...)`, for the CPU GEMM path."""
     if backend == "triton":
         from kernels import conv_triton
         from kernels.launch import run_all
         launches, y = conv_triton.plan_conv1d(x, weight, bias, state, slots, stride, dilation, groups, first, act)
         run_all(launches)
-        return y
-    x = _torch_prologue(x, act, backend)
+        return y if residual is None else y + residual
+    _check_torch(act, backend)
     tp = state.shape[-1]
-    if tp:
-        prev = state.index_select(0, slots)
-        if first is not None:
-            fresh = first.index_select(0, slots)
-            prev = torch.where(fresh[:, None, None], x[..., :1], prev)
-            first.index_fill_(0, slots, False)
-        x = torch.cat([prev, x], dim=-1)
-        state.index_copy_(0, slots, x[..., -tp:])
-    return _conv1d(x, weight, bias, stride, dilation, groups, packed)
+    if not tp:
+        return _conv1d(elu(x) if act == "elu" else x, weight, bias, stride, dilation, groups, packed, residual)
+    # [state | act(x)] is built in one buffer: the activation writes straight into it.
+    B, C, L = x.shape
+    buf = x.new_empty(B, C, tp + L)
+    prev, body = buf[..., :tp], buf[..., tp:]
+    if act == "elu":
+        elu(x, out=body)
+    else:
+        body.copy_(x)
+    torch.index_select(state, 0, slots, out=prev)
+    if first is not None:
+        fresh = first.index_select(0, slots)
+        prev.copy_(torch.where(fresh[:, None, None], body[..., :1], prev))
+        first.index_fill_(0, slots, False)
+    state.index_copy_(0, slots, buf[..., -tp:])
+    return _conv1d(buf, weight, bias, stride, dilation, groups, packed, residual)
 
 
 def conv_transpose1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

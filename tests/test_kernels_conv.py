@@ -163,3 +163,21 @@ def test_elu_within_an_ulp_of_aten():
     got = conv.elu(x)
     assert torch.equal(got[x > 0], x[x > 0])
     torch.testing.assert_close(got.double(), torch.nn.functional.elu(x.double()), atol=1.2e-7, rtol=0)
+
+
+@pytest.mark.parametrize("K,L", [(1, 100), (1, 5), (3, 100)], ids=lambda v: str(v))
+def test_residual_is_added_inside_the_step(K, L):
+    """`residual` (a residual block's skip) equals adding it after the step, on every CPU route."""
+    from kernels.linear import pack
+    g = torch.Generator().manual_seed(K + L)
+    Cin, Cout = 6, 10
+    w, b = _rand(g, Cout, Cin, K).float(), _rand(g, Cout).float()
+    packed = pack(conv.gemm_weight(w, False, 1))
+    state = _rand(g, N_SLOTS, Cin, K - 1).float()
+    slots = torch.tensor([3, 1])
+    x, skip = _rand(g, 2, Cin, L).float(), _rand(g, 2, Cout, L).float()
+    s1, s2 = state.clone(), state.clone()
+    got = conv.conv1d_step(x, w, b, s1, slots, 1, 1, 1, act="elu", packed=packed, residual=skip)
+    want = conv.conv1d_step(x, w, b, s2, slots, 1, 1, 1, act="elu", packed=packed) + skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(s1, s2)
