@@ -241,7 +241,7 @@ class StreamingTransformer(nn.Module):
         # Each residual add is followed by the next norm (norm2, then the next layer's norm1), so
         # the two are computed together; h is always the normed input of the next sub-layer.
         h = self.layers[0].norm1(x)
-        plan = (attn_kernels.ring_plan(offsets, T, self.capacity, self.context)
+        plan = (attn_kernels.ring_plan(offsets, T, self.capacity, self.context, slots)
                 if self.kernel_backend == "torch" else None)
         rope = (rope_tables(offsets, T, self.head_dim, self.rope_max_period)
                 if self.rope_max_period is not None else None)

@@ -24,14 +24,14 @@ def ring_positions(offsets: torch.Tensor, T: int, capacity: int) -> torch.Tensor
     return torch.where(idx >= offsets.view(-1, 1) + T, torch.full_like(pos, -1), pos)
 
 
-def _rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache[slots]; a view rather than a copy of every ring when the slots are a contiguous run
-    (the scheduler's usual batch). Only checked on CPU, where reading `slots` costs no sync."""
+def _run_start(slots: torch.Tensor) -> int | None:
+    """The first slot when `slots` are a contiguous run (the scheduler's usual batch), else None.
+    Only checked on CPU, where reading `slots` costs no sync."""
     if slots.device.type == "cpu" and len(slots):
         first = int(slots[0])
         if torch.equal(slots, torch.arange(first, first + len(slots), dtype=slots.dtype)):
-            return cache.narrow(0, first, len(slots))
-    return cache.index_select(0, slots)
+            return first
+    return None
 
 
 class RingPlan(NamedTuple):
@@ -39,9 +39,11 @@ class RingPlan(NamedTuple):
     write: torch.Tensor  # [B, T] ring index of each new position
     mask: torch.Tensor  # [B, 1, T, n_keys] bool
     n_keys: int  # ring entries [0, n_keys) are attended over; the rest were never written
+    run_start: int | None  # slots are run_start + [0, B): the caches' rows are read as a view
 
 
-def ring_plan(offsets: torch.Tensor, T: int, capacity: int, context: int | None) -> RingPlan:
+def ring_plan(offsets: torch.Tensor, T: int, capacity: int, context: int | None,
+              slots: torch.Tensor | None = None) -> RingPlan:
     write = (offsets.view(-1, 1) + torch.arange(T, device=offsets.device)) % capacity
     # A ring fills from index 0, so entries at or past the batch's longest history were never
     # written: skipping them makes a young conversation's cost follow its length. Only on CPU,
@@ -55,7 +57,7 @@ def ring_plan(offsets: torch.Tensor, T: int, capacity: int, context: int | None)
     mask = (pos_k >= 0) & (delta >= 0)
     if context is not None:
         mask = mask & (delta < context)
-    return RingPlan(write, mask[:, None], n_keys)
+    return RingPlan(write, mask[:, None], n_keys, None if slots is None else _run_start(slots))
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -73,10 +75,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
     capacity = k_cache.shape[2]
     assert k_cache.shape[1:] == (H, capacity, D) and v_cache.shape == k_cache.shape
     assert slots.shape == (B,) and offsets.shape == (B,)
-    plan = plan or ring_plan(offsets, T, capacity, context)
+    plan = plan or ring_plan(offsets, T, capacity, context, slots)
     rows = slots.view(-1, 1).expand(B, T)
     k_cache[rows, :, plan.write] = k.transpose(1, 2).to(k_cache.dtype)
     v_cache[rows, :, plan.write] = v.transpose(1, 2).to(v_cache.dtype)
-    keys = _rows(k_cache, slots)[:, :, :plan.n_keys].to(q.dtype)
-    values = _rows(v_cache, slots)[:, :, :plan.n_keys].to(q.dtype)
+    if plan.run_start is not None:
+        keys, values = (c.narrow(0, plan.run_start, B) for c in (k_cache, v_cache))
+    else:
+        keys, values = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
+    keys, values = keys[:, :, :plan.n_keys].to(q.dtype), values[:, :, :plan.n_keys].to(q.dtype)
     return F.scaled_dot_product_attention(q, keys, values, plan.mask, dropout_p=0.0)

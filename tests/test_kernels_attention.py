@@ -101,8 +101,9 @@ def test_preconditions_are_checked_before_launch(bad):
         attention_triton.ring_attention(q, k, v, ck, cv, slots, offsets, 8)
 
 
+@pytest.mark.parametrize("slots", [[2, 0], [1, 2]], ids=["scattered", "run"])
 @pytest.mark.parametrize("offsets", [[0, 3], [5, 1], [40, 2], [9, 100]], ids=str)
-def test_torch_path_skips_only_unwritten_entries(offsets):
+def test_torch_path_skips_only_unwritten_entries(offsets, slots):
     """The torch path attends over the written prefix of the rings; a per-query loop over the whole
     ring with the reference's validity rule must agree (young rings, one full, wrapped rings)."""
     H, T, D, cap, context = 2, 2, 8, 12, 10
@@ -110,7 +111,7 @@ def test_torch_path_skips_only_unwritten_entries(offsets):
     B = len(offsets)
     q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(3))
     ck, cv = (torch.randn(3, H, cap, D, generator=g, dtype=torch.float64) for _ in range(2))
-    slots, offs = torch.tensor([2, 0]), torch.tensor(offsets)
+    slots, offs = torch.tensor(slots), torch.tensor(offsets)
     want = torch.empty_like(q)
     wk, wv = ck.clone(), cv.clone()
     for b in range(B):
@@ -126,6 +127,8 @@ def test_torch_path_skips_only_unwritten_entries(offsets):
             w = torch.softmax(scores.masked_fill(~ok, float("-inf")), -1)
             want[b, :, t] = torch.einsum("hc,hcd->hd", w, wv[s])
     got = ring_attention(q, k, v, ck, cv, slots, offs, context)
-    assert ring_plan(offs, T, cap, context).n_keys == min(cap, max(offsets) + T)
+    plan = ring_plan(offs, T, cap, context, slots)
+    assert plan.n_keys == min(cap, max(offsets) + T)
+    assert plan.run_start == (1 if slots.tolist() == [1, 2] else None)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(ck, wk, atol=0, rtol=0)
