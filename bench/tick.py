@@ -57,9 +57,14 @@ class EngineTicks:
             session.push((0.1 * rng.standard_normal(frames * runner.frame_size)).astype(np.float32))
         self.loop.tick()  # everyone joins
         if full_context:
-            # Every slot as if deep into a long call: the whole ring is valid history.
+            # Every slot as if deep into a long call: every ring (the LM's and Mimi's two) is
+            # whole valid history.
             slots = sorted(self.loop.sched.slot_of.values())
-            runner.lm.transformer.offsets[torch.tensor(slots, device=runner.device)] = runner.lm.cfg.context
+            idx = torch.tensor(slots, device=runner.device)
+            mimi = runner.mimi
+            for t in (runner.lm.transformer, mimi.encoder_transformer.transformer,
+                      mimi.decoder_transformer.transformer):
+                t.offsets[idx] = t.capacity
             for s in slots:
                 runner.slots.frames[s] = runner.lm.cfg.context
 
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--ticks", type=int, default=20)
-    ap.add_argument("--full-context", action="store_true", help="hold every slot's LM context full")
+    ap.add_argument("--full-context", action="store_true", help="hold every slot's LM and Mimi contexts full")
     ap.add_argument("--no-reference", action="store_true", help="skip kyutai's package")
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="HBM bandwidth for the roofline (default: measured)")
     ap.add_argument("--output", default="bench/out/tick", help="prefix for the .json and .png outputs")
