@@ -70,7 +70,7 @@ class MoshiLM(nn.Module):
             x = self.depformer_in[cb if self.cfg.depformer_multi_linear else 0](transformer_out)
             emb = self.depformer_text_emb if cb == 0 else self.depformer_emb[cb - 1]
             x = x + emb(prev[:, None])
-            logits = self.linears[cb](self.depformer(x, slots, step=cb))
+            logits = self.linears[cb](self.depformer(x, slots, step=cb, position=cb))
             prev = sample(logits[:, 0], params, stream=cb + 1, noise=noise[:, cb])
             tokens.append(prev)
         return torch.stack(tokens, dim=1)

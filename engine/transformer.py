@@ -233,16 +233,22 @@ class StreamingTransformer(nn.Module):
         # Positions at or past a slot's offset are masked out, so zeroing the counter is a full reset.
         self.offsets.index_fill_(0, slots, 0)
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """x: [B, T, dim] for the slots `slots` ([B]); returns [B, T, dim] and advances them by T."""
+    def forward(self, x: torch.Tensor, slots: torch.Tensor, step: int = 0,
+                position: int | None = None) -> torch.Tensor:
+        """x: [B, T, dim] for the slots `slots` ([B]); returns [B, T, dim] and advances them by T.
+        `position`: every slot's offset, when the caller knows it is the same for all (the depth
+        transformer, restarted each frame, is at its step), sparing the per-slot ring bookkeeping."""
         B, T, _ = x.shape
         dtype_in = x.dtype
         offsets = self.offsets.index_select(0, slots)
         # Each residual add is followed by the next norm (norm2, then the next layer's norm1), so
         # the two are computed together; h is always the normed input of the next sub-layer.
         h = self.layers[0].norm1(x)
-        plan = (attn_kernels.ring_plan(offsets, T, self.capacity, self.context, slots)
-                if self.kernel_backend == "torch" else None)
+        plan = None
+        if self.kernel_backend == "torch":
+            plan = (attn_kernels.ring_plan_at(position, T, self.capacity, slots)
+                    if position is not None and self.context is None
+                    else attn_kernels.ring_plan(offsets, T, self.capacity, self.context, slots))
         rope = (rope_tables(offsets, T, self.head_dim, self.rope_max_period)
                 if self.rope_max_period is not None else None)
         for i, layer in enumerate(self.layers):

@@ -37,9 +37,10 @@ def _run_start(slots: torch.Tensor) -> int | None:
 class RingPlan(NamedTuple):
     """Where a step writes and what each query may see; the same for every layer of a step."""
     write: torch.Tensor  # [B, T] ring index of each new position
-    mask: torch.Tensor  # [B, 1, T, n_keys] bool
+    mask: torch.Tensor | None  # [B or 1, 1, T, n_keys] bool; None: every query sees every key
     n_keys: int  # ring entries [0, n_keys) are attended over; the rest were never written
     run_start: int | None  # slots are run_start + [0, B): the caches' rows are read as a view
+    position: int | None = None  # every row writes at ring entries [position, position + T)
 
 
 def ring_plan(offsets: torch.Tensor, T: int, capacity: int, context: int | None,
@@ -60,6 +61,21 @@ def ring_plan(offsets: torch.Tensor, T: int, capacity: int, context: int | None,
     return RingPlan(write, mask[:, None], n_keys, None if slots is None else _run_start(slots))
 
 
+def ring_plan_at(position: int, T: int, capacity: int, slots: torch.Tensor) -> RingPlan:
+    """The plan when every row is at the same `position` of a ring that has not wrapped and has no
+    context limit (the depth transformer within a frame): no per-row positions to work out, and no
+    mask for a single new query."""
+    if position < 0 or position + T > capacity:
+        raise ValueError(f"positions {position}..{position + T - 1} do not fit a ring of {capacity} unwrapped")
+    n_keys = position + T
+    write = torch.arange(position, n_keys, device=slots.device).expand(len(slots), T)
+    mask = None
+    if T > 1:
+        keys = torch.arange(n_keys, device=slots.device)
+        mask = (keys.view(1, -1) <= write[:1].view(-1, 1))[None, None]
+    return RingPlan(write, mask, n_keys, _run_start(slots), position)
+
+
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor,
                    context: int | None, backend: str = "torch", plan: RingPlan | None = None) -> torch.Tensor:
@@ -76,9 +92,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
     assert k_cache.shape[1:] == (H, capacity, D) and v_cache.shape == k_cache.shape
     assert slots.shape == (B,) and offsets.shape == (B,)
     plan = plan or ring_plan(offsets, T, capacity, context, slots)
-    rows = slots.view(-1, 1).expand(B, T)
-    k_cache[rows, :, plan.write] = k.transpose(1, 2).to(k_cache.dtype)
-    v_cache[rows, :, plan.write] = v.transpose(1, 2).to(v_cache.dtype)
+    if plan.run_start is not None and plan.position is not None:
+        for cache, new in ((k_cache, k), (v_cache, v)):
+            cache.narrow(0, plan.run_start, B)[:, :, plan.position:plan.position + T] = new
+    else:
+        rows = slots.view(-1, 1).expand(B, T)
+        k_cache[rows, :, plan.write] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[rows, :, plan.write] = v.transpose(1, 2).to(v_cache.dtype)
     if plan.run_start is not None:
         keys, values = (c.narrow(0, plan.run_start, B) for c in (k_cache, v_cache))
     else:

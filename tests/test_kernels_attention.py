@@ -4,7 +4,7 @@ import torch
 
 pytest.importorskip("triton")
 from kernels import attention_triton  # noqa: E402
-from kernels.attention import ring_attention, ring_plan  # noqa: E402
+from kernels.attention import ring_attention, ring_plan, ring_plan_at  # noqa: E402
 from kernels.launch import KernelError  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.float16: dict(atol=3e-3, rtol=3e-3)}
@@ -132,3 +132,25 @@ def test_torch_path_skips_only_unwritten_entries(offsets, slots):
     assert plan.run_start == (1 if slots.tolist() == [1, 2] else None)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(ck, wk, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("slots", [[0, 1, 2], [4, 1, 3]], ids=["run", "scattered"])
+@pytest.mark.parametrize("position,T", [(0, 1), (5, 1), (3, 2), (6, 2)])
+def test_plan_at_a_shared_position_matches_the_general_plan(slots, position, T):
+    H, D, cap = 2, 8, 8
+    g = torch.Generator().manual_seed(position * 3 + T)
+    slots = torch.tensor(slots)
+    offs = torch.full((len(slots),), position)
+    q, k, v = (torch.randn(len(slots), H, T, D, generator=g, dtype=torch.float64) for _ in range(3))
+    caches = [torch.randn(5, H, cap, D, generator=g, dtype=torch.float64) for _ in range(2)]
+    ck, cv = (c.clone() for c in caches)
+    want = ring_attention(q, k, v, ck, cv, slots, offs, None, plan=ring_plan(offs, T, cap, None, slots))
+    gk, gv = (c.clone() for c in caches)
+    got = ring_attention(q, k, v, gk, gv, slots, offs, None, plan=ring_plan_at(position, T, cap, slots))
+    torch.testing.assert_close(got, want)
+    assert torch.equal(gk, ck) and torch.equal(gv, cv)
+
+
+def test_plan_at_rejects_a_wrapping_position():
+    with pytest.raises(ValueError, match="do not fit"):
+        ring_plan_at(7, 2, 8, torch.tensor([0]))
