@@ -1,6 +1,6 @@
 """Kernel benchmark: each Triton kernel beside its torch path at Moshi 7B / Mimi shapes.
 
-    python -m bench.kernels [--batch 1 8 32 64] [--only attention rvq conv norm] [--json OUT]
+    python -m bench.kernels [--batch 1 8 32 64] [--only attention rvq conv norm rope] [--json OUT]
 
 For every case it prints the time per call (median of CUDA-event timings), the bytes the operation
 must move (its minimal traffic: each valid KV entry, codebook, weight and activation read once and
@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from kernels import attention, conv, norm, rvq
+from kernels import attention, conv, norm, rope, rvq
 from kernels.norm import NormParams
 
 LM_HEADS, LM_HEAD_DIM, LM_CONTEXT = 32, 128, 3000
@@ -172,7 +172,22 @@ def bench_norm(device, batches) -> list[Row]:
     return rows
 
 
-FAMILIES = {"attention": bench_attention, "rvq": bench_rvq, "conv": bench_conv, "norm": bench_norm}
+def bench_rope(device, batches) -> list[Row]:
+    rows = []
+    for name, H, D, T, dtype in (("lm", LM_HEADS, LM_HEAD_DIM, 1, torch.bfloat16),
+                                 ("mimi", MIMI_HEADS, MIMI_HEAD_DIM, 2, torch.float32)):
+        for B in batches:
+            q, k, _ = torch.randn(B, T, 3, H, D, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)
+            tables = rope.rope_tables(torch.randint(0, 3000, (B,), device=device), T, D, 10000.0)
+            # q and k read and written once, plus the fp32 tables.
+            nbytes = 4 * q.numel() * q.element_size() + 2 * tables[0].numel() * 4
+            rows += _both("rope", f"{name}-{H}x{D}-T{T}", B, nbytes,
+                          lambda be, q=q, k=k, tables=tables: (lambda: rope.apply_rope(q, k, tables, be)))
+    return rows
+
+
+FAMILIES = {"attention": bench_attention, "rvq": bench_rvq, "conv": bench_conv, "norm": bench_norm,
+            "rope": bench_rope}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,6 @@ and one position counter per slot. A step runs a chosen set of slots; other slot
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +13,7 @@ from torch import nn
 from kernels import attention as attn_kernels
 from kernels import linear as linear_kernels
 from kernels import norm as norm_kernels
+from kernels import rope as rope_kernels
 
 
 class _Norm:
@@ -117,30 +116,6 @@ class ActivationGating(nn.Module):
             h = h.view(B, T, 2, -1)
             gated = self.activation(h[..., 0, :]) * h[..., 1, :]
         return self.linear_out(gated)
-
-
-def rope_tables(offsets: torch.Tensor, T: int, D: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B, 1, T, D/2] of the interleaved rotary embedding at positions offsets[b] + t,
-    in fp32; the same for every layer of a step, so computed once per step."""
-    ds = torch.arange(D // 2, device=offsets.device, dtype=torch.float32)
-    freqs = torch.exp(ds * (-math.log(max_period) * 2 / D))
-    ts = offsets.float().view(-1, 1) + torch.arange(T, device=offsets.device, dtype=torch.float32)
-    angles = freqs * ts.view(-1, 1, T, 1)
-    return torch.cos(angles), torch.sin(angles)
-
-
-def apply_rope(q: torch.Tensor, k: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]):
-    """Rotates [B, H, T, D] q and k by `rope_tables`, computing in fp32."""
-    rotr, roti = tables
-    B, H, T, D = q.shape
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x = x.view(*x.shape[:-1], D // 2, 2)
-        xr, xi = x[..., 0].float(), x[..., 1].float()
-        out = torch.stack([(xr * rotr - xi * roti).to(q.dtype), (xr * roti + xi * rotr).to(q.dtype)], -1)
-        return out.view(B, -1, T, D)
-
-    return rotate(q), rotate(k)
 
 
 class Attention(nn.Module):
@@ -249,12 +224,12 @@ class StreamingTransformer(nn.Module):
             plan = (attn_kernels.ring_plan_at(position, T, self.capacity, slots)
                     if position is not None and self.context is None
                     else attn_kernels.ring_plan(offsets, T, self.capacity, self.context, slots))
-        rope = (rope_tables(offsets, T, self.head_dim, self.rope_max_period)
+        rope = (rope_kernels.rope_tables(offsets, T, self.head_dim, self.rope_max_period)
                 if self.rope_max_period is not None else None)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.self_attn.qkv(h, step)
             if rope is not None:
-                q, k = apply_rope(q, k, rope)
+                q, k = rope_kernels.apply_rope(q, k, rope, self.kernel_backend)
             out = attn_kernels.ring_attention(q, k, v, self.k_cache[i], self.v_cache[i], slots, offsets,
                                               self.context, self.kernel_backend, plan)
             out = out.transpose(1, 2).reshape(B, T, -1)

@@ -136,8 +136,21 @@ def norm_specs() -> Iterator[tuple[str, list[Launch]]]:
             yield f"{name}-silu-gate{hidden}-{str(dtype)[6:]}", norm_triton.plan_silu_gate(h)[0]
 
 
+def rope_specs() -> Iterator[tuple[str, list[Launch]]]:
+    from kernels import rope_triton
+    for name, shape in (("lm", LM), ("mimi", MIMI)):
+        H, D, T = shape["heads"], shape["head_dim"], shape["T"]
+        for dtype in DTYPES:
+            for B in (1, 64):
+                projected = torch.empty(B, T, 3, H, D, device=META, dtype=dtype)
+                q, k, _ = projected.permute(2, 0, 3, 1, 4)
+                cos = torch.empty(B, 1, T, D // 2, device=META)
+                launches, _, _ = rope_triton.plan_rope(q, k, cos, torch.empty_like(cos))
+                yield f"{name}-B{B}-{str(dtype)[6:]}", launches
+
+
 def all_specs() -> Iterator[tuple[str, str, list[Launch]]]:
     for family, gen in (("attention", attention_specs), ("rvq", rvq_specs), ("conv", conv_specs),
-                        ("norm", norm_specs)):
+                        ("norm", norm_specs), ("rope", rope_specs)):
         for label, launches in gen():
             yield family, label, launches

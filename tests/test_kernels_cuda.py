@@ -76,6 +76,18 @@ def test_norms_and_gate_bf16():
                                norm.silu_gate(h.double()), **BF16)
 
 
+def test_rope_bf16():
+    from kernels.rope import apply_rope, rope_tables
+    g = torch.Generator().manual_seed(2)
+    proj = torch.randn(4, 1, 3, 32, 128, generator=g).to(torch.bfloat16)
+    q, k, _ = proj.permute(2, 0, 3, 1, 4)
+    offsets = torch.tensor([0, 5, 1500, 2999])
+    want = apply_rope(q.double(), k.double(), rope_tables(offsets, 1, 128, 10000.0))
+    got = apply_rope(q.to(CUDA), k.to(CUDA), rope_tables(offsets.to(CUDA), 1, 128, 10000.0), backend="triton")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu().double(), b, **BF16)
+
+
 def test_rvq_compiled_codes_are_near_optimal():
     from kernels import rvq_triton
     from test_kernels_rvq import EPS, _tables
