@@ -1,18 +1,56 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one go, for a session that has one. Run from the repository root
-# after `make install`; paste the figures (with the device name) into bench/RESULTS.md.
-set -euo pipefail
-PY=${PY:-.venv/bin/python}
+# Everything that needs a GPU, for a session that is lent one. Paste the figures (with the device
+# name) into bench/RESULTS.md.
+#
+#   bash bench/gpu_checks.sh [tests] [kernels] [tick]      # default: all three
+#
+# Each stage fits the device tool's 10-minute call; run them as separate calls if one call would
+# not. Works in a checkout with `make install` done (uses .venv) and on the device tool's bare
+# image, whose python3 already has torch, triton, numpy, safetensors, sentencepiece, tqdm, pytest
+# and matplotlib but no network: kyutai's `moshi` (for the side-by-side) travels as a wheel. Before
+# the call, here:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl moshi==0.2.13
+# and name ".whl" in the call's carry. Outputs go to $OUT when set (the device tool brings those
+# back), else to bench/out.
+set -uo pipefail  # a failing stage does not stop the next; the exit status says whether any failed
+if [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export TRITON_INTERPRET=0  # compiled kernels, not the CPU interpreter the CPU suite uses
-mkdir -p bench/out
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee bench/out/device.txt
-# Kernels in bf16 on the GPU, and the CUDA-graph step against the eager one.
-$PY -m pytest -q -p no:warnings tests/test_kernels_cuda.py tests/test_graphs.py
-# Each kernel against its torch path at Moshi 7B shapes.
-$PY -m bench.kernels | tee bench/out/kernels.txt
-# The 7B tick sweep. KV is preallocated at full context (~1.6 GB a slot in bf16), so the engine alone
-# fits ~38 slots on 80 GB; the reference allocates its own caches, hence its smaller sweep.
-$PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 8 16 24 32 --full-context --no-reference \
-    --output bench/out/tick-7b-full | tee bench/out/tick-7b-full.txt
-$PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 4 8 \
-    --output bench/out/tick-7b-vs-reference | tee bench/out/tick-7b-vs-reference.txt
+export PYTHONUNBUFFERED=1
+out=${OUT:-bench/out}
+mkdir -p "$out"
+stages=${*:-tests kernels tick}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$out/log.txt"
+failed=0
+step() {  # runs one command, logs it, and records a failure without stopping the rest
+  "$@" 2>&1 | tee -a "$out/log.txt"
+  local status=${PIPESTATUS[0]}
+  [ "$status" -eq 0 ] || { echo "FAILED ($status): $*" | tee -a "$out/log.txt"; failed=1; }
+}
+for stage in $stages; do
+  case $stage in
+    tests)  # kernels in bf16 on the GPU, and the CUDA-graph step against the eager one
+      step $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_graphs.py ;;
+    kernels)  # each kernel against its torch path at Moshi 7B shapes
+      step $PY -m bench.kernels --json "$out/kernels.json" ;;
+    tick)
+      # The 7B sweep at full context. KV is preallocated at full context (~1.6 GB a slot in bf16),
+      # so the engine alone fits ~38 slots on 80 GB; the reference allocates its own caches beside
+      # it, hence its smaller, separate sweep.
+      step $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 8 16 24 32 --full-context \
+          --no-reference --warmup 3 --ticks 20 --output "$out/tick-7b-full"
+      if $PY -c "import moshi" 2>/dev/null; then
+        step $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 4 8 --warmup 3 --ticks 20 \
+            --output "$out/tick-7b-vs-reference"
+      else
+        echo "moshi is not importable: skipping the side-by-side (carry its wheel, see the header)" | tee -a "$out/log.txt"
+      fi ;;
+    *) echo "unknown stage $stage (tests, kernels, tick)"; exit 2 ;;
+  esac
+done
+exit $failed
