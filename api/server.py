@@ -45,6 +45,10 @@ class DrainingServer(uvicorn.Server):
 
 def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop:
     runner = ModelRunner.load(engine_cfg)
+    if not serve_cfg.no_warmup:
+        start = time.perf_counter()
+        sizes = runner.warm_up()
+        print(f"lockstep: warmed up batch sizes {sizes} in {time.perf_counter() - start:.1f} s", flush=True)
     return EngineLoop(runner, max_buffer_frames=max(1, int(serve_cfg.max_buffer_seconds * FRAME_RATE)),
                       idle_timeout=serve_cfg.idle_timeout, max_waiting=0)
 

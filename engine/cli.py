@@ -43,6 +43,8 @@ _SERVE_HELP = {
     "idle_timeout": "end a session that sends no audio for this many seconds",
     "shutdown_timeout": "on SIGTERM, seconds running sessions get to finish",
     "max_buffer_seconds": "input audio buffered ahead of real time beyond this is dropped (oldest first)",
+    "no_warmup": "accept sessions at once, without first running every batch bucket (CUDA-graph capture, "
+                 "kernel compilation) on the scratch slot; the first tick at each new size then pays for it",
 }
 
 

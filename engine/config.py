@@ -337,6 +337,7 @@ class ServeConfig:
     idle_timeout: float = 30.0
     shutdown_timeout: float = 30.0
     max_buffer_seconds: float = 10.0
+    no_warmup: bool = False
 
     def validate(self) -> "ServeConfig":
         _check(0 < self.port < 65536, f"--port must be in 1..65535, got {self.port}")

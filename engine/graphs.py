@@ -40,15 +40,20 @@ class GraphedStep:
     def run(self, idx_host: list[int], decode_host: list[int], pcm: torch.Tensor, bounds: tuple[int, int]
             ) -> tuple[torch.Tensor, torch.Tensor]:
         B = len(idx_host)
-        key = (self.bucket(B), *bounds)
-        g = self.graphs.get(key) or self._capture(key)
-        pad = [self.runner.scratch_slot] * (key[0] - B)
+        bucket = self.bucket(B)
+        g = self.prepare(bucket, bounds)
+        pad = [self.runner.scratch_slot] * (bucket - B)
         g.idx.copy_(torch.tensor(idx_host + pad), non_blocking=True)
         g.decode_idx.copy_(torch.tensor(decode_host + pad), non_blocking=True)
         g.pcm[:B].copy_(pcm, non_blocking=True)
         g.pcm[B:].zero_()
         g.replay()
         return g.tokens[:B], g.audio[:B]
+
+    def prepare(self, bucket: int, bounds: tuple[int, int]) -> _Captured:
+        """The graph for `bucket` rows and these top-k bounds, captured now if it is not yet."""
+        key = (bucket, *bounds)
+        return self.graphs.get(key) or self._capture(key)
 
     def _capture(self, key: tuple[int, int, int]) -> _Captured:
         bucket, k_audio, k_text = key

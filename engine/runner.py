@@ -7,7 +7,7 @@ import torch
 
 from engine.checkpoint import CheckpointFiles, load_weights, resolve
 from engine.config import EngineConfig, SamplingConfig
-from engine.graphs import GraphedStep
+from engine.graphs import GraphedStep, buckets_for
 from engine.lm import MoshiLM
 from engine.lm_gen import LMGen
 from engine.mimi import Mimi
@@ -86,6 +86,25 @@ class ModelRunner:
             # Rows without output yet hold -2; any valid code will do for their scratch decode.
             audio = self.mimi.decode_step(tokens[:, 1:].clamp(min=0), decode_idx)
         return tokens, audio[:, 0]
+
+    @torch.no_grad()
+    def warm_up(self, bounds: tuple[int, int] | None = None) -> list[int]:
+        """Runs the device step once per batch bucket, every row on the scratch slot, so that what a
+        first use costs (CUDA-graph capture, Triton compilation, oneDNN primitives) is paid before
+        serving rather than inside a tick that sessions wait on; their slots are untouched.
+        `bounds`: the top-k bounds to prepare (default: the default sampling settings'). Returns the
+        batch sizes run."""
+        if bounds is None:
+            default = SamplingConfig()
+            bounds = (default.top_k, default.text_top_k)
+        sizes = self.graphs.buckets if self.graphs is not None else buckets_for(self.max_sessions)
+        for B in sizes:
+            if self.graphs is not None:
+                self.graphs.prepare(B, bounds)
+            else:
+                idx = torch.full((B,), self.scratch_slot, device=self.device, dtype=torch.long)
+                self.forward(idx, idx, torch.zeros(B, self.frame_size, device=self.device), *bounds)
+        return sizes
 
     @torch.no_grad()
     def step(self, slots: list[int], pcm: torch.Tensor) -> StepOutput:

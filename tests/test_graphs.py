@@ -50,6 +50,25 @@ def test_padded_replay_matches_eager(tiny_wrap_ckpt, wav_inputs):
     assert graphed.graphs.recorded == len(graphed.graphs.graphs)
 
 
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphed", "eager"])
+def test_warm_up_prepares_every_bucket_and_leaves_sessions_alone(tiny_wrap_ckpt, wav_inputs, graphs):
+    inputs = {p.stem: frames(read_audio(p)) for p in wav_inputs}
+    sampling = {k: SamplingConfig(seed=i) for i, k in enumerate(inputs)}
+    cfg = EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=3)
+    cold, warm = ModelRunner.load(cfg), ModelRunner.load(cfg)
+    if graphs:
+        warm.graphs = EagerReplay(warm)
+    first = run_sessions(warm, {"a": inputs[next(iter(inputs))]}, {"a": SamplingConfig(seed=9)})  # dirties slots
+    assert warm.warm_up() == [1, 2, 3]
+    if graphs:
+        assert set(warm.graphs.graphs) == {(1, 250, 25), (2, 250, 25), (3, 250, 25)}
+    want, got = run_sessions(cold, inputs, sampling), run_sessions(warm, inputs, sampling)
+    for name in inputs:
+        assert got[name].text_tokens == want[name].text_tokens
+        assert got[name].audio_tokens == want[name].audio_tokens
+    assert first["a"].text_tokens  # the session before the warm-up ran
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replay_matches_eager(tiny_wrap_ckpt, wav_inputs):
     inputs = {p.stem: frames(read_audio(p)) for p in wav_inputs}
