@@ -1,6 +1,6 @@
 """Kernel benchmark: each Triton kernel beside its torch path at Moshi 7B / Mimi shapes.
 
-    python -m bench.kernels [--batch 1 8 32 64] [--only attention rvq conv norm rope] [--json OUT]
+    python -m bench.kernels [--batch 1 8 32 64] [--only attention rvq conv norm rope noise] [--json OUT]
 
 For every case it prints the time per call (median of CUDA-event timings), the bytes the operation
 must move (its minimal traffic: each valid KV entry, codebook, weight and activation read once and
@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from kernels import attention, conv, norm, rope, rvq
+from kernels import attention, conv, noise, norm, rope, rvq
 from kernels.norm import NormParams
 
 LM_HEADS, LM_HEAD_DIM, LM_CONTEXT = 32, 128, 3000
@@ -186,8 +186,19 @@ def bench_rope(device, batches) -> list[Row]:
     return rows
 
 
+def bench_noise(device, batches) -> list[Row]:
+    # Launch-bound rather than bandwidth-bound: the torch path is ~80 small integer ops.
+    rows = []
+    for B in batches:
+        seeds = torch.randint(0, 2**62, (B,), device=device)
+        counters = torch.randint(0, 3000, (B,), device=device)
+        rows += _both("noise", "audio-k250x8", B, B * 8 * 250 * 4,
+                      lambda be, s=seeds, c=counters: (lambda: noise.uniform_noise(s, c, 1, 250, 8, be)))
+    return rows
+
+
 FAMILIES = {"attention": bench_attention, "rvq": bench_rvq, "conv": bench_conv, "norm": bench_norm,
-            "rope": bench_rope}
+            "rope": bench_rope, "noise": bench_noise}
 
 
 def main(argv: list[str] | None = None) -> int:

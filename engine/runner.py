@@ -81,7 +81,7 @@ class ModelRunner:
         B = idx.shape[0]
         with self.timer("mimi_encode"):
             codes = self.mimi.encode_step(pcm.view(B, 1, -1), idx)
-        tokens, _ = self.gen.step(idx, codes, self.slots.params(idx, k_audio, k_text), self.timer)
+        tokens, _ = self.gen.step(idx, codes, self.slots.params(idx, k_audio, k_text, self.kernel_backend), self.timer)
         with self.timer("mimi_decode"):
             # Rows without output yet hold -2; any valid code will do for their scratch decode.
             audio = self.mimi.decode_step(tokens[:, 1:].clamp(min=0), decode_idx)

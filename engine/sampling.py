@@ -11,35 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    # (h * c) mod 2**32 without int64 overflow: split c into 16-bit halves.
-    hi = ((h * (c >> 16)) & 0xFFFF) << 16
-    return (hi + h * (c & 0xFFFF)) & _M32
-
-
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, stream: int, n: int,
-                  n_streams: int = 1) -> torch.Tensor:
-    """Uniform (0, 1) floats [B, n_streams, n], a pure function of (seed[b], counter[b], stream,
-    column) for streams `stream` .. `stream + n_streams - 1`."""
-    cols = torch.arange(n, device=seeds.device, dtype=torch.long)
-    streams = torch.arange(stream + 1, stream + 1 + n_streams, device=seeds.device, dtype=torch.long)
-    h = _fmix32((seeds & _M32).view(-1, 1) ^ _mul32(streams, 0x9E3779B9).view(1, -1))
-    h = _fmix32(h ^ ((seeds >> 32) & _M32).view(-1, 1))
-    h = _fmix32(h ^ (counters & _M32).view(-1, 1))
-    h = _fmix32(h[..., None] ^ _mul32(cols + 1, 0x27D4EB2F))
-    return ((h >> 8).float() + 0.5) / float(1 << 24)
-
+from kernels.noise import uniform_noise
 
 @dataclass
 class SamplingParams:
@@ -53,6 +25,7 @@ class SamplingParams:
     counters: torch.Tensor  # long, the slot's frame index
     max_top_k: int  # static upper bounds over the rows (0 = whole vocabulary), so shapes stay fixed
     max_text_top_k: int
+    backend: str = "torch"  # kernels for the noise hash ('torch' | 'triton')
 
 
 def _candidates(max_k: int, vocab: int) -> int:
@@ -63,7 +36,7 @@ def race_noise(params: "SamplingParams", stream: int, n_streams: int, vocab: int
     """The Exp(1) draws [B, n_streams, k] that `sample` divides by, for several streams at once
     (the depth transformer's codebooks share one hash evaluation)."""
     k = _candidates(params.max_text_top_k if stream == 0 else params.max_top_k, vocab)
-    return -torch.log(uniform_noise(params.seeds, params.counters, stream, k, n_streams))
+    return -torch.log(uniform_noise(params.seeds, params.counters, stream, k, n_streams, params.backend))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, stream: int,

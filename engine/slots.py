@@ -48,11 +48,13 @@ class SlotTable:
 
         return bound(self._top_k), bound(self._text_top_k)
 
-    def params(self, slots: torch.Tensor, max_top_k: int, max_text_top_k: int) -> SamplingParams:
+    def params(self, slots: torch.Tensor, max_top_k: int, max_text_top_k: int,
+               backend: str = "torch") -> SamplingParams:
         """Device-side gather only, so it can be captured in a CUDA graph."""
         return SamplingParams(
             greedy=self.greedy.index_select(0, slots), temperature=self.temperature.index_select(0, slots),
             top_k=self.top_k.index_select(0, slots),
             text_temperature=self.text_temperature.index_select(0, slots),
             text_top_k=self.text_top_k.index_select(0, slots), seeds=self.seeds.index_select(0, slots),
-            counters=torch.zeros_like(slots), max_top_k=max_top_k, max_text_top_k=max_text_top_k)
+            counters=torch.zeros_like(slots), max_top_k=max_top_k, max_text_top_k=max_text_top_k,
+            backend=backend)

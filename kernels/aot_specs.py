@@ -149,8 +149,16 @@ def rope_specs() -> Iterator[tuple[str, list[Launch]]]:
                 yield f"{name}-B{B}-{str(dtype)[6:]}", launches
 
 
+def noise_specs() -> Iterator[tuple[str, list[Launch]]]:
+    # The text stream (top-k 25) and the eight audio codebooks at once (top-k 250).
+    from kernels import noise_triton
+    seeds = torch.empty(MAX_SESSIONS, device=META, dtype=torch.long)
+    for name, n, streams in (("text", 25, 1), ("audio", 250, 8)):
+        yield f"{name}-k{n}x{streams}", noise_triton.plan_noise(seeds, torch.empty_like(seeds), 0, n, streams)[0]
+
+
 def all_specs() -> Iterator[tuple[str, str, list[Launch]]]:
     for family, gen in (("attention", attention_specs), ("rvq", rvq_specs), ("conv", conv_specs),
-                        ("norm", norm_specs), ("rope", rope_specs)):
+                        ("norm", norm_specs), ("rope", rope_specs), ("noise", noise_specs)):
         for label, launches in gen():
             yield family, label, launches

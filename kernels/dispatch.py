@@ -3,8 +3,8 @@
 There is no process-wide switch: `apply_backend` writes `kernel_backend` on each module that has
 one (the streaming transformer, its norms and gating, the RVQs, the streaming convs), and those
 modules pass it to their kernel family's public function (`kernels.attention.ring_attention`,
-`kernels.rvq`, `kernels.conv`, `kernels.norm`, `kernels.rope`), which is the single dispatch point per
-family.
+`kernels.rvq`, `kernels.conv`, `kernels.norm`, `kernels.rope`, `kernels.noise`), which is the single
+dispatch point per family. (The noise hash's backend travels in `SamplingParams`.)
 """
 from __future__ import annotations
 

@@ -29,13 +29,14 @@ def test_every_kernel_is_compiled_for_hopper(compiled):
     import kernels.attention_triton as attention
     import kernels.conv_triton as conv
     import kernels.norm_triton as norm
+    import kernels.noise_triton as noise
     import kernels.rope_triton as rope
     import kernels.rvq_triton as rvq
-    defined = {name for mod in (attention, conv, norm, rope, rvq) for name in dir(mod)
+    defined = {name for mod in (attention, conv, noise, norm, rope, rvq) for name in dir(mod)
                if name.startswith("_") and name.endswith("_kernel")}
     assert defined <= {r["kernel"] for r in compiled}
     families = {r["label"].split(":")[0] for r in compiled}
-    assert families == {"attention", "rvq", "conv", "norm", "rope"}
+    assert families == {"attention", "rvq", "conv", "norm", "rope", "noise"}
     for dtype in ("bfloat16", "float32"):
         assert any(r["label"].endswith(dtype) for r in compiled if r["label"].startswith("attention"))
 

@@ -88,6 +88,13 @@ def test_rope_bf16():
         torch.testing.assert_close(a.cpu().double(), b, **BF16)
 
 
+def test_noise_bit_identical():
+    from kernels.noise import uniform_noise
+    seeds, counters = torch.tensor([0, 2**62 + 5, -3, 77]), torch.tensor([0, 2**33 + 1, 9, 2999])
+    want = uniform_noise(seeds, counters, 1, 250, 8)
+    assert torch.equal(uniform_noise(seeds.to(CUDA), counters.to(CUDA), 1, 250, 8, backend="triton").cpu(), want)
+
+
 def test_rvq_compiled_codes_are_near_optimal():
     from kernels import rvq_triton
     from test_kernels_rvq import EPS, _tables
