@@ -33,6 +33,10 @@ class GraphedStep:
         self.runner = runner
         self.buckets = buckets_for(runner.max_sessions)
         self.graphs: dict[tuple[int, int, int], _Captured] = {}
+        # One memory pool for every graph: replays never overlap and each one's outputs are copied
+        # out before the next, so a graph may reuse another's intermediates; memory then follows
+        # the largest graph rather than the sum over buckets.
+        self.pool = None
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -75,6 +79,8 @@ class GraphedStep:
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
             tokens, audio = fn()
         return graph.replay, tokens, audio

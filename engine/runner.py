@@ -98,7 +98,7 @@ class ModelRunner:
             default = SamplingConfig()
             bounds = (default.top_k, default.text_top_k)
         sizes = self.graphs.buckets if self.graphs is not None else buckets_for(self.max_sessions)
-        for B in sizes:
+        for B in sorted(sizes, reverse=True):  # the largest graph first sizes the shared memory pool
             if self.graphs is not None:
                 self.graphs.prepare(B, bounds)
             else:
