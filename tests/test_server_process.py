@@ -61,3 +61,17 @@ def test_sigterm_drains(tiny_wrap_ckpt):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_build_engine_warms_up_and_freezes_the_startup_heap(tiny_wrap_ckpt, capsys):
+    import gc
+
+    from api.server import build_engine
+    from engine.config import EngineConfig, ServeConfig
+    try:
+        engine = build_engine(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=2), ServeConfig())
+        assert gc.get_freeze_count() > 0
+        assert "warmed up batch sizes [1, 2]" in capsys.readouterr().out
+        assert engine.runner.max_sessions == 2
+    finally:
+        gc.unfreeze()
