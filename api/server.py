@@ -1,7 +1,6 @@
 """`lockstep serve`: the engine thread plus uvicorn, with a graceful drain on SIGTERM."""
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -9,6 +8,7 @@ import time
 import uvicorn
 
 from api.app import create_app
+from engine import host
 from engine.config import FRAME_RATE, EngineConfig, ServeConfig
 from engine.runner import ModelRunner
 from engine.serving import EngineLoop
@@ -50,11 +50,7 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
         start = time.perf_counter()
         sizes = runner.warm_up()
         print(f"lockstep: warmed up batch sizes {sizes} in {time.perf_counter() - start:.1f} s", flush=True)
-    # Everything alive now (the models, the libraries) lives as long as the server. Frozen, the
-    # cyclic GC never scans it again: a full collection over it took ~180 ms on CPU, two ticks
-    # stalled for every session.
-    gc.collect()
-    gc.freeze()
+    host.settle()
     return EngineLoop(runner, max_buffer_frames=max(1, int(serve_cfg.max_buffer_seconds * FRAME_RATE)),
                       idle_timeout=serve_cfg.idle_timeout, max_waiting=0)
 
@@ -72,5 +68,5 @@ def serve(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> None:
         DrainingServer(config, engine, serve_cfg.shutdown_timeout).run()
     finally:
         engine.stop()
-        gc.unfreeze()  # let exit-time collection see the startup heap again (native bindings check for leaks)
+        host.unsettle()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import resource
 import statistics
 import tempfile
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from bench.report import roofline, summarize, write_outputs
+from engine import host
 from engine.config import EngineConfig, LMConfig, MimiConfig, SamplingConfig
 from engine.lm import MoshiLM
 from engine.mimi import Mimi
@@ -182,10 +182,9 @@ def main(argv: list[str] | None = None) -> None:
         runner = ModelRunner.load(EngineConfig(model_dir=model_dir, device=args.device, dtype=str(dtype)[6:],
                                                max_sessions=max_b, kernels=args.kernels))
     ref = None if args.no_reference else reference_models(runner, dtype)
-    # As `lockstep serve` does: the long-lived objects are frozen, so no full GC pass over them
-    # (~180 ms) lands in a timed tick of either engine.
-    gc.collect()
-    gc.freeze()
+    # As `lockstep serve` does, for both engines alike: no full GC pass over the long-lived objects
+    # and no heap trimming lands in a timed tick.
+    host.settle()
     rows = []
     from tqdm import tqdm
     for batch in tqdm(args.batch, desc="sweep", unit="batch"):
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             "dtype": str(dtype), "lm": runner.lm.cfg.to_dict(), "full_context": args.full_context,
             "threads": torch.get_num_threads()}
     write_outputs(Path(args.output), meta, rows)
-    gc.unfreeze()  # let exit-time collection see those objects again (native bindings check for leaks)
+    host.unsettle()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ replaying eagerly what CUDA would replay from a captured graph."""
 import numpy as np
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.audio import frames, read_audio
 from engine.config import EngineConfig, SamplingConfig
@@ -86,3 +88,48 @@ def test_cuda_graph_replay_matches_eager(tiny_wrap_ckpt, wav_inputs):
     for name in inputs:
         assert again[name].text_tokens == want[name].text_tokens
         assert got[name].text_tokens == want[name].text_tokens
+
+
+class _HostOperands(TorchDispatchMode):
+    """Records each op that takes a host tensor (other than a 0-dim scalar) into device work: in a
+    CUDA graph that is a host-to-device copy captured once, replaying stale data."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() > 0
+               for t in pytree.tree_leaves((args, kwargs))):
+            self.ops.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_device_step_is_capturable_on_a_data_free_device(backend, monkeypatch):
+    """The device step on the meta device: shapes without data, so anything that reads a value back
+    to the host (.item(), int(), bool(), .tolist(), nonzero, torch.equal) raises, and host operands
+    are recorded. Code guarded by `device.type == "cpu"` is skipped as on CUDA. With 'triton' the
+    launchers plan every launch and allocate their outputs; only the launches are skipped."""
+    import kernels.dispatch
+    import kernels.launch
+    from engine.lm import MoshiLM
+    from engine.make_checkpoint import PRESETS
+    from engine.mimi import Mimi
+    lm_cfg, mimi_cfg = PRESETS["tiny"]
+    with torch.device("meta"):
+        lm, mimi = MoshiLM(lm_cfg), Mimi(mimi_cfg)
+    if backend == "triton":
+        monkeypatch.setattr(kernels.dispatch, "_check_triton", lambda device: None)
+        launched = []
+        monkeypatch.setattr(kernels.launch.Launch, "run", lambda self: launched.append(self.kernel))
+    runner = ModelRunner(lm, mimi, None, max_sessions=4, kernels=backend)
+    idx = torch.tensor([0, 2, 3], device="meta")
+    decode_idx = torch.tensor([0, runner.scratch_slot, 3], device="meta")
+    with _HostOperands() as mode:
+        tokens, audio = runner.forward(idx, decode_idx, torch.zeros(3, runner.frame_size, device="meta"), 250, 25)
+    assert mode.ops == []
+    assert tokens.shape == (3, 1 + lm_cfg.dep_q) and audio.shape == (3, runner.frame_size)
+    if backend == "triton":
+        assert len(launched) > 50
