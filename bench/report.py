@@ -47,12 +47,9 @@ def tick_bytes(runner, batch: int, full_context: bool) -> int:
     """Bytes a tick must read at least: every weight once (LM and Mimi), plus each slot's valid KV
     in the LM's and Mimi's transformers."""
     weight_bytes = sum(p.numel() * p.element_size() for m in (runner.lm, runner.mimi) for p in m.parameters())
-    kv_bytes = 0
     mimi = (runner.mimi.encoder_transformer.transformer, runner.mimi.decoder_transformer.transformer)
-    for t in (runner.lm.transformer, *mimi):
-        valid = t.capacity if full_context else 1
-        kv_bytes += 2 * len(t.layers) * t.num_heads * t.head_dim * valid * t.k_cache.element_size() * batch
-    return weight_bytes + kv_bytes
+    kv_bytes = sum(t.kv_bytes(t.capacity if full_context else 1) for t in (runner.lm.transformer, *mimi))
+    return weight_bytes + kv_bytes * batch
 
 
 def roofline(runner, batch: int, full_context: bool, bandwidth_gbs: float | None) -> dict:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.capacity import check_state_fits
 from engine.checkpoint import CheckpointFiles, load_weights, resolve
 from engine.config import EngineConfig, SamplingConfig
 from engine.graphs import GraphedStep, buckets_for
@@ -45,6 +46,7 @@ class ModelRunner:
         # One state row past the sessions' is scratch: padded rows and decodes that must not count.
         self.scratch_slot = max_sessions
         mimi.set_num_codebooks(lm.cfg.mimi_codebooks)
+        check_state_fits(lm, mimi, max_sessions, self.device)
         mimi.init_state(max_sessions + 1)
         self.gen = LMGen(lm, max_sessions + 1)
         self.slots = SlotTable(max_sessions + 1, self.device)

@@ -204,6 +204,13 @@ class StreamingTransformer(nn.Module):
                              persistent=False)
         self.max_sessions = max_sessions
 
+    def kv_bytes(self, positions: int, dtype: torch.dtype | None = None) -> int:
+        """Bytes of one slot's keys and values over `positions` ring entries (in `dtype`, default
+        the cache's, or before `init_state` the weights')."""
+        if dtype is None:
+            dtype = self.k_cache.dtype if self.max_sessions else next(self.parameters()).dtype
+        return 2 * len(self.layers) * self.num_heads * self.head_dim * positions * dtype.itemsize
+
     def reset(self, slots: torch.Tensor) -> None:
         # Positions at or past a slot's offset are masked out, so zeroing the counter is a full reset.
         self.offsets.index_fill_(0, slots, 0)

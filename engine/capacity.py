@@ -1,0 +1,58 @@
+"""Whether the sessions' state fits beside the weights, checked before any of it is allocated.
+
+Every slot's state is preallocated at full context (the LM's 3000-position KV is ~1.6 GB a slot for
+Moshi 7B in bf16), so an oversized `--max-sessions` would otherwise end start-up in an out-of-memory
+error that names no flag. KV caches are nearly all of that state; the SEANet conv states add kB.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.config import ConfigError
+
+# Left free for what a tick allocates beside the state: activations, CUDA graphs, Triton scratch.
+_HEADROOM_FRACTION = 0.1
+_HEADROOM_MIN = 1 << 30
+
+
+def state_bytes_per_slot(lm, mimi) -> int:
+    """KV bytes one slot holds: the LM's temporal and depth transformers and Mimi's two."""
+    transformers = (lm.transformer, lm.depformer, mimi.encoder_transformer.transformer,
+                    mimi.decoder_transformer.transformer)
+    return sum(t.kv_bytes(t.capacity) for t in transformers)
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory still free on `device` (CPU: the kernel's MemAvailable), or None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_state_fits(lm, mimi, max_sessions: int, device: torch.device) -> None:
+    """Raises ConfigError when `max_sessions` slots (plus the runner's scratch slot) cannot fit in
+    what `device` has free, saying how many can."""
+    free = free_bytes(device)
+    if free is None:
+        return
+    per_slot = state_bytes_per_slot(lm, mimi)
+    budget = free - max(_HEADROOM_MIN, int(_HEADROOM_FRACTION * free))
+    need = per_slot * (max_sessions + 1)
+    if need <= budget:
+        return
+    fit = max(0, budget // per_slot - 1)
+    hint = " or a narrower --dtype (bfloat16 halves the LM's KV)" if lm.transformer.kv_bytes(1) > \
+        lm.transformer.kv_bytes(1, torch.bfloat16) else ""
+    raise ConfigError(
+        f"--max-sessions {max_sessions} needs {need / 1e9:.1f} GB of session state on {device} "
+        f"({per_slot / 1e9:.2f} GB a session, KV caches at full context, plus one scratch slot), but "
+        f"{free / 1e9:.1f} GB is free after the weights, of which {budget / 1e9:.1f} GB may hold state: "
+        f"at most {fit} session(s) fit. Lower --max-sessions{hint}.")
