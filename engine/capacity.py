@@ -25,7 +25,10 @@ def state_bytes_per_slot(lm, mimi) -> int:
 def free_bytes(device: torch.device) -> int | None:
     """Memory still free on `device` (CPU: the kernel's MemAvailable), or None where unknown."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        # Blocks torch's caching allocator holds but no tensor uses (e.g. fp32 weights just cast
+        # to bf16) are free to us: the allocator hands them back when a larger request needs it.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:
