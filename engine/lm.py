@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from engine.config import LMConfig
-from engine.sampling import SamplingParams, race_noise, sample
+from engine.sampling import SamplingParams, race_noise, sample, stream_rule
 from engine.transformer import Linear, StreamingTransformer, make_norm
 
 
@@ -16,8 +16,7 @@ class ScaledEmbedding(nn.Embedding):
     """Embedding where token -1 ("zero token") embeds to exactly zero."""
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        y = super().forward(tokens.clamp(min=0))
-        return torch.where((tokens == -1)[..., None], torch.zeros((), dtype=y.dtype, device=y.device), y)
+        return super().forward(tokens.clamp(min=0)).masked_fill_((tokens == -1)[..., None], 0)
 
 
 class MoshiLM(nn.Module):
@@ -66,11 +65,12 @@ class MoshiLM(nn.Module):
         prev = text_token
         tokens = []
         noise = race_noise(params, 1, self.cfg.dep_q, self.cfg.card)
+        rule = stream_rule(params, 1, self.cfg.card)
         for cb in range(self.cfg.dep_q):
             x = self.depformer_in[cb if self.cfg.depformer_multi_linear else 0](transformer_out)
             emb = self.depformer_text_emb if cb == 0 else self.depformer_emb[cb - 1]
             x = x + emb(prev[:, None])
             logits = self.linears[cb](self.depformer(x, slots, step=cb, position=cb))
-            prev = sample(logits[:, 0], params, stream=cb + 1, noise=noise[:, cb])
+            prev = sample(logits[:, 0], params, stream=cb + 1, noise=noise[:, cb], rule=rule)
             tokens.append(prev)
         return torch.stack(tokens, dim=1)

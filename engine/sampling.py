@@ -39,29 +39,45 @@ def race_noise(params: "SamplingParams", stream: int, n_streams: int, vocab: int
     return -torch.log(uniform_noise(params.seeds, params.counters, stream, k, n_streams, params.backend))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, stream: int,
-           noise: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [B, V] -> tokens [B] (long); stream 0 is text, 1.. the audio codebooks. `noise`:
-    this stream's slice of `race_noise`, when computed ahead for several streams."""
+@dataclass
+class StreamRule:
+    """The per-row parts of sampling one kind of stream (text, or the audio codebooks) that do not
+    depend on the logits: computed once per step and shared by that kind's streams, which spares
+    the depth transformer's eight codebooks ~10 small kernels each."""
+    k: int  # candidates per row (the static bound)
+    temperature: torch.Tensor  # [B, 1]; 1 where the row takes the argmax anyway
+    drop: torch.Tensor  # [B, k] bool: candidate ranks past the row's own top-k
+    use_argmax: torch.Tensor  # [B] bool
+
+
+def stream_rule(params: SamplingParams, stream: int, vocab: int) -> StreamRule:
     if stream == 0:
         temperature, top_k, max_k = params.text_temperature, params.text_top_k, params.max_text_top_k
     else:
         temperature, top_k, max_k = params.temperature, params.top_k, params.max_top_k
+    k = _candidates(max_k, vocab)
+    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    row_k = torch.where(top_k > 0, top_k.clamp(max=k), torch.full_like(top_k, k))
+    drop = torch.arange(k, device=top_k.device).view(1, -1) >= row_k.view(-1, 1)
+    return StreamRule(k, temp.view(-1, 1), drop, params.greedy | (temperature <= 0))
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, stream: int,
+           noise: torch.Tensor | None = None, rule: StreamRule | None = None) -> torch.Tensor:
+    """logits [B, V] -> tokens [B] (long); stream 0 is text, 1.. the audio codebooks. `noise`:
+    this stream's slice of `race_noise`, and `rule`: `stream_rule(...)`, when computed ahead for
+    several streams."""
     logits = logits.float()
     V = logits.shape[-1]
+    rule = rule or stream_rule(params, stream, V)
     argmax = logits.argmax(dim=-1)
-    k = _candidates(max_k, V)
-    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     # Top-k of the logits, not of the probabilities: the same candidates in the same order, but
     # free of the exact ties that underflowed probabilities create (which slow topk down 7x).
-    top_l, top_i = torch.topk(logits, k, dim=-1)
+    top_l, top_i = torch.topk(logits, rule.k, dim=-1)
     # Probabilities up to each row's softmax normalizer, which argmax(p / q) does not see.
-    top_p = torch.exp((top_l - top_l[:, :1]) / temp.view(-1, 1))
-    row_k = torch.where(top_k > 0, top_k.clamp(max=k), torch.full_like(top_k, k))
-    keep = torch.arange(k, device=logits.device).view(1, -1) < row_k.view(-1, 1)
+    top_p = torch.exp((top_l - top_l[:, :1]) / rule.temperature)
     if noise is None:
         noise = race_noise(params, stream, 1, V)[:, 0]
-    choice = torch.where(keep, top_p / noise, torch.full_like(top_p, -1.0)).argmax(dim=-1, keepdim=True)
+    choice = (top_p / noise).masked_fill_(rule.drop, -1.0).argmax(dim=-1, keepdim=True)
     sampled = top_i.gather(-1, choice)[:, 0]
-    use_argmax = params.greedy | (temperature <= 0)
-    return torch.where(use_argmax, argmax, sampled)
+    return torch.where(rule.use_argmax, argmax, sampled)

@@ -2,7 +2,7 @@
 several streams changes nothing, and the sampled law is the top-k softmax."""
 import torch
 
-from engine.sampling import SamplingParams, race_noise, sample, uniform_noise
+from engine.sampling import SamplingParams, race_noise, sample, stream_rule, uniform_noise
 
 
 def _params(B, top_k=4, temperature=0.7, seeds=None, counters=None):
@@ -24,14 +24,22 @@ def test_noise_for_several_streams_is_each_streams_noise():
     assert ((together > 0) & (together < 1)).all()
 
 
-def test_precomputed_noise_gives_the_same_tokens():
+def test_precomputed_noise_and_rule_give_the_same_tokens():
     g = torch.Generator().manual_seed(0)
     params = _params(5, top_k=6)
+    # Rows with their own settings: greedy, a smaller top-k, temperature 0.
+    params.greedy[1] = True
+    params.top_k[2] = 2
+    params.temperature[3] = 0.0
     noise = race_noise(params, 1, 8, vocab=40)
-    assert noise.shape == (5, 8, 6)
+    rule = stream_rule(params, 1, vocab=40)
+    assert noise.shape == (5, 8, 6) and rule.drop.shape == (5, 6)
     for s in range(8):
         logits = torch.randn(5, 40, generator=g)
-        assert torch.equal(sample(logits, params, 1 + s, noise=noise[:, s]), sample(logits, params, 1 + s))
+        alone = sample(logits, params, 1 + s)
+        assert torch.equal(sample(logits, params, 1 + s, noise=noise[:, s], rule=rule), alone)
+        assert alone[1] == logits[1].argmax() and alone[3] == logits[3].argmax()
+        assert alone[2] in torch.topk(logits[2], 2).indices
 
 
 def test_samples_follow_the_top_k_softmax():
