@@ -26,6 +26,16 @@ def _holder(name: str, module: nn.Module) -> nn.Module:
     return wrapper
 
 
+def _dense_gemm(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The CPU path's dense matrix of a conv's weight (`module.gemm_weight()`), built the first time
+    a product does not run on the prepacked copy and kept until the weight changes (loading bumps
+    its version)."""
+    key = (weight.data_ptr(), weight._version, weight.dtype)
+    if getattr(module, "_dense_key", None) != key:
+        module._dense_matrix, module._dense_key = module.gemm_weight(), key
+    return module._dense_matrix
+
+
 class StreamingConv1d(nn.Module):
     """Causal Conv1d; `previous` holds the last ``effective_kernel - stride`` input samples per slot."""
 
@@ -51,8 +61,8 @@ class StreamingConv1d(nn.Module):
 
     def alloc_state(self, max_sessions: int) -> None:
         w = self.conv.conv.weight
-        self.previous = torch.zeros(max_sessions, self.conv.conv.in_channels, self.context,
-                                    dtype=w.dtype, device=w.device)
+        self.previous = conv_kernels.alloc_state(max_sessions, self.conv.conv.in_channels, self.context,
+                                                 w.dtype, w.device, self.kernel_backend)
         self.first = torch.ones(max_sessions, dtype=torch.bool, device=w.device)
 
     def reset_rows(self, slots: torch.Tensor) -> None:
@@ -70,11 +80,15 @@ class StreamingConv1d(nn.Module):
         c = self.conv.conv
         first = self.first if self.pad_mode == "replicate" else None
         return conv_kernels.conv1d_step(x, c.weight, c.bias, self.previous, slots, self.stride, c.dilation[0],
-                                        c.groups, first, act, self.kernel_backend, self.packed, residual)
+                                        c.groups, first, act, self.kernel_backend, self.packed, residual,
+                                        self.dense_gemm)
+
+    def dense_gemm(self) -> torch.Tensor:
+        return _dense_gemm(self, self.conv.conv.weight)
 
     def gemm_weight(self) -> torch.Tensor | None:
         c = self.conv.conv
-        return conv_kernels.gemm_weight(c.weight, False, c.groups, c.dilation[0])
+        return conv_kernels.gemm_weight(c.weight, False, c.groups, c.dilation[0], self.stride)
 
 
 class StreamingConvTranspose1d(nn.Module):
@@ -96,8 +110,8 @@ class StreamingConvTranspose1d(nn.Module):
 
     def alloc_state(self, max_sessions: int) -> None:
         w = self.convtr.convtr.weight
-        self.partial = torch.zeros(max_sessions, self.convtr.convtr.out_channels, self.overlap,
-                                   dtype=w.dtype, device=w.device)
+        self.partial = conv_kernels.alloc_state(max_sessions, self.convtr.convtr.out_channels, self.overlap,
+                                                w.dtype, w.device, self.kernel_backend)
 
     def reset_rows(self, slots: torch.Tensor) -> None:
         self.partial.index_fill_(0, slots, 0.0)
@@ -108,11 +122,14 @@ class StreamingConvTranspose1d(nn.Module):
             raise RuntimeError("streaming state not allocated: call init_state(max_sessions) first")
         c = self.convtr.convtr
         return conv_kernels.conv_transpose1d_step(x, c.weight, c.bias, self.partial, slots, c.stride[0], c.groups,
-                                                  act, self.kernel_backend, self.packed)
+                                                  act, self.kernel_backend, self.packed, self.dense_gemm)
+
+    def dense_gemm(self) -> torch.Tensor:
+        return _dense_gemm(self, self.convtr.convtr.weight)
 
     def gemm_weight(self) -> torch.Tensor | None:
         c = self.convtr.convtr
-        return conv_kernels.gemm_weight(c.weight, True, c.groups)
+        return conv_kernels.gemm_weight(c.weight, True, c.groups, 1, c.stride[0])
 
 
 _STATEFUL = (StreamingConv1d, StreamingConvTranspose1d)

@@ -11,86 +11,36 @@ separate layer). `backend="triton"` runs `kernels.conv_triton` (same contract; r
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch.nn import functional as F
 
-from kernels import linear as linear_kernels
-
-
-# On CPU a streaming step's convolutions go through one matmul (`kernels.linear`, on a weight
-# prepacked for oneDNN) wherever that measured faster than ATen's convolution (bench/RESULTS.md):
-# strided and pointwise convs and any conv with few output positions, e.g. SEANet's 512 -> 1024,
-# kernel 16 layer, which sees two outputs per frame and ran 8-25x slower as a convolution. Wide
-# stride-1 convs over many positions stay convolutions: unfolding their input costs more than the
-# GEMM saves, and so do strided convs over hundreds of positions (the input copy that lines up
-# their columns ran at a fraction of memory speed).
-_GEMM_MAX_POSITIONS = 16
-_GEMM_MAX_STRIDED_POSITIONS = 96
-_POINTWISE_BMM_MIN_POSITIONS = 96
+from kernels import conv_cpu
 
 
 def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int,
-            groups: int, packed: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    c_out, c_in, k = weight.shape
-    n_out = (x.shape[-1] - dilation * (k - 1) - 1) // stride + 1
-    if residual is not None:
-        pointwise = k == 1 and stride == 1 and groups == 1 and x.device.type == "cpu"
-        if pointwise and n_out >= _POINTWISE_BMM_MIN_POSITIONS:
-            # A pointwise conv over many positions (a SEANet residual block's last) as W @ x per
-            # row, summed onto the residual in the same pass: no transposed copies, no extra add.
-            y = torch.baddbmm(residual, weight[:, :, 0].expand(x.shape[0], c_out, c_in), x)
-            return y if bias is None else y.add_(bias[:, None])
-        return _conv1d(x, weight, bias, stride, dilation, groups, packed).add_(residual)
-    gemm = (k == 1 or n_out <= _GEMM_MAX_POSITIONS
-            or (stride > 1 and n_out <= _GEMM_MAX_STRIDED_POSITIONS))
-    if groups != 1 or dilation != 1 or not gemm or x.device.type != "cpu":
-        return F.conv1d(x, weight, bias, stride, 0, dilation, groups)
-    B = x.shape[0]
-    cols = x.unfold(2, k, stride).permute(0, 2, 1, 3).reshape(B * n_out, c_in * k)
-    y = linear_kernels.linear(cols, weight.reshape(c_out, c_in * k), bias, packed)
-    return y.view(B, n_out, c_out).transpose(1, 2)
+            groups: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+    y = F.conv1d(x, weight, bias, stride, 0, dilation, groups)
+    return y if residual is None else y.add_(residual)
 
 
-def _conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-                      groups: int, packed: torch.Tensor | None) -> torch.Tensor:
-    c_in, c_out, k = weight.shape
-    B, _, n_in = x.shape
-    if groups != 1 or n_in > _GEMM_MAX_POSITIONS or x.device.type != "cpu":
-        return F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups, 1)
-    # Each input position contributes a kernel-long run of outputs; split the kernel into J chunks
-    # of `stride` so the overlap-add is J shifted block adds rather than one per position.
-    J = -(-k // stride)
-    z = linear_kernels.linear(x.transpose(1, 2), weight.reshape(c_in, c_out * k).t(), None, packed)
-    z = F.pad(z.view(B, n_in, c_out, k), (0, J * stride - k)).view(B, n_in, c_out, J, stride)
-    blocks = x.new_zeros(B, c_out, n_in + J - 1, stride)
-    for j in range(J):
-        blocks[:, :, j:j + n_in] += z[:, :, :, j].transpose(1, 2)
-    y = blocks.view(B, c_out, -1)[..., :(n_in - 1) * stride + k]
-    if bias is not None:
-        y += bias[:, None]
-    return y
-
-
-def gemm_weight(weight: torch.Tensor, transposed: bool, groups: int, dilation: int = 1) -> torch.Tensor | None:
-    """The [out, in] matrix the CPU GEMM path multiplies by, or None where that path never runs."""
-    if groups != 1 or dilation != 1:
+def gemm_weight(weight: torch.Tensor, transposed: bool, groups: int, dilation: int = 1,
+                stride: int = 1) -> torch.Tensor | None:
+    """The matrix the CPU path (`kernels.conv_cpu`) multiplies by, or None where it never runs."""
+    if not conv_cpu.supports(groups, stride, dilation):
         return None
     if transposed:
-        c_in, c_out, k = weight.shape
-        return weight.reshape(c_in, c_out * k).t()
-    return weight.reshape(weight.shape[0], -1)
-
-
-_LOG2E = 1.4426950408889634
+        return conv_cpu.transpose_weight(weight, stride)
+    return conv_cpu.conv_weight(weight, stride, dilation)
 
 
 def elu(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """ELU (alpha 1) as max(x, exp2(min(x, 0) log2 e) - 1) (e^x - 1 >= x everywhere), into `out`
-    if given. ATen's CPU ELU evaluates exp at full libm accuracy and ran 2x slower than this whole
-    expression on SEANet's activations; the result is within one float32 ulp of 1 of it, and
-    exactly x where x > 0."""
+    """ELU (alpha 1) as max(x, exp(min(x, 0)) - 1) (e^x - 1 >= x everywhere), into `out` if given:
+    four passes over x, where ATen's CPU ELU ran slower than all four on SEANet's activations. The
+    result is within one float32 ulp of 1 of it, and exactly x where x > 0."""
     out = torch.clamp(x, max=0, out=out)
-    out.mul_(_LOG2E).exp2_().sub_(1)
+    out.exp_().sub_(1)
     return torch.maximum(out, x, out=out)
 
 
@@ -106,12 +56,22 @@ def _torch_prologue(x: torch.Tensor, act: str | None, backend: str) -> torch.Ten
     return elu(x) if act == "elu" else x
 
 
+def alloc_state(slots: int, channels: int, length: int, dtype: torch.dtype, device, backend: str) -> torch.Tensor:
+    """Zeroed [slots, channels, length] state laid out as `backend` on `device` reads it best."""
+    if backend == "torch" and torch.device(device).type == "cpu":
+        return conv_cpu.alloc_state(slots, channels, length, dtype, device)
+    return torch.zeros(slots, channels, length, dtype=dtype, device=device)
+
+
+
 def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
                 slots: torch.Tensor, stride: int, dilation: int, groups: int,
                 first: torch.Tensor | None = None, act: str | None = None, backend: str = "torch",
-                packed: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                packed: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                dense: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """x [B, Cin, L] -> [B, Cout, L / stride] (+ `residual`); state [S, Cin, context] updated for
-    `slots`. `packed`: `kernels.linear.pack` of `gemm_weight(weight, ...)`, for the CPU GEMM path."""
+    `slots`. For the CPU path: `packed` is `kernels.linear.pack` of `gemm_weight(weight, ...)`,
+    and `dense()` returns that matrix itself (computed here when not given)."""
     if backend == "triton":
         from kernels import conv_triton
         from kernels.launch import run_all
@@ -119,9 +79,12 @@ def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         run_all(launches)
         return y if residual is None else y + residual
     _check_torch(act, backend)
+    if x.device.type == "cpu" and conv_cpu.supports(groups, stride, dilation):
+        return conv_cpu.conv1d_step(x, weight, bias, state, slots, stride, dilation, first,
+                                    elu if act == "elu" else None, packed, dense, residual)
     tp = state.shape[-1]
     if not tp:
-        return _conv1d(elu(x) if act == "elu" else x, weight, bias, stride, dilation, groups, packed, residual)
+        return _conv1d(elu(x) if act == "elu" else x, weight, bias, stride, dilation, groups, residual)
     # [state | act(x)] is built in one buffer: the activation writes straight into it.
     B, C, L = x.shape
     buf = x.new_empty(B, C, tp + L)
@@ -136,14 +99,16 @@ def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         prev.copy_(torch.where(fresh[:, None, None], body[..., :1], prev))
         first.index_fill_(0, slots, False)
     state.index_copy_(0, slots, buf[..., -tp:])
-    return _conv1d(buf, weight, bias, stride, dilation, groups, packed, residual)
+    return _conv1d(buf, weight, bias, stride, dilation, groups, residual)
 
 
 def conv_transpose1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           partial: torch.Tensor, slots: torch.Tensor, stride: int, groups: int,
                           act: str | None = None, backend: str = "torch",
-                          packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, Cin, L] -> [B, Cout, L * stride]; partial [S, Cout, K - stride] updated for `slots`."""
+                          packed: torch.Tensor | None = None,
+                          dense: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """x [B, Cin, L] -> [B, Cout, L * stride]; partial [S, Cout, K - stride] updated for `slots`.
+    `packed` and `dense` as for `conv1d_step`."""
     if backend == "triton":
         from kernels import conv_triton
         from kernels.launch import run_all
@@ -151,7 +116,9 @@ def conv_transpose1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         run_all(launches)
         return y
     x = _torch_prologue(x, act, backend)
-    y = _conv_transpose1d(x, weight, bias, stride, groups, packed)
+    if x.device.type == "cpu" and conv_cpu.supports(groups, stride, 1):
+        return conv_cpu.conv_transpose1d_step(x, weight, bias, partial, slots, stride, packed, dense)
+    y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups, 1)
     pt = partial.shape[-1]
     if not pt:
         return y

@@ -40,11 +40,16 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _ROWS_HINT)
 
 
+def uses_packed(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
+    """Whether `linear(x, ..., packed)` takes the oneDNN path (else it needs the dense weight)."""
+    return (packed is not None and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and (packed.numel() >= _MIN_PACKED_ELEMENTS or x.numel() >= _MIN_PACKED_ROWS * x.shape[-1]))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
            packed: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias; `packed` (from `pack(weight)`) takes the oneDNN path when usable."""
-    if (packed is not None and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and (packed.numel() >= _MIN_PACKED_ELEMENTS or x.numel() >= _MIN_PACKED_ROWS * x.shape[-1])):
+    if uses_packed(x, packed):
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     if weight is None:
         raise ValueError("linear needs the dense weight when the packed path cannot run")
