@@ -7,7 +7,8 @@
 padding), a fresh slot's missing past is its first input column repeated, and the flag is cleared.
 `act="elu"` applies ELU to x first (the state then holds ELU'd columns, as when the ELU is a
 separate layer). `backend="triton"` runs `kernels.conv_triton` (same contract; rows whose slot is
-< 0 are skipped).
+< 0 are skipped). The torch path runs `kernels.conv_cpu` on CPU (channels-last products; state from
+`alloc_state` is laid out for it) and ATen's convolutions elsewhere and for grouped convs.
 """
 from __future__ import annotations
 
@@ -61,7 +62,6 @@ def alloc_state(slots: int, channels: int, length: int, dtype: torch.dtype, devi
     if backend == "torch" and torch.device(device).type == "cpu":
         return conv_cpu.alloc_state(slots, channels, length, dtype, device)
     return torch.zeros(slots, channels, length, dtype=dtype, device=device)
-
 
 
 def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,

@@ -3,13 +3,18 @@
 ATen sends CPU fp32 matmuls to MKL. On the engine's shapes (a few rows, slots x positions, against
 weights of megabytes that stream from DRAM every tick) MKL ran at 9-12 GB/s on our AMD EPYC
 sandbox, a quarter of its DRAM bandwidth, while oneDNN on a prepacked weight ran 3-5x faster
-(bench/RESULTS.md). The products are the same fp32 sums taken in another order.
+(bench/RESULTS.md). MKL picks its code paths by CPU vendor: on an Intel Xeon it beat oneDNN on
+products of 1-3 rows (24-30 GB/s against 21-23, near that machine's DRAM speed) and lost from 4
+rows up, so on Intel CPUs such products stay on ATen. The products are the same fp32 sums taken in
+another order.
 
 `prepack(module)` gives every module below that offers `gemm_weight()` a `packed` copy; modules
 pass it to `linear`, which falls back to `F.linear` where there is none (GPU, other dtypes, no
 oneDNN) and while autograd records (the oneDNN op has no backward).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +29,28 @@ _MIN_PACKED_ROWS = 256
 # oneDNN picks its blocking from an expected row count; measured on Mimi's shapes, a hint of 64
 # serves 1-64 rows as well as an exact one.
 _ROWS_HINT = 64
+
+
+# Rows up to which MKL's product beats oneDNN's on Intel CPUs (Mimi's transformers at one session).
+_MKL_MAX_ROWS_INTEL = 3
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string from /proc/cpuinfo ('' where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def mkl_max_rows() -> int:
+    """Products with at most this many rows take ATen's (MKL) route even where a packed weight exists."""
+    return _MKL_MAX_ROWS_INTEL if cpu_vendor() == "GenuineIntel" else 0
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -42,8 +69,10 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 def uses_packed(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
     """Whether `linear(x, ..., packed)` takes the oneDNN path (else it needs the dense weight)."""
-    return (packed is not None and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and (packed.numel() >= _MIN_PACKED_ELEMENTS or x.numel() >= _MIN_PACKED_ROWS * x.shape[-1]))
+    if packed is None or x.dtype != torch.float32 or torch.is_grad_enabled():
+        return False
+    rows = x.numel() // max(1, x.shape[-1])
+    return rows > mkl_max_rows() and (packed.numel() >= _MIN_PACKED_ELEMENTS or rows >= _MIN_PACKED_ROWS)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,

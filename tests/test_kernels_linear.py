@@ -16,7 +16,8 @@ CASES = [((1,), 5, 7, False), ((3, 2), 64, 129, True), ((300,), 33, 17, True), (
 
 
 @pytest.mark.parametrize("lead,n_in,n_out,bias", CASES)
-def test_packed_product_matches_float64(lead, n_in, n_out, bias):
+def test_packed_product_matches_float64(lead, n_in, n_out, bias, monkeypatch):
+    monkeypatch.setattr(lin, "mkl_max_rows", lambda: 0)  # every row count on oneDNN, as off Intel
     g = torch.Generator().manual_seed(n_in)
     w = torch.randn(n_out, n_in, generator=g)
     b = torch.randn(n_out, generator=g) if bias else None
@@ -60,3 +61,24 @@ def test_prepack_gives_each_gemm_module_its_weight():
     torch.testing.assert_close(model(x), before, atol=1e-4, rtol=1e-5)
     assert lin.prepack(model.to(torch.float64)) == 0  # outside fp32: nothing packed, ATen runs
     assert model[0].packed is None
+
+
+@pytest.mark.parametrize("vendor,ranges", [("GenuineIntel", (3, 4)), ("AuthenticAMD", (0, 1))])
+def test_few_rows_stay_on_mkl_only_on_intel(vendor, ranges, monkeypatch):
+    """On Intel CPUs products of up to 3 rows take ATen's (MKL) route, more rows oneDNN's; elsewhere
+    oneDNN takes every row count."""
+    monkeypatch.setattr(lin, "cpu_vendor", lambda: vendor)
+    lin.mkl_max_rows.cache_clear()
+    try:
+        w = torch.randn(600, 300)
+        packed = lin.pack(w)
+        last_mkl, first_packed = ranges
+        assert lin.uses_packed(torch.zeros(first_packed, 300), packed)
+        assert lin.uses_packed(torch.zeros(2, first_packed, 300), packed)
+        if last_mkl:
+            x = torch.randn(last_mkl, 300)
+            assert not lin.uses_packed(x, packed)
+            assert torch.equal(lin.linear(x, w, None, packed), F.linear(x, w))
+    finally:
+        lin.mkl_max_rows.cache_clear()
+
