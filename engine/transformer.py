@@ -231,7 +231,7 @@ class StreamingTransformer(nn.Module):
             plan = (attn_kernels.ring_plan_at(position, T, self.capacity, slots)
                     if position is not None and self.context is None
                     else attn_kernels.ring_plan(offsets, T, self.capacity, self.context, slots))
-        rope = (rope_kernels.rope_tables(offsets, T, self.head_dim, self.rope_max_period)
+        rope = (rope_kernels.rope_tables(offsets, T, self.head_dim, self.rope_max_period, self.kernel_backend)
                 if self.rope_max_period is not None else None)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.self_attn.qkv(h, step)
