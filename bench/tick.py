@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         row = measure(runner, ref, batch, args.warmup, args.ticks, args.full_context)
         row.update(roofline(runner, batch, args.full_context, args.bandwidth_gbs))
         rows.append(row)
-    meta = {"device": torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
+    cpu = host.cpuinfo("model name") or "unknown CPU"
+    meta = {"device": torch.cuda.get_device_name() if runner.device.type == "cuda" else f"cpu ({cpu})",
             "dtype": str(dtype), "lm": runner.lm.cfg.to_dict(), "full_context": args.full_context,
             "threads": torch.get_num_threads()}
     write_outputs(Path(args.output), meta, rows)

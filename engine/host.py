@@ -24,6 +24,20 @@ _MMAP_THRESHOLD = 32 << 20
 _TRIM_THRESHOLD = 1 << 30
 
 
+def cpuinfo(field: str, path: str = "/proc/cpuinfo") -> str:
+    """A field of the first processor in /proc/cpuinfo ('vendor_id', 'model name'); '' where there
+    is none."""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == field:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
 def keep_heap_pages() -> bool:
     """Fixes glibc's mmap and trim thresholds (see above). Returns False where the C library is not
     glibc (nothing to do there) or refused a setting."""

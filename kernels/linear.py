@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import host
+
 # oneDNN's per-call overhead (~10 us) exceeds what it saves on a product that is small on both
 # sides: ATen's stays faster below 128K weight elements unless there are hundreds of rows (the
 # depth transformer's 32-wide layers vs. a pointwise conv over 8 x 1920 positions).
@@ -35,22 +37,10 @@ _ROWS_HINT = 64
 _MKL_MAX_ROWS_INTEL = 3
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor string from /proc/cpuinfo ('' where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 @functools.cache
 def mkl_max_rows() -> int:
     """Products with at most this many rows take ATen's (MKL) route even where a packed weight exists."""
-    return _MKL_MAX_ROWS_INTEL if cpu_vendor() == "GenuineIntel" else 0
+    return _MKL_MAX_ROWS_INTEL if host.cpuinfo("vendor_id") == "GenuineIntel" else 0
 
 
 def packable(weight: torch.Tensor) -> bool:

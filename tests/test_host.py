@@ -45,3 +45,13 @@ def test_settle_freezes_and_unsettle_thaws():
     finally:
         host.unsettle()
     assert gc.get_freeze_count() == 0
+
+
+def test_cpuinfo_reads_the_first_processors_field(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon: the test one\n\n"
+                    "processor\t: 1\nvendor_id\t: AuthenticAMD\n")
+    assert host.cpuinfo("vendor_id", str(info)) == "GenuineIntel"
+    assert host.cpuinfo("model name", str(info)) == "Xeon: the test one"
+    assert host.cpuinfo("flags", str(info)) == ""
+    assert host.cpuinfo("vendor_id", str(tmp_path / "missing")) == ""
