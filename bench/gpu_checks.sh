@@ -4,8 +4,11 @@
 #
 #   bash bench/gpu_checks.sh [tests] [kernels] [tick]      # default: all three
 #
-# Each stage fits the device tool's 10-minute call; run them as separate calls if one call would
-# not. Works in a checkout with `make install` done (uses .venv) and on the device tool's bare
+# One call runs all three within ~9 minutes: each step has a time limit (seconds, overridable:
+# T_TESTS T_KERNELS T_TICK T_REF, 540 in all), and a step cut short keeps what it measured (pytest
+# prints its summary, bench.kernels its rows as they come, bench.tick its JSON after each batch
+# size). A lent GPU has 15 minutes of device time for the whole task, machine start included, so
+# plan on one call, and rerun a single stage only if time is left. Works in a checkout with `make install` done (uses .venv) and on the device tool's bare
 # image, whose python3 already has torch, triton, numpy, safetensors, sentencepiece, tqdm, pytest
 # and matplotlib but no network: kyutai's `moshi` (for the side-by-side) travels as a wheel. Before
 # the call, here:
@@ -27,25 +30,29 @@ mkdir -p "$out"
 stages=${*:-tests kernels tick}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$out/log.txt"
 failed=0
-step() {  # runs one command, logs it, and records a failure without stopping the rest
-  "$@" 2>&1 | tee -a "$out/log.txt"
+step() {  # step SECONDS CMD...: runs CMD under a time limit (SIGINT, so it reports what it has),
+          # logs it, and records a failure without stopping the rest
+  local limit=$1; shift
+  timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$out/log.txt"
   local status=${PIPESTATUS[0]}
+  [ "$status" -ne 124 ] || echo "TIME LIMIT (${limit}s): $*" | tee -a "$out/log.txt"
   [ "$status" -eq 0 ] || { echo "FAILED ($status): $*" | tee -a "$out/log.txt"; failed=1; }
 }
 for stage in $stages; do
   case $stage in
     tests)  # kernels in bf16 on the GPU, and the CUDA-graph step against the eager one
-      step $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_graphs.py ;;
+      step "${T_TESTS:-170}" $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_graphs.py ;;
     kernels)  # each kernel against its torch path at Moshi 7B shapes
-      step $PY -m bench.kernels --json "$out/kernels.json" ;;
+      step "${T_KERNELS:-110}" $PY -m bench.kernels --json "$out/kernels.json" ;;
     tick)
       # The 7B sweep at full context. KV is preallocated at full context (~1.6 GB a slot in bf16),
       # so the engine alone fits ~38 slots on 80 GB; the reference allocates its own caches beside
       # it, hence its smaller, separate sweep.
-      step $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 8 16 24 32 --full-context \
+      # The goals' two figures (B=1, B=32) first, should the time limit cut the sweep short.
+      step "${T_TICK:-170}" $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 32 8 16 24 --full-context \
           --no-reference --warmup 3 --ticks 20 --output "$out/tick-7b-full"
       if $PY -c "import moshi" 2>/dev/null; then
-        step $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 4 8 --warmup 3 --ticks 20 \
+        step "${T_REF:-90}" $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 4 8 --warmup 3 --ticks 20 \
             --output "$out/tick-7b-vs-reference"
       else
         echo "moshi is not importable: skipping the side-by-side (carry its wheel, see the header)" | tee -a "$out/log.txt"

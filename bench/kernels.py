@@ -218,18 +218,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{torch.cuda.get_device_name(device)}: measured copy bandwidth {peak:.0f} GB/s")
     print(f"{'family':<10} {'case':<34} {'B':>3} {'backend':<7} {'ms':>9} {'MB':>9} {'GB/s':>8} {'peak':>6}")
     rows: list[Row] = []
-    with torch.no_grad():
-        for family in args.only or list(FAMILIES):
-            for r in FAMILIES[family](device, sorted(args.batch)):
-                rows.append(r)
-                print(f"{r.family:<10} {r.case:<34} {r.batch:>3} {r.backend:<7} {r.ms:9.4f} "
-                      f"{r.bytes / 1e6:9.2f} {r.gbps:8.0f} {r.gbps / peak:6.1%}", flush=True)
-            torch.cuda.empty_cache()
+    status = 0
+    try:
+        with torch.no_grad():
+            for family in args.only or list(FAMILIES):
+                for r in FAMILIES[family](device, sorted(args.batch)):
+                    rows.append(r)
+                    print(f"{r.family:<10} {r.case:<34} {r.batch:>3} {r.backend:<7} {r.ms:9.4f} "
+                          f"{r.bytes / 1e6:9.2f} {r.gbps:8.0f} {r.gbps / peak:6.1%}", flush=True)
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # a time limit: keep the rows measured so far
+        print(f"interrupted after {len(rows)} rows", flush=True)
+        status = 130
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(device), "peak_gbps": peak,
                        "rows": [asdict(r) | {"gbps": r.gbps} for r in rows]}, f, indent=1)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -60,8 +60,19 @@ def roofline(runner, batch: int, full_context: bool, bandwidth_gbs: float | None
     return {"bytes": nbytes, "bandwidth_gbs": bandwidth_gbs, "floor_ms": nbytes / (bandwidth_gbs * 1e9) * 1e3}
 
 
-def write_outputs(prefix: Path, meta: dict, rows: list[dict]) -> None:
+def row_line(r: dict) -> str:
+    """One measured row in a line (progress output)."""
+    ref = r.get("reference", {}).get("p50_ms", float("nan"))
+    return (f"B={r['batch']}: p50 {r['engine']['p50_ms']:.2f} ms, p99 {r['engine']['p99_ms']:.2f} ms, "
+            f"floor {r['floor_ms']:.2f} ms, reference p50 {ref:.2f} ms")
+
+
+def save_json(prefix: Path, meta: dict, rows: list[dict]) -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+def write_outputs(prefix: Path, meta: dict, rows: list[dict]) -> None:
     header = (f"{'B':>4} {'p50 ms':>9} {'p99 ms':>9} {'margin':>8} {'floor ms':>9} {'GB/s':>8} {'of peak':>8} "
               f"{'ref p50':>9} {'speedup':>8}")
     print(f"device: {meta['device']}  dtype: {meta['dtype']}  full context: {meta.get('full_context')}")
@@ -81,7 +92,7 @@ def write_outputs(prefix: Path, meta: dict, rows: list[dict]) -> None:
     if rows and rows[-1]["engine"].get("stages_ms"):
         print("stages at B=%d (ms): %s" % (rows[-1]["batch"], ", ".join(
             f"{k} {v:.2f}" for k, v in rows[-1]["engine"]["stages_ms"].items())))
-    prefix.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    save_json(prefix, meta, rows)
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.report import roofline, summarize, write_outputs
+from bench.report import roofline, row_line, save_json, summarize, write_outputs
 from engine import host
 from engine.config import EngineConfig, LMConfig, MimiConfig, SamplingConfig
 from engine.lm import MoshiLM
@@ -182,22 +182,32 @@ def main(argv: list[str] | None = None) -> None:
         runner = ModelRunner.load(EngineConfig(model_dir=model_dir, device=args.device, dtype=str(dtype)[6:],
                                                max_sessions=max_b, kernels=args.kernels))
     ref = None if args.no_reference else reference_models(runner, dtype)
-    # As `lockstep serve` does, for both engines alike: no full GC pass over the long-lived objects
-    # and no heap trimming lands in a timed tick.
-    host.settle()
-    rows = []
-    from tqdm import tqdm
-    for batch in tqdm(args.batch, desc="sweep", unit="batch"):
-        row = measure(runner, ref, batch, args.warmup, args.ticks, args.full_context)
-        row.update(roofline(runner, batch, args.full_context, args.bandwidth_gbs))
-        rows.append(row)
     cpu = host.cpuinfo("model name") or "unknown CPU"
     meta = {"device": torch.cuda.get_device_name() if runner.device.type == "cuda" else f"cpu ({cpu})",
             "dtype": str(dtype), "lm": runner.lm.cfg.to_dict(), "full_context": args.full_context,
             "threads": torch.get_num_threads()}
+    # As `lockstep serve` does, for both engines alike: no full GC pass over the long-lived objects
+    # and no heap trimming lands in a timed tick.
+    host.settle()
+    try:
+        rows = sweep(runner, ref, args, meta)
+    finally:
+        host.unsettle()
     write_outputs(Path(args.output), meta, rows)
-    host.unsettle()
 
+
+def sweep(runner: ModelRunner, ref, args: argparse.Namespace, meta: dict) -> list[dict]:
+    from tqdm import tqdm
+    rows = []
+    for batch in (bar := tqdm(args.batch, desc="sweep", unit="batch")):
+        row = measure(runner, ref, batch, args.warmup, args.ticks, args.full_context)
+        row.update(roofline(runner, batch, args.full_context, args.bandwidth_gbs))
+        rows.append(row)
+        # Each row as soon as it is measured, on the terminal and in the JSON: a sweep cut short
+        # (a time limit on a lent GPU) keeps what it measured.
+        bar.write(row_line(row))
+        save_json(Path(args.output), meta, rows)
+    return rows
 
 if __name__ == "__main__":
     main()
