@@ -45,23 +45,26 @@ class DrainingServer(uvicorn.Server):
 
 
 def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop:
+    from engine.cli import with_builtin_weights
+    engine_cfg = with_builtin_weights(engine_cfg)
     runner = ModelRunner.load(engine_cfg)
     if not serve_cfg.no_warmup:
         start = time.perf_counter()
         sizes = runner.warm_up()
         print(f"lockstep: warmed up batch sizes {sizes} in {time.perf_counter() - start:.1f} s", flush=True)
     host.settle()
+    print(f"lockstep: {engine_cfg.model_dir or engine_cfg.hf_repo} on {runner.device} (LM {engine_cfg.dtype}, "
+          f"kernels {runner.kernel_backend}, CUDA graphs {'on' if runner.graphs else 'off'}), "
+          f"{runner.max_sessions} slots, http://{serve_cfg.host}:{serve_cfg.port} "
+          "(v1 API, /v1/chat, ws /api/chat, /metrics)", flush=True)
     return EngineLoop(runner, max_buffer_frames=max(1, int(serve_cfg.max_buffer_seconds * FRAME_RATE)),
                       idle_timeout=serve_cfg.idle_timeout, max_waiting=0)
 
 
 def serve(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> None:
-    engine = build_engine(engine_cfg, serve_cfg)
-    engine.start()
-    r = engine.runner
-    print(f"lockstep: {engine_cfg.model_dir or engine_cfg.hf_repo} on {r.device} (LM {engine_cfg.dtype}, "
-          f"kernels {r.kernel_backend}, CUDA graphs {'on' if r.graphs else 'off'}), {r.max_sessions} slots, "
-          f"http://{serve_cfg.host}:{serve_cfg.port} (v1 API, /v1/chat, ws /api/chat, /metrics)", flush=True)
+    # The model is loaded, warmed up and ticked on the engine's own thread (`EngineLoop.spawn`
+    # says why); this thread only serves HTTP.
+    engine = EngineLoop.spawn(lambda: build_engine(engine_cfg, serve_cfg))
     config = uvicorn.Config(create_app(engine, serve_cfg), host=serve_cfg.host, port=serve_cfg.port,
                             log_level="info")
     try:
@@ -69,4 +72,3 @@ def serve(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> None:
     finally:
         engine.stop()
         host.unsettle()
-

@@ -85,11 +85,15 @@ def builtin_checkpoint() -> Path:
     return root
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    cfg = _from_args(EngineConfig, args)
+def with_builtin_weights(cfg: EngineConfig) -> EngineConfig:
+    """`cfg`, or where it names no weights, `cfg` naming the built-in checkpoint (made once)."""
     if cfg.model_dir is None and cfg.hf_repo is None:
         cfg = dataclasses.replace(cfg, model_dir=str(builtin_checkpoint()))
     return cfg
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return with_builtin_weights(_from_args(EngineConfig, args))
 
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> None:
@@ -113,7 +117,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from api.server import serve
-    serve(engine_config(args), _from_args(ServeConfig, args))
+    # Weights are resolved (the built-in checkpoint made) on the engine's thread, with the loading.
+    serve(_from_args(EngineConfig, args), _from_args(ServeConfig, args))
 
 
 def cmd_client(args: argparse.Namespace) -> None:

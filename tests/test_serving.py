@@ -62,3 +62,43 @@ def test_buffer_bound_drops_oldest_and_idle_sessions_expire(runner):
     assert frame[0] == 3 * 1920  # the newest audio was kept
     loop.tick()
     assert events == ["idle_timeout"] and not loop.sessions
+
+
+def test_spawn_builds_and_ticks_on_one_thread(runner, monkeypatch):
+    """`EngineLoop.spawn`: the loop is built on the thread that then ticks it, and the caller gets it
+    once built."""
+    import threading
+    import time
+    threads = {}
+
+    def build():
+        threads["build"] = threading.get_ident()
+        return EngineLoop(runner, max_buffer_frames=10)
+
+    step = runner.step
+
+    def record(*args):
+        threads.setdefault("step", threading.get_ident())
+        return step(*args)
+
+    monkeypatch.setattr(runner, "step", record)
+    loop = EngineLoop.spawn(build)
+    try:
+        events, sink = collector()
+        session = loop.create_session(SamplingConfig(greedy=True), sink)
+        session.push(np.zeros(3 * runner.frame_size, dtype=np.float32))
+        deadline = time.monotonic() + 10
+        while "step" not in threads and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        loop.stop()
+    assert threads["step"] == threads["build"] != threading.get_ident()
+    assert not loop._thread.is_alive()
+
+
+def test_spawn_reraises_what_building_raised():
+    def build():
+        raise ValueError("no weights here")
+
+    with pytest.raises(ValueError, match="no weights here"):
+        EngineLoop.spawn(build)
