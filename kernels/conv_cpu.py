@@ -128,7 +128,7 @@ def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             for m in range(2, plan.taps):
                 y += z[:, m * plan.shift:m * plan.shift + n_out, m * c_out:(m + 1) * c_out]
     if residual is not None:
-        y = y + residual.transpose(1, 2)
+        y = y.add_(residual.transpose(1, 2))  # y is always a fresh product here
     return y.transpose(1, 2)
 
 
