@@ -117,8 +117,9 @@ def conv_transpose1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         return y
     x = _torch_prologue(x, act, backend)
     if x.device.type == "cpu" and conv_cpu.supports(groups, stride, 1):
-        return conv_cpu.conv_transpose1d_step(x, weight, bias, partial, slots, stride, packed, dense)
-    y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups, 1)
+        y = conv_cpu.conv_transpose1d(x, weight, bias, stride, packed, dense)
+    else:
+        y = F.conv_transpose1d(x, weight, bias, stride, 0, 0, groups, 1)
     pt = partial.shape[-1]
     if not pt:
         return y

@@ -132,11 +132,10 @@ def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y.transpose(1, 2)
 
 
-def conv_transpose1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          partial: torch.Tensor, slots: torch.Tensor, stride: int,
-                          packed: torch.Tensor | None, dense: Callable[[], torch.Tensor] | None) -> torch.Tensor:
-    """`kernels.conv.conv_transpose1d_step` for groups == 1 (x already activated); `dense()`
-    returns `transpose_weight(weight, stride)`."""
+def conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                     packed: torch.Tensor | None, dense: Callable[[], torch.Tensor] | None) -> torch.Tensor:
+    """The whole transposed conv of x [B, Cin, n] (groups == 1, no padding): [B, Cout, (n - 1) *
+    stride + K], channels-last in memory; `dense()` returns `transpose_weight(weight, stride)`."""
     B, c_in, n = x.shape
     _, c_out, k = weight.shape
     taps = -(-k // stride)
@@ -151,15 +150,4 @@ def conv_transpose1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     y = blocks.view(B, -1, c_out)[:, :(n - 1) * stride + k]
     if bias is not None:
         y += bias
-    pt = partial.shape[-1]
-    if not pt:
-        return y.transpose(1, 2)
-    pl = partial.transpose(1, 2)
-    y[:, :pt] += pl.index_select(0, slots)
-    tail = y[:, -pt:]
-    if bias is not None:
-        # The next step's output already carries the bias once; the stored tail must not. In place
-        # on `y`, like the reference, so a step shorter than the overlap behaves the same.
-        tail -= bias
-    pl.index_copy_(0, slots, tail)
-    return y[:, :-pt].transpose(1, 2)
+    return y.transpose(1, 2)
