@@ -41,6 +41,10 @@ class ModelRunner:
         self.tokenizer = tokenizer
         self.max_sessions = max_sessions
         self.device = next(lm.parameters()).device
+        if self.device.type == "cuda":
+            # Streams and graphs are made on the thread's current device: make it the model's
+            # (`--device cuda:1`), for the thread that builds the runner and then ticks it.
+            torch.cuda.set_device(self.device)
         self.frame_size = mimi.frame_size
         self.max_delay = lm.cfg.max_delay
         # One state row past the sessions' is scratch: padded rows and decodes that must not count.
