@@ -8,10 +8,10 @@
 # T_TESTS T_KERNELS T_TICK T_REF, 540 in all), and a step cut short keeps what it measured (pytest
 # prints its summary, bench.kernels its rows as they come, bench.tick its JSON after each batch
 # size). A lent GPU has 15 minutes of device time for the whole task, machine start included, so
-# plan on one call, and rerun a single stage only if time is left. Works in a checkout with `make install` done (uses .venv) and on the device tool's bare
-# image, whose python3 already has torch, triton, numpy, safetensors, sentencepiece, tqdm, pytest
-# and matplotlib but no network: kyutai's `moshi` (for the side-by-side) travels as a wheel. Before
-# the call, here:
+# plan on one call, and rerun a single stage only if time is left. Works in a checkout with
+# `make install` done (uses .venv) and on the device tool's bare image, whose python3 already has
+# torch, triton, numpy, safetensors, sentencepiece, tqdm, pytest and matplotlib but no network:
+# kyutai's `moshi` (for the side-by-side) travels as a wheel. Before the call, here:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl moshi==0.2.13
 # and name ".whl" in the call's carry. Outputs go to $OUT when set (the device tool brings those

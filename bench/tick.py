@@ -209,5 +209,6 @@ def sweep(runner: ModelRunner, ref, args: argparse.Namespace, meta: dict) -> lis
         save_json(Path(args.output), meta, rows)
     return rows
 
+
 if __name__ == "__main__":
     main()
