@@ -34,12 +34,40 @@ def _triton_importable() -> bool:
     return True
 
 
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def interpreter_problem(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
+    """Why Triton's CPU interpreter cannot run our kernels with the installed packages, or None.
+    Triton before 3.7 turns one-element arrays into Python scalars, which NumPy 2.4 made an error:
+    every kernel with a loop bound or branch read from memory then fails inside the interpreter
+    (compiled kernels are not affected)."""
+    if triton_version is None:
+        if not _triton_importable():
+            return None
+        import numpy
+        import triton
+        triton_version, numpy_version = triton.__version__, numpy.__version__
+    if _version(triton_version) < (3, 7) and _version(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) does not run with NumPy "
+                f"{numpy_version}: pip install 'triton>=3.7', or 'numpy<2.4'")
+    return None
+
+
 def _check_triton(device: torch.device) -> None:
     if not _triton_importable():
         raise BackendError("kernels 'triton' needs the triton package (pip install triton)")
     if device.type == "cuda":
         return
     if device.type == "cpu" and _interpreting():
+        problem = interpreter_problem()
+        if problem:
+            raise BackendError(problem)
         return
     if device.type == "cpu":
         raise BackendError("kernels 'triton' on CPU runs only under Triton's interpreter: set "

@@ -15,6 +15,11 @@ torch.set_num_threads(2)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end tests that build checkpoints")
+    if os.environ["TRITON_INTERPRET"] not in ("", "0"):
+        from kernels.dispatch import interpreter_problem
+        problem = interpreter_problem()
+        if problem:
+            pytest.exit(problem, returncode=2)
 
 
 @pytest.fixture(autouse=True)

@@ -63,6 +63,15 @@ def test_resolve_backend(monkeypatch):
         resolve_backend("cuda", "cpu")
 
 
+def test_interpreter_problem_names_the_fix():
+    from kernels.dispatch import interpreter_problem
+    problem = interpreter_problem("3.6.0", "2.4.1")
+    assert "triton>=3.7" in problem and "numpy<2.4" in problem
+    assert interpreter_problem("3.6.0", "2.3.5") is None
+    assert interpreter_problem("3.7.1", "2.5.0") is None
+    assert interpreter_problem("3.10.0+git1234", "2.4.0rc1") is None
+
+
 def test_apply_backend_records_the_choice_on_modules_with_kernels():
     torch.manual_seed(0)
     lm, mimi = MoshiLM(TINY_LM), Mimi(TINY_MIMI)
