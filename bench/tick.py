@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from bench.report import roofline, row_line, save_json, summarize, write_outputs
 from engine import host
+from engine.capacity import check_device
 from engine.config import EngineConfig, LMConfig, MimiConfig, SamplingConfig
 from engine.lm import MoshiLM
 from engine.mimi import Mimi
@@ -30,6 +32,7 @@ def dummy_runner(name: str, device: str, dtype: torch.dtype, max_sessions: int, 
     """Moshi 7B / Mimi shapes with random weights made on the device: no files needed."""
     if name != "7b":
         raise ValueError("--dummy supports only '7b'")
+    check_device(device)
     with torch.device(device):
         lm = MoshiLM(LMConfig()).to(dtype)
         mimi = Mimi(MimiConfig())
@@ -211,4 +214,5 @@ def sweep(runner: ModelRunner, ref, args: argparse.Namespace, meta: dict) -> lis
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import main as lockstep_main  # its error handling: a bad flag is one line, no traceback
+    lockstep_main(["bench", "tick", *sys.argv[1:]])

@@ -22,6 +22,23 @@ def state_bytes_per_slot(lm, mimi) -> int:
     return sum(t.kv_bytes(t.capacity) for t in transformers)
 
 
+def check_device(device) -> torch.device:
+    """`device` as a torch.device, or a ConfigError saying what to change when this process cannot
+    use it (asked before any weight is made there, where torch's own error names no flag)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"--device {device} asked for, but torch {torch.__version__} ({build}) sees no "
+                          "CUDA device here: use --device cpu, or install a CUDA build of torch on a GPU machine")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"--device {device} asked for, but this machine has {count} CUDA device(s): "
+                          f"use cuda:0..cuda:{count - 1}")
+    return device
+
+
 def free_bytes(device: torch.device) -> int | None:
     """Memory still free on `device` (CPU: the kernel's MemAvailable), or None where unknown."""
     if device.type == "cuda":

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.capacity import check_state_fits
+from engine.capacity import check_device, check_state_fits
 from engine.checkpoint import CheckpointFiles, load_weights, resolve
 from engine.config import EngineConfig, SamplingConfig
 from engine.graphs import GraphedStep, buckets_for
@@ -60,6 +60,7 @@ class ModelRunner:
     @staticmethod
     def load(cfg: EngineConfig, files: CheckpointFiles | None = None) -> "ModelRunner":
         cfg.validate()
+        check_device(cfg.device)
         files = files or resolve(cfg)
         with torch.device("meta"):
             lm = MoshiLM(files.lm)

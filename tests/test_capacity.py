@@ -41,3 +41,15 @@ def test_unknown_free_memory_is_not_checked(tiny_wrap_ckpt, monkeypatch):
 def test_cpu_free_memory_is_read():
     assert capacity.free_bytes(torch.device("cpu")) > 0
     assert capacity.free_bytes(torch.device("meta")) is None
+
+
+def test_an_unusable_cuda_device_is_a_clear_error(monkeypatch):
+    assert capacity.check_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--device cuda asked for.*use --device cpu"):
+        capacity.check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert capacity.check_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match="has 2 CUDA device.*cuda:0..cuda:1"):
+        capacity.check_device("cuda:2")

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from engine.cli import build_parser, main
 from engine.config import EngineConfig, SamplingConfig
@@ -30,3 +31,13 @@ def test_config_errors_exit_cleanly(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "--dtype", "int4", "--model-dir", str(tmp_path), "--output-dir", "o", "x.wav"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_a_gpu_exits_cleanly(tiny_wrap_ckpt, tmp_path, capsys):
+    for argv in (["generate", "--model-dir", str(tiny_wrap_ckpt), "--device", "cuda", "--output-dir", str(tmp_path),
+                  "x.wav"], ["bench", "tick", "--dummy", "7b", "--device", "cuda", "--no-reference"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert "sees no CUDA device here: use --device cpu" in capsys.readouterr().err
