@@ -10,8 +10,10 @@
 # size). A lent GPU has 15 minutes of device time for the whole task, machine start included, so
 # plan on one call, and rerun a single stage only if time is left. Works in a checkout with
 # `make install` done (uses .venv) and on the device tool's bare image, whose python3 already has
-# torch, triton, numpy, safetensors, sentencepiece, tqdm, pytest and matplotlib but no network:
-# kyutai's `moshi` (for the side-by-side) travels as a wheel. Before the call, here:
+# torch, triton, numpy, safetensors, sentencepiece, tqdm, pytest, einops, huggingface_hub and
+# matplotlib but no network (this script ran on CPU in a venv of that image's versions: Python
+# 3.12, torch 2.11, triton 3.6, numpy 2.5, huggingface_hub 1.33; tests/test_bench.py runs it on
+# every CPU test run): kyutai's `moshi` (for the side-by-side) travels as a wheel. Before the call, here:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl moshi==0.2.13
 # and name ".whl" in the call's carry. Outputs go to $OUT when set (the device tool brings those
@@ -41,7 +43,7 @@ step() {  # step SECONDS CMD...: runs CMD under a time limit (SIGINT, so it repo
 for stage in $stages; do
   case $stage in
     tests)  # kernels in bf16 on the GPU, and the CUDA-graph step against the eager one
-      step "${T_TESTS:-170}" $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_graphs.py ;;
+      step "${T_TESTS:-170}" $PY -m pytest -p no:cacheprovider tests/test_kernels_cuda.py tests/test_graphs.py ;;
     kernels)  # each kernel against its torch path at Moshi 7B shapes
       step "${T_KERNELS:-110}" $PY -m bench.kernels --json "$out/kernels.json" ;;
     tick)

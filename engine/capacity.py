@@ -29,9 +29,12 @@ def check_device(device) -> torch.device:
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        if torch.version.cuda:
+            build, fix = f"CUDA {torch.version.cuda}", "check nvidia-smi and CUDA_VISIBLE_DEVICES"
+        else:
+            build, fix = "a CPU-only build", "install a CUDA build of torch on a GPU machine"
         raise ConfigError(f"--device {device} asked for, but torch {torch.__version__} ({build}) sees no "
-                          "CUDA device here: use --device cpu, or install a CUDA build of torch on a GPU machine")
+                          f"CUDA device here: use --device cpu, or {fix}")
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
         raise ConfigError(f"--device {device} asked for, but this machine has {count} CUDA device(s): "

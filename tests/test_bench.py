@@ -1,7 +1,12 @@
 """The benchmarks run end to end on a tiny checkpoint (their numbers are not checked here)."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("moshi")
 
@@ -42,3 +47,23 @@ def test_serving_benchmark_against_a_spawned_server(tiny_wrap_ckpt, tmp_path, ca
           "--", "--model-dir", str(tiny_wrap_ckpt)])
     row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
     assert row["callers"] == 2 and row["failed"] == 0 and row["first_audio_ms"]["p50"] >= 80
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's plumbing where no GPU is present")
+def test_gpu_checks_script_gets_every_stage_to_the_gpu(tmp_path):
+    """bench/gpu_checks.sh as a lent GPU would run it, here without one: its pytest stage runs (the
+    CUDA tests skip), and every benchmark command gets past its flags to the missing GPU, so a rare,
+    short GPU lease is not lost to a renamed test file or a stale flag."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(tmp_path), PY=sys.executable)
+    proc = subprocess.run(["bash", "bench/gpu_checks.sh"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    log = (tmp_path / "log.txt").read_text()
+    summary = [line for line in log.splitlines() if " passed" in line or " skipped" in line]
+    assert summary and "failed" not in summary[-1] and "error" not in summary[-1], log
+    assert "bench.kernels needs a CUDA device" in log
+    script = (root / "bench/gpu_checks.sh").read_text()
+    assert log.count("sees no CUDA device here") == script.count("-m bench.tick"), log
+    assert "unrecognized arguments" not in log and "Traceback" not in log, log
+    assert proc.returncode == 1  # the tick stages, which need the GPU
