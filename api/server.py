@@ -8,7 +8,7 @@ import time
 import uvicorn
 
 from api.app import create_app
-from engine import host
+from engine import capacity, host
 from engine.config import FRAME_RATE, EngineConfig, ServeConfig
 from engine.runner import ModelRunner
 from engine.serving import EngineLoop
@@ -48,17 +48,23 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
     from engine.cli import with_builtin_weights
     engine_cfg = with_builtin_weights(engine_cfg)
     runner = ModelRunner.load(engine_cfg)
+    ticks = None
     if not serve_cfg.no_warmup:
         start = time.perf_counter()
         sizes = runner.warm_up()
         print(f"lockstep: warmed up batch sizes {sizes} in {time.perf_counter() - start:.1f} s", flush=True)
+        ticks = capacity.probe_ticks(runner)
+        print(f"lockstep: {capacity.describe_ticks(ticks, runner.max_sessions)}", flush=True)
     host.settle()
     print(f"lockstep: {engine_cfg.model_dir or engine_cfg.hf_repo} on {runner.device} (LM {engine_cfg.dtype}, "
           f"kernels {runner.kernel_backend}, CUDA graphs {'on' if runner.graphs else 'off'}), "
           f"{runner.max_sessions} slots, http://{serve_cfg.host}:{serve_cfg.port} "
           "(v1 API, /v1/chat, ws /api/chat, /metrics)", flush=True)
-    return EngineLoop(runner, max_buffer_frames=max(1, int(serve_cfg.max_buffer_seconds * FRAME_RATE)),
+    loop = EngineLoop(runner, max_buffer_frames=max(1, int(serve_cfg.max_buffer_seconds * FRAME_RATE)),
                       idle_timeout=serve_cfg.idle_timeout, max_waiting=0)
+    if ticks:
+        loop.metrics.set_probe(ticks, capacity.realtime_sessions(ticks))
+    return loop
 
 
 def serve(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> None:

@@ -61,16 +61,7 @@ class EngineTicks:
             session.push((0.1 * rng.standard_normal(frames * runner.frame_size)).astype(np.float32))
         self.loop.tick()  # everyone joins
         if full_context:
-            # Every slot as if deep into a long call: every ring (the LM's and Mimi's two) is
-            # whole valid history.
-            slots = sorted(self.loop.sched.slot_of.values())
-            idx = torch.tensor(slots, device=runner.device)
-            mimi = runner.mimi
-            for t in (runner.lm.transformer, mimi.encoder_transformer.transformer,
-                      mimi.decoder_transformer.transformer):
-                t.offsets[idx] = t.capacity
-            for s in slots:
-                runner.slots.frames[s] = runner.lm.cfg.context
+            runner.fill_context(sorted(self.loop.sched.slot_of.values()))
 
     def tick(self) -> float:
         start = time.perf_counter()

@@ -1,14 +1,24 @@
-"""Whether the sessions' state fits beside the weights, checked before any of it is allocated.
+"""How many sessions this machine holds: in memory, checked before any state is allocated, and in
+time, probed once the model is warm.
 
 Every slot's state is preallocated at full context (the LM's 3000-position KV is ~1.6 GB a slot for
 Moshi 7B in bf16), so an oversized `--max-sessions` would otherwise end start-up in an out-of-memory
 error that names no flag. KV caches are nearly all of that state; the SEANet conv states add kB.
+Memory is not the whole answer: a slot that fits but makes the tick outlast its 80 ms frame serves
+every session late, which `probe_ticks` measures at start-up rather than leaving to the first
+crowded minute.
 """
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
-from engine.config import ConfigError
+from engine.config import FRAME_RATE, ConfigError, SamplingConfig
+from engine.graphs import buckets_for
+
+FRAME_SECONDS = 1.0 / FRAME_RATE
 
 # Left free for what a tick allocates beside the state: activations, CUDA graphs, Triton scratch.
 _HEADROOM_FRACTION = 0.1
@@ -79,3 +89,46 @@ def check_state_fits(lm, mimi, max_sessions: int, device: torch.device) -> None:
         f"({per_slot / 1e9:.2f} GB a session, KV caches at full context, plus one scratch slot), but "
         f"{free / 1e9:.1f} GB is free after the weights, of which {budget / 1e9:.1f} GB may hold state: "
         f"at most {fit} session(s) fit. Lower --max-sessions{hint}.")
+
+
+def probe_ticks(runner, repeats: int = 3) -> dict[int, float]:
+    """Median seconds of one step of B sessions at full context, for each batch bucket B. Runs on
+    the real slots 0..B-1, so each row reads its own KV as sessions would, and leaves every slot as
+    a fresh join does; call it only before any session has joined (start-up)."""
+    sizes = runner.graphs.buckets if runner.graphs is not None else buckets_for(runner.max_sessions)
+    pcm = torch.zeros(max(sizes), runner.frame_size)
+    result = {}
+    for B in sizes:
+        slots = list(range(B))
+        for s in slots:
+            runner.join(s, SamplingConfig(seed=s))
+        runner.fill_context(slots)
+        times = []
+        for _ in range(repeats + 1):  # the first may still pay for a first use at this size
+            start = time.perf_counter()
+            runner.step(slots, pcm[:B])
+            times.append(time.perf_counter() - start)
+        result[B] = statistics.median(times[1:])
+    for s in range(max(sizes)):
+        runner.join(s, SamplingConfig())
+    return result
+
+
+def realtime_sessions(ticks: dict[int, float]) -> int:
+    """The largest probed batch whose tick fits in a frame (0 if not even one session's does)."""
+    return max((B for B, t in ticks.items() if t < FRAME_SECONDS), default=0)
+
+
+def describe_ticks(ticks: dict[int, float], max_sessions: int) -> str:
+    sizes = sorted(ticks)
+    fit = realtime_sessions(ticks)
+    line = (f"a tick at full context takes {' / '.join(f'{ticks[B] * 1e3:.0f}' for B in sizes)} ms with "
+            f"{' / '.join(map(str, sizes))} session(s) (a frame is {FRAME_SECONDS * 1e3:.0f} ms)")
+    if fit == max(sizes):
+        return f"{line}: all {max_sessions} slots run in real time"
+    slower = min(B for B in sizes if B > fit)
+    if fit == 0:
+        return (f"{line}: even one session runs slower than real time here, so every tick will be late "
+                "(use a faster device, or on a GPU --dtype bfloat16)")
+    return (f"{line}: real time holds with {fit} session(s) but not with {slower}, so with more than "
+            f"{fit} at once ticks may run late (lower --max-sessions to {fit}, or use a faster device)")

@@ -44,7 +44,8 @@ _SERVE_HELP = {
     "shutdown_timeout": "on SIGTERM, seconds running sessions get to finish",
     "max_buffer_seconds": "input audio buffered ahead of real time beyond this is dropped (oldest first)",
     "no_warmup": "accept sessions at once, without first running every batch bucket (CUDA-graph capture, "
-                 "kernel compilation) on the scratch slot; the first tick at each new size then pays for it",
+                 "kernel compilation) on the scratch slot, nor timing each size at full context (the "
+                 "capacity probe); the first tick at each new size then pays for it",
 }
 
 

@@ -54,8 +54,15 @@ class EngineMetrics:
         self.step_duration = Histogram(p + "step_duration_seconds", "Duration of one batched step.", _MS)
         self.batch_size = Histogram(p + "step_batch_size", "Slots stepped per tick.",
                                     [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128])
+        self.probe: dict[int, float] = {}  # batch size -> full-context tick seconds at start-up
         self.first_audio = Histogram(p + "time_to_first_audio_seconds",
                                      "From session creation to its first output frame.", _MS + [2.0, 5.0])
+
+    def set_probe(self, ticks: dict[int, float], realtime_sessions: int) -> None:
+        """The start-up capacity probe's results (`engine.capacity.probe_ticks`)."""
+        with self.lock:
+            self.probe = dict(ticks)
+            self.gauges["realtime_capacity_sessions"] = realtime_sessions
 
     def inc(self, name: str, by: int = 1) -> None:
         with self.lock:
@@ -71,6 +78,10 @@ class EngineMetrics:
                       "slot_usage_perc": self.gauges["slots_used"] / self.max_sessions}
             for name, value in gauges.items():
                 lines += [f"# TYPE {p}{name} gauge", f"{p}{name} {value}"]
+            if self.probe:
+                lines.append(f"# HELP {p}probe_tick_seconds Full-context tick measured at start-up, by batch size.")
+                lines.append(f"# TYPE {p}probe_tick_seconds gauge")
+                lines += [f'{p}probe_tick_seconds{{sessions="{B}"}} {t}' for B, t in sorted(self.probe.items())]
             for h in (self.step_duration, self.batch_size, self.first_audio):
                 lines += h.render()
         return "\n".join(lines) + "\n"

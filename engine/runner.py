@@ -79,6 +79,17 @@ class ModelRunner:
         self.mimi.reset(idx)
         self.gen.reset(idx)
 
+    def fill_context(self, slots: list[int]) -> None:
+        """Puts joined `slots` as if deep into a long call, for the benchmarks and the capacity
+        probe: every ring (the LM's and Mimi's two) holds a whole context of history, and the
+        initial delay is past, so a step costs what it costs in the steady state of long calls."""
+        idx = torch.tensor(slots, device=self.device)
+        for t in (self.lm.transformer, self.mimi.encoder_transformer.transformer,
+                  self.mimi.decoder_transformer.transformer):
+            t.offsets[idx] = t.capacity
+        for s in slots:
+            self.slots.frames[s] = self.lm.cfg.context
+
     @torch.no_grad()
     def forward(self, idx: torch.Tensor, decode_idx: torch.Tensor, pcm: torch.Tensor, k_audio: int,
                 k_text: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from engine import capacity
-from engine.config import ConfigError, EngineConfig
+from engine.audio import frames, read_audio
+from engine.config import ConfigError, EngineConfig, SamplingConfig
+from engine.generate import run_sessions
 from engine.runner import ModelRunner
 
 
@@ -53,3 +55,42 @@ def test_an_unusable_cuda_device_is_a_clear_error(monkeypatch):
     assert capacity.check_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(ConfigError, match="has 2 CUDA device.*cuda:0..cuda:1"):
         capacity.check_device("cuda:2")
+
+
+def test_probe_times_every_bucket_at_full_context_and_leaves_the_slots_fresh(tiny_wrap_ckpt, wav_inputs,
+                                                                             monkeypatch):
+    inputs = {p.stem: frames(read_audio(p)) for p in wav_inputs}
+    sampling = {k: SamplingConfig(seed=i) for i, k in enumerate(inputs)}
+    cfg = EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=3)
+    cold, probed = ModelRunner.load(cfg), ModelRunner.load(cfg)
+    seen = []
+    step = probed.step
+
+    def spy(slots, pcm):
+        lm = probed.lm.transformer
+        seen.append((list(slots), lm.offsets[slots].tolist(), [probed.slots.frames[s] for s in slots]))
+        return step(slots, pcm)
+
+    monkeypatch.setattr(probed, "step", spy)
+    ticks = capacity.probe_ticks(probed, repeats=2)
+    assert sorted(ticks) == [1, 2, 3] and all(t > 0 for t in ticks.values())
+    # Each size runs on its own real slots, every ring full, once untimed and `repeats` times timed.
+    cap, ctx = probed.lm.transformer.capacity, probed.lm.cfg.context
+    assert seen[0] == ([0], [cap], [ctx]) and len(seen) == 3 * 3
+    assert seen[-3][0] == [0, 1, 2] and seen[-3][1] == [cap] * 3
+    monkeypatch.undo()
+    want, got = run_sessions(cold, inputs, sampling), run_sessions(probed, inputs, sampling)
+    for name in inputs:
+        assert got[name].text_tokens == want[name].text_tokens
+        assert got[name].audio_tokens == want[name].audio_tokens
+
+
+def test_realtime_capacity_is_read_from_the_probe():
+    ticks = {1: 0.036, 2: 0.051, 4: 0.063, 8: 0.088}
+    assert capacity.realtime_sessions(ticks) == 4
+    line = capacity.describe_ticks(ticks, 8)
+    assert "36 / 51 / 63 / 88 ms with 1 / 2 / 4 / 8" in line
+    assert "real time holds with 4 session(s) but not with 8" in line and "--max-sessions to 4" in line
+    assert "all 4 slots run in real time" in capacity.describe_ticks({1: 0.03, 4: 0.07}, 4)
+    assert capacity.realtime_sessions({1: 0.09}) == 0
+    assert "even one session runs slower than real time" in capacity.describe_ticks({1: 0.09}, 1)

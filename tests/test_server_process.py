@@ -67,11 +67,17 @@ def test_build_engine_warms_up_and_freezes_the_startup_heap(tiny_wrap_ckpt, caps
     import gc
 
     from api.server import build_engine
+    from engine import capacity
     from engine.config import EngineConfig, ServeConfig
     try:
         engine = build_engine(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=2), ServeConfig())
         assert gc.get_freeze_count() > 0
-        assert "warmed up batch sizes [1, 2]" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "warmed up batch sizes [1, 2]" in out
+        assert "a tick at full context takes" in out and "with 1 / 2 session(s)" in out
         assert engine.runner.max_sessions == 2
+        metrics = engine.metrics.render()
+        assert 'lockstep:probe_tick_seconds{sessions="2"}' in metrics
+        assert f"lockstep:realtime_capacity_sessions {capacity.realtime_sessions(engine.metrics.probe)}" in metrics
     finally:
         gc.unfreeze()
