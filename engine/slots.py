@@ -9,6 +9,19 @@ from engine.config import SamplingConfig
 from engine.sampling import SamplingParams
 
 
+# A step's top-k bounds are static (they size topk and the noise), so on CUDA each distinct pair is
+# a graph of its own, captured in the tick that first meets it; rounded up to this ladder, the set
+# stays small whatever values callers pick. A larger bound samples the same tokens: each row still
+# keeps only its own top-k, and a candidate's noise depends on its rank, not on the bound. The
+# defaults (250, 25) are rungs, so the graphs the warm-up captures are the ones default sessions use.
+TOP_K_LADDER = tuple(sorted({1 << i for i in range(16)} | {25, 250}))
+
+
+def round_bound(k: int) -> int:
+    """A top-k bound rounded up to the ladder; 0 ("whole vocabulary") past its top."""
+    return next((rung for rung in TOP_K_LADDER if rung >= k), 0) if k > 0 else 0
+
+
 class SlotTable:
     """Sampling settings of every slot as [max_sessions] device tensors, plus each slot's frame
     count on the host (so which slots have output is known without asking the device)."""
@@ -41,10 +54,11 @@ class SlotTable:
         self._text_top_k[slot] = cfg.text_top_k
 
     def top_k_bounds(self, host_slots: list[int]) -> tuple[int, int]:
-        """Static (audio, text) top-k bounds over the given slots; 0 ("whole vocabulary") dominates."""
+        """Static (audio, text) top-k bounds over the given slots, on `TOP_K_LADDER`; 0 ("whole
+        vocabulary") dominates."""
         def bound(ks: list[int]) -> int:
             vals = [ks[s] for s in host_slots]
-            return 0 if any(v == 0 for v in vals) else max(vals, default=1)
+            return 0 if any(v == 0 for v in vals) else round_bound(max(vals, default=1))
 
         return bound(self._top_k), bound(self._text_top_k)
 
