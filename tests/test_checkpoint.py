@@ -81,13 +81,6 @@ def test_missing_config_means_moshi_7b_defaults(tmp_path):
     assert files.lm == LMConfig()
 
 
-def test_engine_config_validation():
-    with pytest.raises(ConfigError, match="--dtype"):
-        EngineConfig(dtype="int8").validate()
-    with pytest.raises(ConfigError, match="not both"):
-        EngineConfig(model_dir="a", hf_repo="b").validate()
-
-
 def test_hf_repo_from_offline_cache(tiny_wrap_ckpt, tmp_path, monkeypatch):
     hf_constants = pytest.importorskip("huggingface_hub.constants")
     repo_dir = tmp_path / "hub" / "models--kyutai--tiny-test"

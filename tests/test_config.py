@@ -1,0 +1,72 @@
+"""Every config is validated when built, and each refusal names what to change."""
+import dataclasses
+
+import pytest
+
+from engine.config import (ConfigError, EngineConfig, LMConfig, MimiConfig, MimiTransformerConfig,
+                           QuantizerConfig, SamplingConfig, SeanetConfig, ServeConfig)
+
+
+def _mimi(**parts):
+    return MimiConfig(**parts)
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: EngineConfig(dtype="int8"), "--dtype must be one of"),
+    (lambda: EngineConfig(model_dir="a", hf_repo="b"), "not both"),
+    (lambda: EngineConfig(max_sessions=0), "--max-sessions must be >= 1"),
+    (lambda: EngineConfig(kernels="cuda"), "--kernels must be auto, torch or triton"),
+    (lambda: EngineConfig(device="tpu"), "--device must be 'cpu' or 'cuda"),
+    (lambda: ServeConfig(port=0), "--port must be in 1..65535"),
+    (lambda: ServeConfig(admission_wait=-1), "--admission-wait"),
+    (lambda: ServeConfig(max_body_mb=0), "--max-body-mb"),
+    (lambda: ServeConfig(idle_timeout=0), "--idle-timeout"),
+    (lambda: ServeConfig(shutdown_timeout=-1), "--shutdown-timeout"),
+    (lambda: ServeConfig(max_buffer_seconds=0.01), "--max-buffer-seconds must hold at least one 80 ms frame"),
+    (lambda: SamplingConfig(temperature=-0.1), "temperatures must be >= 0"),
+    (lambda: SamplingConfig(text_top_k=-1), "top_k values must be >= 0"),
+    (lambda: SamplingConfig(seed=2**63), "seed must be in"),
+    (lambda: LMConfig(delays=(0, 1)), "delays has 2 entries; it needs n_q \\+ 1 = 17"),
+    (lambda: LMConfig(delays=(-1,) * 17), "delays must be non-negative"),
+    (lambda: LMConfig(dep_q=0), "dep_q must be in 1..n_q"),
+    (lambda: LMConfig(num_heads=5), "dim must be divisible by num_heads"),
+    (lambda: LMConfig(depformer_num_heads=3), "depformer_dim must be divisible"),
+    (lambda: LMConfig(norm="batch_norm"), "norm 'batch_norm' unsupported"),
+    (lambda: LMConfig(gating="none"), "gating must be an activation name"),
+    (lambda: LMConfig(existing_text_padding_id=32000), "existing_text_padding_id out of range"),
+    (lambda: _mimi(seanet=SeanetConfig(causal=False)), "seanet.causal must be true"),
+    (lambda: _mimi(seanet=SeanetConfig(norm="weight_norm")), "weight-norm must be folded"),
+    (lambda: _mimi(seanet=SeanetConfig(pad_mode="reflect")), "seanet.pad_mode"),
+    (lambda: _mimi(quantizer=QuantizerConfig(n_q_semantic=0)), "n_q must exceed n_q_semantic"),
+    (lambda: _mimi(transformer=MimiTransformerConfig(num_heads=7)), "d_model must be divisible by num_heads"),
+    (lambda: _mimi(transformer=MimiTransformerConfig(gating="silu")), "gating must be 'none'"),
+    (lambda: _mimi(channels=2), "only mono Mimi models"),
+    (lambda: _mimi(sample_rate=16000), "Mimi must run at 24000 Hz"),
+    (lambda: _mimi(seanet=SeanetConfig(ratios=(8, 6, 5, 3))), "integer multiple of the 12.5 Hz frame rate"),
+    (lambda: _mimi(seanet=SeanetConfig(dimension=256)), "dimensions must equal seanet.dimension"),
+])
+def test_invalid_settings_say_what_to_change(build, match):
+    with pytest.raises(ConfigError, match=match):
+        build().validate()
+
+
+@pytest.mark.parametrize("cfg", [EngineConfig(), ServeConfig(), SamplingConfig(), LMConfig(), MimiConfig()])
+def test_defaults_are_valid(cfg):
+    assert cfg.validate() is cfg
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        EngineConfig().max_sessions = 3
+
+
+def test_lm_config_round_trips_through_kyutai_json_keys():
+    cfg = LMConfig(dim=64, num_heads=4, num_layers=2, context=10)
+    assert LMConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown key 'flux'"):
+        LMConfig.from_dict({**cfg.to_dict(), "flux": 1})
+    with pytest.raises(ConfigError, match="lockstep supports only False"):
+        LMConfig.from_dict({**cfg.to_dict(), "cross_attention": True})
+    assert MimiConfig.from_dict(MimiConfig().to_dict()) == MimiConfig()
+    with pytest.raises(ConfigError, match="bad Mimi config"):
+        MimiConfig.from_dict({"seanet": {"flux": 1}})
