@@ -1,6 +1,7 @@
 """`lockstep serve`: the engine thread plus uvicorn, with a graceful drain on SIGTERM."""
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -67,12 +68,20 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
     return loop
 
 
+def log_config() -> dict:
+    """uvicorn's logging setup plus the engine's logger (sessions joining and ending, late ticks),
+    in the same format on the same stream."""
+    cfg = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    cfg["loggers"]["lockstep"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return cfg
+
+
 def serve(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> None:
     # The model is loaded, warmed up and ticked on the engine's own thread (`EngineLoop.spawn`
     # says why); this thread only serves HTTP.
     engine = EngineLoop.spawn(lambda: build_engine(engine_cfg, serve_cfg))
     config = uvicorn.Config(create_app(engine, serve_cfg), host=serve_cfg.host, port=serve_cfg.port,
-                            log_level="info")
+                            log_level="info", log_config=log_config())
     try:
         DrainingServer(config, engine, serve_cfg.shutdown_timeout).run()
     finally:

@@ -24,6 +24,15 @@ from engine.session import FrameOutput, Session
 log = logging.getLogger("lockstep")
 FRAME_PERIOD = 1.0 / FRAME_RATE
 MAX_CATCH_UP_FRAMES = 5
+LATE_REPORT_SECONDS = 10.0  # late ticks are summed into one warning per this many seconds
+
+
+def describe_sampling(cfg: SamplingConfig) -> str:
+    seed = "random seed" if cfg.seed is None else f"seed {cfg.seed}"
+    if cfg.greedy:
+        return f"greedy, {seed}"
+    return (f"audio temperature {cfg.temperature} top-k {cfg.top_k}, text temperature {cfg.text_temperature} "
+            f"top-k {cfg.text_top_k}, {seed}")
 
 
 class EngineLoop:
@@ -40,6 +49,7 @@ class EngineLoop:
         self.max_buffer_frames = max_buffer_frames
         self.idle_timeout = idle_timeout
         self.draining = False
+        self.last_step: tuple[float, int] = (0.0, 0)  # seconds and sessions of the latest step
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -87,6 +97,11 @@ class EngineLoop:
         self.metrics.inc("input_underruns_total", session.underruns)
         self.metrics.inc("input_dropped_samples_total", session.dropped_samples)
         self._cond.notify_all()
+        first = "" if session.first_audio_at is None else \
+            f", first audio after {(session.first_audio_at - session.created) * 1e3:.0f} ms"
+        log.info("session %s ended (%s): %d frame(s) out in %.1f s, %d underrun(s)%s", session.id,
+                 session.end_reason or "ended", session.frames_out, time.monotonic() - session.created,
+                 session.underruns, first)
         session.sink(session.end_reason or "ended")
 
     # ---- engine side ----------------------------------------------------------------------------
@@ -102,6 +117,7 @@ class EngineLoop:
                             num_sessions_waiting=len(self.sched.waiting))
         for sid, slot in plan.joins:
             self.runner.join(slot, self.sessions[sid].sampling)
+            log.info("session %s joined slot %d (%s)", sid, slot, describe_sampling(self.sessions[sid].sampling))
         if not stepping:
             return plan
         frames = []
@@ -112,7 +128,8 @@ class EngineLoop:
                 self.end_session(session.id, "input_end")
         start = time.perf_counter()
         out = self.runner.step(plan.slots, torch.from_numpy(np.stack(frames)))
-        self.metrics.step_duration.observe(time.perf_counter() - start)
+        self.last_step = (time.perf_counter() - start, len(stepping))
+        self.metrics.step_duration.observe(self.last_step[0])
         self.metrics.batch_size.observe(len(stepping))
         now = time.monotonic()
         for row, (session, slot) in enumerate(stepping):
@@ -146,6 +163,7 @@ class EngineLoop:
 
     def run_realtime(self) -> None:
         due = time.monotonic()
+        late, report_at = 0, due + LATE_REPORT_SECONDS
         while not self._stop.is_set():
             now = time.monotonic()
             if now < due:
@@ -167,8 +185,17 @@ class EngineLoop:
                 # The tick overran its frame: count it; after several frames of lag, resync the
                 # cadence rather than bursting ticks to catch up.
                 self.metrics.inc("late_ticks_total")
+                late += 1
                 if behind > MAX_CATCH_UP_FRAMES * FRAME_PERIOD:
                     due = time.monotonic()
+            if late and time.monotonic() >= report_at:
+                seconds, sessions = self.last_step
+                log.warning("%d late tick(s) in the last %.0f s: the latest step took %.0f ms with %d session(s) "
+                            "(a frame is %.0f ms)", late, LATE_REPORT_SECONDS, seconds * 1e3, sessions,
+                            FRAME_PERIOD * 1e3)
+                late = 0
+            if time.monotonic() >= report_at:
+                report_at = time.monotonic() + LATE_REPORT_SECONDS
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run_realtime, name="lockstep-engine", daemon=True)

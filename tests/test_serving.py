@@ -1,4 +1,9 @@
-"""The engine loop over the tiny model: admission, input buffering, underruns, idle expiry."""
+"""The engine loop over the tiny model: admission, input buffering, underruns, idle expiry, late
+ticks and what the operator's log says."""
+import logging
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -102,3 +107,43 @@ def test_spawn_reraises_what_building_raised():
 
     with pytest.raises(ValueError, match="no weights here"):
         EngineLoop.spawn(build)
+
+
+def test_sessions_joining_and_ending_are_logged(runner, caplog):
+    loop = EngineLoop(runner)
+    s = loop.create_session(SamplingConfig(top_k=7, seed=3), collector()[1], end_on_input_end=True)
+    s.push(np.zeros(2 * 1920, np.float32))
+    s.end_input()
+    with caplog.at_level(logging.INFO, logger="lockstep"):
+        loop.run_offline()
+    lines = [r.getMessage() for r in caplog.records if r.name == "lockstep"]
+    assert f"session {s.id} joined slot 0 (audio temperature 0.8 top-k 7, text temperature 0.7 top-k 25, seed 3)" \
+        in lines
+    assert any(line.startswith(f"session {s.id} ended (input_end): ") and "0 underrun(s)" in line for line in lines)
+
+
+def test_late_ticks_are_counted_and_reported(runner, caplog, monkeypatch):
+    import engine.serving as serving
+    monkeypatch.setattr(serving, "LATE_REPORT_SECONDS", 0.3)
+    loop = EngineLoop(runner)
+    s = loop.create_session(SamplingConfig(greedy=True), collector()[1])
+    s.push(np.zeros(40 * 1920, np.float32))
+    step = runner.step
+
+    def slow(slots, pcm):  # a step longer than its 80 ms frame
+        time.sleep(0.1)
+        return step(slots, pcm)
+
+    monkeypatch.setattr(runner, "step", slow)
+    with caplog.at_level(logging.INFO, logger="lockstep"):
+        thread = threading.Thread(target=loop.run_realtime)
+        thread.start()
+        time.sleep(0.9)
+        loop.stop()
+        thread.join(timeout=5)
+    assert loop.metrics.counters["late_ticks_total"] >= 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and "late tick(s) in the last 0 s: the latest step took" in warnings[0]
+    assert "with 1 session(s)" in warnings[0]
+    loop.end_session(s.id, "done")
+    loop.tick()
