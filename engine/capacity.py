@@ -70,6 +70,43 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
+def weight_bytes(module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of what a checkpoint fills in a module (its state dict: no session state), floating
+    tensors counted in `dtype` when given; works on the meta device, before anything is allocated."""
+    return sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+               for t in module.state_dict().values())
+
+
+def check_weights_fit(lm, mimi, lm_dtype: torch.dtype, device, lm_file_bytes: int) -> None:
+    """Raises ConfigError when the weights would not fit in what `device` has free, before any is
+    read: the LM in `lm_dtype` and Mimi in fp32 (on CPU twice, for its oneDNN-packed copies, and
+    the LM file's tensors while they are converted). A 7B LM in fp32 on a 24 GB machine would
+    otherwise end start-up in the kernel's OOM killer, which names no flag."""
+    device = torch.device(device)
+    free = free_bytes(device)
+    if free is None:
+        return
+    dtype_name = str(lm_dtype).removeprefix("torch.")
+    lm_bytes, mimi_bytes = weight_bytes(lm, lm_dtype), weight_bytes(mimi, torch.float32)
+    lm_what = f"the LM {lm_bytes / 1e9:.1f} GB in {dtype_name}"
+    if device.type == "cpu":
+        if lm_file_bytes > lm_bytes:
+            lm_bytes, lm_what = lm_file_bytes, f"the LM's file {lm_file_bytes / 1e9:.1f} GB while converted to {dtype_name}"
+        mimi_bytes *= 2
+    need = lm_bytes + mimi_bytes
+    budget = free - max(_HEADROOM_MIN, int(_HEADROOM_FRACTION * free))
+    if need <= budget:
+        return
+    hint = []
+    if lm_dtype.itemsize > 2:
+        hint.append(f"--dtype bfloat16 (the LM then takes {weight_bytes(lm, torch.bfloat16) / 1e9:.1f} GB)")
+    if device.type == "cpu":
+        hint.append("a GPU (--device cuda)")
+    fix = f": use {' or '.join(hint)}" if hint else ": free memory, or use a device with more"
+    raise ConfigError(f"the weights need {need / 1e9:.1f} GB on {device} ({lm_what}, Mimi {mimi_bytes / 1e9:.1f} GB), "
+                      f"but {free / 1e9:.1f} GB is free, of which {budget / 1e9:.1f} GB may hold them{fix}")
+
+
 def check_state_fits(lm, mimi, max_sessions: int, device: torch.device) -> None:
     """Raises ConfigError when `max_sessions` slots (plus the runner's scratch slot) cannot fit in
     what `device` has free, saying how many can."""

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.capacity import check_device, check_state_fits
+from engine.capacity import check_device, check_state_fits, check_weights_fit
 from engine.checkpoint import CheckpointFiles, load_weights, resolve
 from engine.config import EngineConfig, SamplingConfig
 from engine.graphs import GraphedStep, buckets_for
@@ -65,6 +65,7 @@ class ModelRunner:
         with torch.device("meta"):
             lm = MoshiLM(files.lm)
             mimi = Mimi(files.mimi)
+        check_weights_fit(lm, mimi, cfg.torch_dtype, cfg.device, files.moshi_weights.stat().st_size)
         load_weights(lm, files.moshi_weights, cfg.torch_dtype, cfg.device)
         # Mimi stays in fp32 whatever the LM dtype, as in kyutai's server.
         load_weights(mimi, files.mimi_weights, torch.float32, cfg.device)

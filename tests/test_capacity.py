@@ -29,9 +29,28 @@ def test_too_many_sessions_is_a_clear_error(tiny_wrap_ckpt, monkeypatch):
     # Free memory such that, past the 1 GB headroom, exactly 5 slots' state fits: 4 sessions + scratch.
     free = capacity._HEADROOM_MIN + 5 * per_slot + per_slot // 2
     monkeypatch.setattr(capacity, "free_bytes", lambda device: free)
+    monkeypatch.setattr("engine.runner.check_weights_fit", lambda *args: None)  # free_bytes is after the weights
     with pytest.raises(ConfigError, match=r"--max-sessions 5 needs .* at most 4 session\(s\) fit\. Lower --max-sessions"):
         ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=5))
     assert ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=4)).max_sessions == 4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_that_do_not_fit_are_a_clear_error_before_loading(tiny_lm_ckpt, monkeypatch, dtype):
+    probe = ModelRunner.load(EngineConfig(model_dir=str(tiny_lm_ckpt), max_sessions=1))
+    lm_bytes = capacity.weight_bytes(probe.lm, getattr(torch, dtype))
+    file_bytes = (tiny_lm_ckpt / "model.safetensors").stat().st_size
+    # On CPU: the LM (or its fp32 file while converted) and Mimi twice, for its packed copies.
+    need = max(lm_bytes, file_bytes) + 2 * capacity.weight_bytes(probe.mimi)
+    loads = []
+    monkeypatch.setattr("engine.runner.load_weights", lambda *args: loads.append(args))
+    monkeypatch.setattr(capacity, "free_bytes", lambda device: capacity._HEADROOM_MIN + need - 1)
+    with pytest.raises(ConfigError, match=r"the weights need .* GB on cpu .* may hold them: use ") as err:
+        ModelRunner.load(EngineConfig(model_dir=str(tiny_lm_ckpt), max_sessions=1, dtype=dtype))
+    assert ("--dtype bfloat16" in str(err.value)) == (dtype == "float32")
+    assert "a GPU (--device cuda)" in str(err.value) and not loads  # nothing was read
+    monkeypatch.setattr(capacity, "free_bytes", lambda device: capacity._HEADROOM_MIN + need)
+    capacity.check_weights_fit(probe.lm, probe.mimi, getattr(torch, dtype), "cpu", file_bytes)  # one byte more fits
 
 
 def test_unknown_free_memory_is_not_checked(tiny_wrap_ckpt, monkeypatch):
