@@ -49,6 +49,9 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
 
     @app.get("/healthz")
     async def healthz():
+        problem = engine.stalled()
+        if problem:
+            return JSONResponse({"status": "stalled", "reason": problem}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/readyz")

@@ -25,6 +25,9 @@ log = logging.getLogger("lockstep")
 FRAME_PERIOD = 1.0 / FRAME_RATE
 MAX_CATCH_UP_FRAMES = 5
 LATE_REPORT_SECONDS = 10.0  # late ticks are summed into one warning per this many seconds
+# A real-time loop passes its top at least every frame; this long without it, it is stuck (a hung
+# device, a deadlock) and liveness fails, so an orchestrator restarts the server.
+STALL_SECONDS = 5.0
 
 
 def describe_sampling(cfg: SamplingConfig) -> str:
@@ -50,6 +53,7 @@ class EngineLoop:
         self.idle_timeout = idle_timeout
         self.draining = False
         self.last_step: tuple[float, int] = (0.0, 0)  # seconds and sessions of the latest step
+        self.heartbeat: float | None = None  # when the real-time loop last passed its top
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -165,6 +169,7 @@ class EngineLoop:
         due = time.monotonic()
         late, report_at = 0, due + LATE_REPORT_SECONDS
         while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
             now = time.monotonic()
             if now < due:
                 self._stop.wait(due - now)
@@ -230,6 +235,18 @@ class EngineLoop:
             raise result
         result._thread = thread
         return result
+
+    def stalled(self) -> str | None:
+        """Why the real-time loop is not running (its thread ended, or it has not come round for
+        `STALL_SECONDS`), or None while it is, or before it was started."""
+        if self._thread is None:
+            return None
+        if not self._thread.is_alive():
+            return "the engine thread has ended"
+        since = time.monotonic() - (self.heartbeat or time.monotonic())
+        if since > STALL_SECONDS:
+            return f"the engine loop has not come round for {since:.1f} s"
+        return None
 
     def stop(self) -> None:
         self._stop.set()

@@ -147,3 +147,31 @@ def test_late_ticks_are_counted_and_reported(runner, caplog, monkeypatch):
     assert "with 1 session(s)" in warnings[0]
     loop.end_session(s.id, "done")
     loop.tick()
+
+
+def test_a_stuck_loop_fails_liveness(runner, monkeypatch):
+    import engine.serving as serving
+    monkeypatch.setattr(serving, "STALL_SECONDS", 0.3)
+    loop = EngineLoop(runner)
+    assert loop.stalled() is None  # not started
+    s = loop.create_session(SamplingConfig(greedy=True), collector()[1])
+    s.push(np.zeros(20 * 1920, np.float32))
+    release, step = threading.Event(), runner.step
+
+    def stuck(slots, pcm):  # a hung device
+        release.wait(timeout=10)
+        return step(slots, pcm)
+
+    monkeypatch.setattr(runner, "step", stuck)
+    loop.start()
+    time.sleep(0.1)
+    assert loop.stalled() is None
+    time.sleep(0.5)
+    assert "the engine loop has not come round for" in loop.stalled()
+    release.set()
+    time.sleep(0.2)
+    assert loop.stalled() is None
+    loop.stop()
+    assert loop.stalled() == "the engine thread has ended"
+    loop.end_session(s.id, "done")
+    loop.tick()
