@@ -42,7 +42,8 @@ async def scrape(url: str) -> dict[str, float]:
         async with http.get(url + "/metrics") as r:
             text = await r.text()
     out = {}
-    for name in ("late_ticks_total", "input_underruns_total", "sessions_rejected_total"):
+    for name in ("late_ticks_total", "input_underruns_total", "sessions_rejected_total",
+                 "realtime_capacity_sessions"):
         m = re.search(rf"^lockstep:{name} (\S+)$", text, re.M)
         out[name] = float(m.group(1)) if m else float("nan")
     return out
@@ -71,7 +72,8 @@ async def run_callers(url: str, n: int, rate: float, audio: list[np.ndarray], se
     first = [r.first_audio_s * 1e3 for r in results if r.first_audio_s is not None]
     jitter = [abs((b - a) * 1e3 - 80.0) for r in results for a, b in zip(r.frame_times, r.frame_times[1:])]
     row = {"callers": n, "failed": failures, "late_ticks": after["late_ticks_total"] - before["late_ticks_total"],
-           "underruns": after["input_underruns_total"] - before["input_underruns_total"]}
+           "underruns": after["input_underruns_total"] - before["input_underruns_total"],
+           "probe_realtime_sessions": after["realtime_capacity_sessions"]}
     for name, values in (("first_audio_ms", first), ("jitter_ms", jitter)):
         row[name] = {f"p{q}": percentile(values, q) for q in (50, 90, 99)}
     return row
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
             proc.wait(timeout=60)
     ok = [r["callers"] for r in rows if r["late_ticks"] == 0 and r["failed"] == 0]
     print(f"largest N with no late ticks: {max(ok) if ok else 0}")
+    probe = rows[-1]["probe_realtime_sessions"] if rows else float("nan")
+    if probe == probe:  # a server started without --no-warmup ran the capacity probe
+        print(f"the server's start-up probe: real time with up to {probe:.0f} session(s) at full context")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps({"url": url, "rows": rows}, indent=2))
 

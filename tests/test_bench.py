@@ -47,6 +47,8 @@ def test_serving_benchmark_against_a_spawned_server(tiny_wrap_ckpt, tmp_path, ca
           "--", "--model-dir", str(tiny_wrap_ckpt)])
     row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
     assert row["callers"] == 2 and row["failed"] == 0 and row["first_audio_ms"]["p50"] >= 80
+    assert row["probe_realtime_sessions"] in (0, 1, 2)  # the spawned server's start-up probe
+    assert "the server's start-up probe: real time with up to" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's plumbing where no GPU is present")
