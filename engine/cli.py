@@ -138,8 +138,27 @@ def cmd_bench(args: argparse.Namespace) -> None:
     importlib.import_module(f"bench.{args.which}").main(args.rest)
 
 
+def version_line() -> str:
+    """lockstep's version and what it runs on, for bug reports."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+    return (f"lockstep {version('lockstep')} (torch {torch.__version__}, {cuda}; triton {version('triton')}; "
+            f"Python {platform.python_version()})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lockstep", description="Serve Kyutai's Moshi to many sessions at once.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
 
     mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the kyutai layout")

@@ -41,3 +41,11 @@ def test_cuda_without_a_gpu_exits_cleanly(tiny_wrap_ckpt, tmp_path, capsys):
             main(argv)
         assert exc.value.code == 2
         assert "sees no CUDA device here: use --device cpu" in capsys.readouterr().err
+
+
+def test_version_names_what_it_runs_on(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("lockstep ") and f"torch {torch.__version__}" in out and "Python 3." in out
