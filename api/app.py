@@ -129,6 +129,10 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
 
     add_moshi_websocket(app, registry, lambda ws: check_key(cfg, ws.headers.get("authorization"),
                                                             ws.query_params.get("api_key")))
+    if cfg.static is not None:
+        # Last, so every API route above takes precedence over a file of the same path.
+        from fastapi.staticfiles import StaticFiles
+        app.mount("/", StaticFiles(directory=cfg.static, html=True), name="static")
 
     async def asgi(scope, receive, send):
         if scope["type"] == "http" and scope["path"] == "/v1/chat":

@@ -338,6 +338,7 @@ class ServeConfig:
     shutdown_timeout: float = 30.0
     max_buffer_seconds: float = 10.0
     no_warmup: bool = False
+    static: str | None = None
 
     def validate(self) -> "ServeConfig":
         _check(0 < self.port < 65536, f"--port must be in 1..65535, got {self.port}")
@@ -346,4 +347,8 @@ class ServeConfig:
         _check(self.idle_timeout > 0, "--idle-timeout must be positive (seconds)")
         _check(self.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0 seconds")
         _check(self.max_buffer_seconds >= 0.08, "--max-buffer-seconds must hold at least one 80 ms frame")
+        if self.static is not None:
+            import os
+            _check(os.path.isfile(os.path.join(self.static, "index.html")),
+                   f"--static {self.static} must be a folder holding index.html (the web UI's built 'dist' folder)")
         return self

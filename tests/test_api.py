@@ -283,6 +283,25 @@ def test_liveness_fails_while_the_engine_is_stuck(tiny_wrap_ckpt, monkeypatch):
     assert reply.json() == {"status": "stalled", "reason": "the engine loop has not come round for 7.0 s"}
 
 
+def test_static_folder_is_served_beside_the_api(tiny_wrap_ckpt, tmp_path):
+    httpx = pytest.importorskip("httpx")
+    (tmp_path / "index.html").write_text("<html>moshi ui</html>")
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "app.js").write_text("console.log(1)")
+    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    app = create_app(EngineLoop(runner), ServeConfig(static=str(tmp_path)).validate())
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            assert (await c.get("/")).text == "<html>moshi ui</html>"
+            assert (await c.get("/assets/app.js")).text == "console.log(1)"
+            assert (await c.get("/nope.css")).status_code == 404
+            assert (await c.get("/healthz")).json() == {"status": "ok"}  # the API comes first
+            assert (await c.post("/v1/sessions", json={})).status_code == 201
+
+    asyncio.run(main())
+
+
 def test_client_command_saves_audio_and_transcript(server, expected, wav_inputs, tmp_path, capsys):
     from engine.cli import main
     base, _ = server
