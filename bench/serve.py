@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import re
@@ -131,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             proc.wait(timeout=60)
     ok = [r["callers"] for r in rows if r["late_ticks"] == 0 and r["failed"] == 0]
     print(f"largest N with no late ticks: {max(ok) if ok else 0}")
-    probe = rows[-1]["probe_realtime_sessions"] if rows else float("nan")
-    if probe == probe:  # a server started without --no-warmup ran the capacity probe
+    probe = rows[-1]["probe_realtime_sessions"] if rows else math.nan
+    if not math.isnan(probe):  # a server started without --no-warmup ran the capacity probe
         print(f"the server's start-up probe: real time with up to {probe:.0f} session(s) at full context")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps({"url": url, "rows": rows}, indent=2))

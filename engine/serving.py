@@ -193,14 +193,14 @@ class EngineLoop:
                 late += 1
                 if behind > MAX_CATCH_UP_FRAMES * FRAME_PERIOD:
                     due = time.monotonic()
-            if late and time.monotonic() >= report_at:
-                seconds, sessions = self.last_step
-                log.warning("%d late tick(s) in the last %.0f s: the latest step took %.0f ms with %d session(s) "
-                            "(a frame is %.0f ms)", late, LATE_REPORT_SECONDS, seconds * 1e3, sessions,
-                            FRAME_PERIOD * 1e3)
-                late = 0
-            if time.monotonic() >= report_at:
-                report_at = time.monotonic() + LATE_REPORT_SECONDS
+            now = time.monotonic()
+            if now >= report_at:
+                if late:
+                    seconds, sessions = self.last_step
+                    log.warning("%d late tick(s) in the last %.0f s: the latest step took %.0f ms with %d "
+                                "session(s) (a frame is %.0f ms)", late, LATE_REPORT_SECONDS, seconds * 1e3,
+                                sessions, FRAME_PERIOD * 1e3)
+                late, report_at = 0, now + LATE_REPORT_SECONDS
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run_realtime, name="lockstep-engine", daemon=True)
