@@ -58,6 +58,9 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
     async def readyz():
         if engine.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        problem = engine.stalled()
+        if problem:  # sessions sent here now would get no audio
+            return JSONResponse({"status": "stalled", "reason": problem}, status_code=503)
         return {"status": "ready", "free_slots": engine.sched.free_slots}
 
     @app.get("/metrics")

@@ -266,21 +266,22 @@ def test_api_key_required_when_configured(tiny_wrap_ckpt):
     asyncio.run(main())
 
 
-def test_liveness_fails_while_the_engine_is_stuck(tiny_wrap_ckpt, monkeypatch):
+def test_liveness_and_readiness_fail_while_the_engine_is_stuck(tiny_wrap_ckpt, monkeypatch):
     httpx = pytest.importorskip("httpx")
     runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
     engine = EngineLoop(runner)
     app = create_app(engine, ServeConfig())
 
-    async def get():
+    async def get(path="/healthz"):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return await c.get("/healthz")
+            return await c.get(path)
 
-    assert asyncio.run(get()).status_code == 200
+    assert asyncio.run(get()).status_code == 200 and asyncio.run(get("/readyz")).status_code == 200
     monkeypatch.setattr(engine, "stalled", lambda: "the engine loop has not come round for 7.0 s")
-    reply = asyncio.run(get())
-    assert reply.status_code == 503
-    assert reply.json() == {"status": "stalled", "reason": "the engine loop has not come round for 7.0 s"}
+    for path in ("/healthz", "/readyz"):
+        reply = asyncio.run(get(path))
+        assert reply.status_code == 503
+        assert reply.json() == {"status": "stalled", "reason": "the engine loop has not come round for 7.0 s"}
 
 
 def test_static_folder_is_served_beside_the_api(tiny_wrap_ckpt, tmp_path):
