@@ -28,21 +28,30 @@ from engine.serving import EngineLoop
 from engine.tokenizer import TextTokenizer, train_tokenizer
 
 
+def random_models(lm_cfg: LMConfig, mimi_cfg: MimiConfig, device, dtype: torch.dtype) -> tuple[MoshiLM, Mimi]:
+    """Random-weight models made on the device. The LM is allocated straight in `dtype`: built
+    there in fp32 and then cast, a 7B one would take 31 GB beside its 15 GB bf16 copy."""
+    with torch.device("meta"):
+        lm = MoshiLM(lm_cfg).to(dtype)
+    lm.to_empty(device=device)
+    for p in lm.parameters():
+        p.data.normal_(0, 0.02)
+    with torch.device(device):
+        mimi = Mimi(mimi_cfg)
+    for name, buf in mimi.named_buffers():
+        if name.endswith("cluster_usage"):
+            buf.fill_(1.0)
+        elif name.endswith("embedding_sum"):
+            buf.normal_()
+    return lm, mimi
+
+
 def dummy_runner(name: str, device: str, dtype: torch.dtype, max_sessions: int, kernels: str) -> ModelRunner:
     """Moshi 7B / Mimi shapes with random weights made on the device: no files needed."""
     if name != "7b":
         raise ValueError("--dummy supports only '7b'")
     check_device(device)
-    with torch.device(device):
-        lm = MoshiLM(LMConfig()).to(dtype)
-        mimi = Mimi(MimiConfig())
-    for p in lm.parameters():
-        p.data.normal_(0, 0.02)
-    for name_, buf in mimi.named_buffers():
-        if name_.endswith("cluster_usage"):
-            buf.fill_(1.0)
-        elif name_.endswith("embedding_sum"):
-            buf.normal_()
+    lm, mimi = random_models(LMConfig(), MimiConfig(), device, dtype)
     tok_path = Path(tempfile.mkdtemp()) / "tok.model"
     train_tokenizer(tok_path, 1000)
     return ModelRunner(lm, mimi, TextTokenizer(tok_path), max_sessions, kernels)

@@ -69,3 +69,20 @@ def test_gpu_checks_script_gets_every_stage_to_the_gpu(tmp_path):
     assert log.count("sees no CUDA device here") == script.count("-m bench.tick"), log
     assert "unrecognized arguments" not in log and "Traceback" not in log, log
     assert proc.returncode == 1  # the tick stages, which need the GPU
+
+
+def test_random_models_are_made_in_the_benchmark_dtype():
+    from bench.tick import random_models
+    from engine.make_checkpoint import PRESETS
+    from engine.runner import ModelRunner
+    lm_cfg, mimi_cfg = PRESETS["tiny"]
+    lm, mimi = random_models(lm_cfg, mimi_cfg, "cpu", torch.bfloat16)
+    weights = list(lm.parameters())
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in weights)
+    flat = torch.cat([p.float().flatten() for p in weights])
+    assert torch.isfinite(flat).all() and 0.015 < flat.std() < 0.025
+    assert all(p.dtype == torch.float32 for p in mimi.parameters())
+    runner = ModelRunner(lm, mimi, None, max_sessions=2, kernels="torch")
+    idx = torch.tensor([0, 1])
+    tokens, audio = runner.forward(idx, idx, torch.zeros(2, runner.frame_size), 250, 25)
+    assert tokens.shape == (2, 1 + lm_cfg.dep_q) and torch.isfinite(audio).all()
