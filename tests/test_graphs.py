@@ -106,8 +106,9 @@ class _HostOperands(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "7b"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_device_step_is_capturable_on_a_data_free_device(backend, monkeypatch):
+def test_device_step_is_capturable_on_a_data_free_device(backend, preset, monkeypatch):
     """The device step on the meta device: shapes without data, so anything that reads a value back
     to the host (.item(), int(), bool(), .tolist(), nonzero, torch.equal) raises, and host operands
     are recorded. Code guarded by `device.type == "cpu"` is skipped as on CUDA. With 'triton' the
@@ -117,7 +118,7 @@ def test_device_step_is_capturable_on_a_data_free_device(backend, monkeypatch):
     from engine.lm import MoshiLM
     from engine.make_checkpoint import PRESETS
     from engine.mimi import Mimi
-    lm_cfg, mimi_cfg = PRESETS["tiny"]
+    lm_cfg, mimi_cfg = PRESETS[preset]  # "7b": every launch planned at the real shapes
     with torch.device("meta"):
         lm, mimi = MoshiLM(lm_cfg), Mimi(mimi_cfg)
     if backend == "triton":
