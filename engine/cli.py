@@ -20,7 +20,8 @@ _ENGINE_HELP = {
     "tokenizer": "override the sentencepiece text tokenizer",
     "config_path": "override config.json",
     "device": "cpu or cuda[:N]",
-    "dtype": "LM weights/activations dtype: bfloat16, float16 or float32 (Mimi always runs in float32)",
+    "dtype": "LM weights/activations dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or "
+             "float32 (Mimi always runs in float32)",
     "max_sessions": "number of session slots stepped together",
     "kernels": "kernel family: auto (Triton on CUDA, torch elsewhere), torch or triton",
 }

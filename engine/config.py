@@ -294,7 +294,7 @@ class SamplingConfig:
         return self
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -307,7 +307,7 @@ class EngineConfig:
     tokenizer: str | None = None
     config_path: str | None = None
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
     max_sessions: int = 8
     kernels: str = "auto"
 
@@ -322,7 +322,11 @@ class EngineConfig:
 
     @property
     def torch_dtype(self):
+        """The LM's dtype; "auto" is bfloat16 on CUDA (the released checkpoints' dtype) and float32
+        on CPU (the path that reproduces the reference's tokens)."""
         import torch
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         return getattr(torch, self.dtype)
 
 

@@ -56,6 +56,13 @@ def test_defaults_are_valid(cfg):
     assert cfg.validate() is cfg
 
 
+def test_auto_dtype_follows_the_device():
+    import torch
+    assert EngineConfig().torch_dtype == torch.float32
+    assert EngineConfig(device="cuda:1").torch_dtype == torch.bfloat16
+    assert EngineConfig(device="cuda", dtype="float16").torch_dtype == torch.float16
+
+
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         EngineConfig().max_sessions = 3

@@ -75,7 +75,7 @@ def test_warm_up_prepares_every_bucket_and_leaves_sessions_alone(tiny_wrap_ckpt,
 def test_cuda_graph_replay_matches_eager(tiny_wrap_ckpt, wav_inputs):
     inputs = {p.stem: frames(read_audio(p)) for p in wav_inputs}
     sampling = {k: SamplingConfig(greedy=True) for k in inputs}
-    cfg = EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=3, device="cuda")
+    cfg = EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=3, device="cuda", dtype="float32")
     want = run_sessions(ModelRunner.load(cfg), inputs, sampling)
     eager = ModelRunner.load(cfg)
     eager.graphs = None
