@@ -57,7 +57,8 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
         ticks = capacity.probe_ticks(runner)
         print(f"lockstep: {capacity.describe_ticks(ticks, runner.max_sessions)}", flush=True)
     host.settle()
-    print(f"lockstep: {engine_cfg.model_dir or engine_cfg.hf_repo} on {runner.device} (LM {str(engine_cfg.torch_dtype).removeprefix('torch.')}, "
+    lm_dtype = str(engine_cfg.torch_dtype).removeprefix("torch.")
+    print(f"lockstep: {engine_cfg.model_dir or engine_cfg.hf_repo} on {runner.device} (LM {lm_dtype}, "
           f"kernels {runner.kernel_backend}, CUDA graphs {'on' if runner.graphs else 'off'}), "
           f"{runner.max_sessions} slots, http://{serve_cfg.host}:{serve_cfg.port} "
           "(v1 API, /v1/chat, ws /api/chat, /metrics)", flush=True)

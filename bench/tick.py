@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-dir")
     ap.add_argument("--dummy", choices=["7b"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--warmup", type=int, default=3)
@@ -175,15 +175,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="HBM bandwidth for the roofline (default: measured)")
     ap.add_argument("--output", default="bench/out/tick", help="prefix for the .json and .png outputs")
     args = ap.parse_args(argv)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    max_b = max(args.batch)
+    cfg = EngineConfig(model_dir=args.model_dir, device=args.device, dtype=args.dtype, max_sessions=max(args.batch),
+                       kernels=args.kernels).validate()
+    dtype = cfg.torch_dtype
     if args.dummy:
-        runner = dummy_runner(args.dummy, args.device, dtype, max_b, args.kernels)
+        runner = dummy_runner(args.dummy, cfg.device, dtype, cfg.max_sessions, cfg.kernels)
     else:
-        from engine.cli import builtin_checkpoint
-        model_dir = args.model_dir or str(builtin_checkpoint())
-        runner = ModelRunner.load(EngineConfig(model_dir=model_dir, device=args.device, dtype=str(dtype)[6:],
-                                               max_sessions=max_b, kernels=args.kernels))
+        from engine.cli import with_builtin_weights
+        runner = ModelRunner.load(with_builtin_weights(cfg))
     ref = None if args.no_reference else reference_models(runner, dtype)
     cpu = host.cpuinfo("model name") or "unknown CPU"
     meta = {"device": torch.cuda.get_device_name() if runner.device.type == "cuda" else f"cpu ({cpu})",

@@ -6,6 +6,7 @@ config file), so a directory laid out like `kyutai/moshiko-pytorch-bf16` loads u
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -352,7 +353,6 @@ class ServeConfig:
         _check(self.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0 seconds")
         _check(self.max_buffer_seconds >= 0.08, "--max-buffer-seconds must hold at least one 80 ms frame")
         if self.static is not None:
-            import os
             _check(os.path.isfile(os.path.join(self.static, "index.html")),
                    f"--static {self.static} must be a folder holding index.html (the web UI's built 'dist' folder)")
         return self
