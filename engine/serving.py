@@ -28,6 +28,9 @@ LATE_REPORT_SECONDS = 10.0  # late ticks are summed into one warning per this ma
 # A real-time loop passes its top at least every frame; this long without it, it is stuck (a hung
 # device, a deadlock) and liveness fails, so an orchestrator restarts the server.
 STALL_SECONDS = 5.0
+# This many failed ticks in a row is not one session's bad luck but a broken engine (a CUDA error
+# poisons the context for every later launch): liveness then fails too.
+FAILED_TICKS_UNHEALTHY = 3
 
 
 def describe_sampling(cfg: SamplingConfig) -> str:
@@ -54,6 +57,8 @@ class EngineLoop:
         self.draining = False
         self.last_step: tuple[float, int] = (0.0, 0)  # seconds and sessions of the latest step
         self.heartbeat: float | None = None  # when the real-time loop last passed its top
+        self.failed_ticks = 0  # consecutive ticks that raised, and the latest one's error
+        self.last_error: str | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -106,7 +111,19 @@ class EngineLoop:
         log.info("session %s ended (%s): %d frame(s) out in %.1f s, %d underrun(s)%s", session.id,
                  session.end_reason or "ended", session.frames_out, time.monotonic() - session.created,
                  session.underruns, first)
-        session.sink(session.end_reason or "ended")
+        self._deliver(session, session.end_reason or "ended")
+
+    def _deliver(self, session: Session, event: FrameOutput | str) -> bool:
+        """Hands `event` to the session's sink; a sink that raises ends its own session only (the
+        caller's side is broken, not the engine), never the tick its neighbours share."""
+        try:
+            session.sink(event)
+            return True
+        except Exception:
+            log.exception("session %s: delivering its output failed; ending it", session.id)
+            if isinstance(event, FrameOutput):
+                self.end_session(session.id, "sink_error")
+            return False
 
     # ---- engine side ----------------------------------------------------------------------------
     def tick(self) -> Plan:
@@ -143,9 +160,9 @@ class EngineLoop:
                 session.first_audio_at = now
                 self.metrics.first_audio.observe(now - session.created)
             token = out.text_tokens[row]
-            session.sink(FrameOutput(session.frames_out, token, self.runner.tokenizer.piece(token),
-                                     out.audio_tokens[row], out.pcm[slot].numpy()))
-            session.frames_out += 1
+            if self._deliver(session, FrameOutput(session.frames_out, token, self.runner.tokenizer.piece(token),
+                                                  out.audio_tokens[row], out.pcm[slot].numpy())):
+                session.frames_out += 1
         with self._cond:
             self.metrics.counters["ticks_total"] += 1
         return plan
@@ -175,11 +192,15 @@ class EngineLoop:
                 self._stop.wait(due - now)
                 continue
             try:
-                self.tick()
-            except Exception:
+                if self.tick().step:  # only a tick that stepped sessions shows the engine works
+                    self.failed_ticks = 0
+            except Exception as e:
                 # A bug must not stop the cadence for everyone: end the sessions of the failed
                 # tick (their slot state is suspect) and keep serving the rest.
                 log.exception("tick failed; ending the sessions it was stepping")
+                self.failed_ticks += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                self.metrics.inc("tick_failures_total")
                 with self._cond:
                     stepping = list(self.sched.slot_of)
                 for sid in stepping:
@@ -237,12 +258,15 @@ class EngineLoop:
         return result
 
     def stalled(self) -> str | None:
-        """Why the real-time loop is not running (its thread ended, or it has not come round for
-        `STALL_SECONDS`), or None while it is, or before it was started."""
+        """Why the real-time loop is not serving (its thread ended, it has not come round for
+        `STALL_SECONDS`, or its last `FAILED_TICKS_UNHEALTHY` ticks or more all failed), or None
+        while it is, or before it was started."""
         if self._thread is None:
             return None
         if not self._thread.is_alive():
             return "the engine thread has ended"
+        if self.failed_ticks >= FAILED_TICKS_UNHEALTHY:
+            return f"the last {self.failed_ticks} ticks failed ({self.last_error})"
         since = time.monotonic() - (self.heartbeat or time.monotonic())
         if since > STALL_SECONDS:
             return f"the engine loop has not come round for {since:.1f} s"

@@ -266,6 +266,35 @@ def test_api_key_required_when_configured(tiny_wrap_ckpt):
     asyncio.run(main())
 
 
+def test_chat_endpoint_refusals(tiny_wrap_ckpt):
+    """/v1/chat's error replies; the engine does not tick, so a session never joins and ends at once."""
+    httpx = pytest.importorskip("httpx")
+    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    engine = EngineLoop(runner, max_waiting=0)
+    app = create_app(engine, ServeConfig(api_key=("sekrit",), admission_wait=0.0, max_body_mb=0.01))
+    key = {"authorization": "Bearer sekrit"}
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            reply = await c.get("/v1/chat", headers=key)
+            assert reply.status_code == 405 and reply.headers["allow"] == "POST"
+            assert (await c.post("/v1/chat", content=b"")).status_code == 401
+            reply = await c.post("/v1/chat", params={"top_k": "-3"}, content=b"", headers=key)
+            assert reply.status_code == 422 and "invalid query parameters" in reply.json()["detail"]
+            # Over --max-body-mb (10 KB here): the session ends with that reason.
+            reply = await c.post("/v1/chat", content=b"\0" * 20_000, headers=key)
+            assert reply.status_code == 200
+            assert json.loads(reply.text.splitlines()[-1]) == {"type": "end", "reason": "body_too_large"}
+            assert not engine.sessions
+            # Every slot taken: 503 with Retry-After.
+            held = engine.create_session(SamplingConfig(), lambda event: None)
+            reply = await c.post("/v1/chat", content=b"", headers=key)
+            assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
+            engine.end_session(held.id, "done")
+
+    asyncio.run(main())
+
+
 def test_liveness_and_readiness_fail_while_the_engine_is_stuck(tiny_wrap_ckpt, monkeypatch):
     httpx = pytest.importorskip("httpx")
     runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))

@@ -175,3 +175,65 @@ def test_a_stuck_loop_fails_liveness(runner, monkeypatch):
     assert loop.stalled() == "the engine thread has ended"
     loop.end_session(s.id, "done")
     loop.tick()
+
+
+def test_a_failing_sink_ends_its_own_session_only(runner):
+    loop = EngineLoop(runner)
+    good_events, good_sink = collector()
+
+    def broken_sink(event):  # e.g. a protocol handler with a bug
+        if isinstance(event, FrameOutput):
+            raise ValueError("cannot encode")
+
+    good = loop.create_session(SamplingConfig(greedy=True), good_sink, end_on_input_end=True)
+    bad = loop.create_session(SamplingConfig(greedy=True), broken_sink, end_on_input_end=True)
+    for s in (good, bad):
+        s.push(np.zeros(8 * 1920, np.float32))
+        s.end_input()
+    loop.run_offline()
+    frames = [e for e in good_events if isinstance(e, FrameOutput)]
+    assert len(frames) == 8 - runner.max_delay and good_events[-1] == "input_end"
+    assert bad.end_reason == "sink_error" and bad.frames_out == 0
+    assert not loop.sessions
+
+
+def test_failed_ticks_end_their_sessions_and_then_fail_liveness(runner, monkeypatch):
+    loop = EngineLoop(runner)
+    step = runner.step
+    failing = threading.Event()
+    failing.set()
+
+    def flaky(slots, pcm):  # a device error inside the step
+        if failing.is_set():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return step(slots, pcm)
+
+    monkeypatch.setattr(runner, "step", flaky)
+    loop.start()
+    try:
+        ended = []
+        for _ in range(3):  # each failed tick ends the sessions it stepped; empty ticks do not heal
+            assert loop.stalled() is None
+            events, sink = collector()
+            s = loop.create_session(SamplingConfig(greedy=True), sink)
+            s.push(np.zeros(4 * 1920, np.float32))
+            deadline = time.monotonic() + 5
+            while s.end_reason is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            ended.append(s.end_reason)
+            time.sleep(0.2)
+        assert ended == ["engine_error"] * 3
+        assert loop.metrics.counters["tick_failures_total"] == 3
+        assert loop.stalled() == ("the last 3 ticks failed (RuntimeError: CUDA error: an illegal memory "
+                                  "access was encountered)")
+        failing.clear()  # the device recovers: the next session is served and liveness with it
+        events, sink = collector()
+        s = loop.create_session(SamplingConfig(greedy=True), sink)
+        s.push(np.zeros(4 * 1920, np.float32))
+        deadline = time.monotonic() + 5
+        while s.frames_out == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert s.frames_out > 0 and s.end_reason is None and loop.stalled() is None
+        loop.end_session(s.id, "done")
+    finally:
+        loop.stop()
