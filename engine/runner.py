@@ -53,7 +53,7 @@ class ModelRunner:
         check_state_fits(lm, mimi, max_sessions, self.device)
         mimi.init_state(max_sessions + 1)
         self.gen = LMGen(lm, max_sessions + 1)
-        self.slots = SlotTable(max_sessions + 1, self.device)
+        self.slots = SlotTable(max_sessions + 1, self.device, (lm.cfg.card, lm.cfg.text_card))
         self.timer = StageTimer(self.device)
         self.graphs = GraphedStep(self) if self.device.type == "cuda" and use_cuda_graphs else None
 

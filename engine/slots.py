@@ -24,10 +24,12 @@ def round_bound(k: int) -> int:
 
 class SlotTable:
     """Sampling settings of every slot as [max_sessions] device tensors, plus each slot's frame
-    count on the host (so which slots have output is known without asking the device)."""
+    count on the host (so which slots have output is known without asking the device).
+    `vocab`: the (audio, text) vocabulary sizes, past which a bound is the whole vocabulary."""
 
-    def __init__(self, max_sessions: int, device: torch.device | str):
+    def __init__(self, max_sessions: int, device: torch.device | str, vocab: tuple[int, int] | None = None):
         self.max_sessions = max_sessions
+        self.vocab = vocab
         self.greedy = torch.zeros(max_sessions, dtype=torch.bool, device=device)
         self.temperature = torch.zeros(max_sessions, device=device)
         self.top_k = torch.zeros(max_sessions, dtype=torch.long, device=device)
@@ -55,12 +57,15 @@ class SlotTable:
 
     def top_k_bounds(self, host_slots: list[int]) -> tuple[int, int]:
         """Static (audio, text) top-k bounds over the given slots, on `TOP_K_LADDER`; 0 ("whole
-        vocabulary") dominates."""
-        def bound(ks: list[int]) -> int:
+        vocabulary") dominates, and stands for every bound at or past the vocabulary, which samples
+        the same tokens, so that top_k=5000 and 10000 on a 2048-code vocabulary share one graph."""
+        def bound(ks: list[int], vocab: int | None) -> int:
             vals = [ks[s] for s in host_slots]
-            return 0 if any(v == 0 for v in vals) else round_bound(max(vals, default=1))
+            k = 0 if any(v == 0 for v in vals) else round_bound(max(vals, default=1))
+            return 0 if vocab is not None and k >= vocab else k
 
-        return bound(self._top_k), bound(self._text_top_k)
+        audio_vocab, text_vocab = self.vocab or (None, None)
+        return bound(self._top_k, audio_vocab), bound(self._text_top_k, text_vocab)
 
     def params(self, slots: torch.Tensor, max_top_k: int, max_text_top_k: int,
                backend: str = "torch") -> SamplingParams:

@@ -21,6 +21,15 @@ def test_bounds_round_up_to_the_ladder():
     assert table.top_k_bounds([1, 2]) == (0, 25)  # 0 (whole vocabulary) dominates
 
 
+def test_bounds_at_or_past_the_vocabulary_are_the_whole_vocabulary():
+    table = SlotTable(4, "cpu", vocab=(2048, 32000))
+    for slot, (k, text_k) in enumerate(((1500, 17000), (2048, 32000), (5000, 40000), (10**9, 10**9))):
+        table.assign(slot, SamplingConfig(top_k=k, text_top_k=text_k))
+        assert table.top_k_bounds([slot]) == (0, 0)
+    table.assign(0, SamplingConfig(top_k=1000, text_top_k=16000))
+    assert table.top_k_bounds([0]) == (1024, 16384)
+
+
 def test_a_rounded_bound_samples_the_same_tokens(tiny_wrap_ckpt, wav_inputs):
     """The step at the exact bounds and at their rungs, from the same state: the same tokens."""
     pcm = torch.from_numpy(frames(read_audio(wav_inputs[0]))[:6])
@@ -39,6 +48,20 @@ def test_a_rounded_bound_samples_the_same_tokens(tiny_wrap_ckpt, wav_inputs):
         assert torch.equal(got, want)
         sampled.update(want[:, 1:].flatten().tolist())
     assert len(sampled) > 4  # really sampled, not a constant
+
+
+def test_the_vocabulary_as_a_bound_samples_as_the_whole_vocabulary(tiny_wrap_ckpt, wav_inputs):
+    pcm = torch.from_numpy(frames(read_audio(wav_inputs[1]))[:5])
+    cfg = EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1)
+    whole, sized = ModelRunner.load(cfg), ModelRunner.load(cfg)
+    for runner in (whole, sized):
+        runner.join(0, SamplingConfig(seed=3, top_k=0, text_top_k=0))
+    idx = torch.tensor([0])
+    lm = whole.lm.cfg
+    for frame in pcm:
+        want, _ = whole.forward(idx, idx, frame.view(1, -1), 0, 0)
+        got, _ = sized.forward(idx, idx, frame.view(1, -1), lm.card, lm.text_card)
+        assert torch.equal(got, want)
 
 
 def test_callers_top_k_values_share_graphs(tiny_wrap_ckpt, wav_inputs):
