@@ -10,7 +10,7 @@ import uvicorn
 
 from api.app import create_app
 from engine import capacity, host
-from engine.config import FRAME_RATE, EngineConfig, ServeConfig
+from engine.config import FRAME_RATE, ConfigError, EngineConfig, ServeConfig
 from engine.runner import ModelRunner
 from engine.serving import EngineLoop
 
@@ -65,7 +65,15 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
     loop = EngineLoop(runner, max_buffer_frames=max(1, int(serve_cfg.max_buffer_seconds * FRAME_RATE)),
                       idle_timeout=serve_cfg.idle_timeout, max_waiting=0)
     if ticks:
-        loop.metrics.set_probe(ticks, capacity.realtime_sessions(ticks))
+        fit = capacity.realtime_sessions(ticks)
+        loop.metrics.set_probe(ticks, fit)
+        if serve_cfg.admit_realtime:
+            if fit == 0:
+                raise ConfigError("--admit-realtime: the capacity probe found that even one session runs slower "
+                                  "than real time here, so it would admit no one (use a faster device, or drop "
+                                  "the flag to serve late)")
+            loop.limit_admission(fit)
+            print(f"lockstep: admitting at most {fit} session(s) at once (--admit-realtime)", flush=True)
     return loop
 
 

@@ -168,4 +168,5 @@ def describe_ticks(ticks: dict[int, float], max_sessions: int) -> str:
         return (f"{line}: even one session runs slower than real time here, so every tick will be late "
                 "(use a faster device, or on a GPU --dtype bfloat16)")
     return (f"{line}: real time holds with {fit} session(s) but not with {slower}, so with more than "
-            f"{fit} at once ticks may run late (lower --max-sessions to {fit}, or use a faster device)")
+            f"{fit} at once ticks may run late (lower --max-sessions to {fit}, serve with --admit-realtime, "
+            "or use a faster device)")

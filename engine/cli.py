@@ -49,6 +49,9 @@ _SERVE_HELP = {
     "no_warmup": "accept sessions at once, without first running every batch bucket (CUDA-graph capture, "
                  "kernel compilation) on the scratch slot, nor timing each size at full context (the "
                  "capacity probe); the first tick at each new size then pays for it",
+    "admit_realtime": "admit at most as many sessions as the start-up capacity probe found to run in real time "
+                      "(callers past them get 503 + Retry-After), rather than one per slot: every admitted "
+                      "call then stays on time",
 }
 
 

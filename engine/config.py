@@ -343,6 +343,7 @@ class ServeConfig:
     shutdown_timeout: float = 30.0
     max_buffer_seconds: float = 10.0
     no_warmup: bool = False
+    admit_realtime: bool = False
     static: str | None = None
 
     def validate(self) -> "ServeConfig":
@@ -352,6 +353,9 @@ class ServeConfig:
         _check(self.idle_timeout > 0, "--idle-timeout must be positive (seconds)")
         _check(self.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0 seconds")
         _check(self.max_buffer_seconds >= 0.08, "--max-buffer-seconds must hold at least one 80 ms frame")
+        _check(not (self.admit_realtime and self.no_warmup),
+               "--admit-realtime admits as many sessions as the start-up capacity probe finds run in real "
+               "time, which --no-warmup skips: drop one of them")
         if self.static is not None:
             _check(os.path.isfile(os.path.join(self.static, "index.html")),
                    f"--static {self.static} must be a folder holding index.html (the web UI's built 'dist' folder)")

@@ -84,6 +84,14 @@ class EngineLoop:
             self.metrics.inc("sessions_created_total")
             return session
 
+    def limit_admission(self, sessions: int) -> None:
+        """Admits at most `sessions` at once (plus the waiting room), fewer than the slots."""
+        if self.max_admitted is None:
+            raise ValueError("an offline loop (max_waiting=None) admits every session")
+        if not 1 <= sessions <= self.max_sessions:
+            raise ValueError(f"an admission limit must be in 1..{self.max_sessions}, got {sessions}")
+        self.max_admitted = sessions + self.max_admitted - self.max_sessions
+
     def _full(self) -> bool:
         return self.max_admitted is not None and len(self.sessions) >= self.max_admitted
 

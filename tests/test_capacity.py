@@ -110,6 +110,7 @@ def test_realtime_capacity_is_read_from_the_probe():
     line = capacity.describe_ticks(ticks, 8)
     assert "36 / 51 / 63 / 88 ms with 1 / 2 / 4 / 8" in line
     assert "real time holds with 4 session(s) but not with 8" in line and "--max-sessions to 4" in line
+    assert "--admit-realtime" in line
     assert "all 4 slots run in real time" in capacity.describe_ticks({1: 0.03, 4: 0.07}, 4)
     assert capacity.realtime_sessions({1: 0.09}) == 0
     assert "even one session runs slower than real time" in capacity.describe_ticks({1: 0.09}, 1)

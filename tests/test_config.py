@@ -23,6 +23,7 @@ def _mimi(**parts):
     (lambda: ServeConfig(idle_timeout=0), "--idle-timeout"),
     (lambda: ServeConfig(shutdown_timeout=-1), "--shutdown-timeout"),
     (lambda: ServeConfig(max_buffer_seconds=0.01), "--max-buffer-seconds must hold at least one 80 ms frame"),
+    (lambda: ServeConfig(admit_realtime=True, no_warmup=True), "--admit-realtime .* --no-warmup skips"),
     (lambda: ServeConfig(static="/nonexistent"), "--static /nonexistent must be a folder holding index.html"),
     (lambda: SamplingConfig(temperature=-0.1), "temperatures must be >= 0"),
     (lambda: SamplingConfig(text_top_k=-1), "top_k values must be >= 0"),

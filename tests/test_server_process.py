@@ -81,3 +81,27 @@ def test_build_engine_warms_up_and_freezes_the_startup_heap(tiny_wrap_ckpt, caps
         assert f"lockstep:realtime_capacity_sessions {capacity.realtime_sessions(engine.metrics.probe)}" in metrics
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("probe, admitted", [({1: 0.03, 2: 0.2}, 1), ({1: 0.03, 2: 0.05}, 2), ({1: 0.2, 2: 0.3}, None)])
+def test_admit_realtime_caps_admission_at_the_probed_capacity(tiny_wrap_ckpt, monkeypatch, capsys, probe, admitted):
+    import gc
+
+    from api.server import build_engine
+    from engine import capacity
+    from engine.config import ConfigError, EngineConfig, SamplingConfig, ServeConfig
+    monkeypatch.setattr(capacity, "probe_ticks", lambda runner: probe)
+    cfg = EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=2)
+    try:
+        if admitted is None:
+            with pytest.raises(ConfigError, match="even one session runs slower than real time"):
+                build_engine(cfg, ServeConfig(admit_realtime=True))
+            return
+        engine = build_engine(cfg, ServeConfig(admit_realtime=True))
+        assert f"admitting at most {admitted} session(s) at once" in capsys.readouterr().out
+        sessions = [engine.create_session(SamplingConfig(), lambda event: None) for _ in range(admitted)]
+        assert all(sessions) and engine.create_session(SamplingConfig(), lambda event: None) is None
+        engine.end_session(sessions[0].id, "done")  # never joined: frees its place at once
+        assert engine.create_session(SamplingConfig(), lambda event: None) is not None
+    finally:
+        gc.unfreeze()
