@@ -89,9 +89,11 @@ def write_outputs(prefix: Path, meta: dict, rows: list[dict]) -> None:
     print(f"largest B with p99 tick < {FRAME_MS:.0f} ms: {meta['max_realtime_batch']}")
     if rows and "peak_memory_gb" in rows[-1]:
         print(f"peak memory at B={rows[-1]['batch']}: {rows[-1]['peak_memory_gb']:.2f} GB")
-    if rows and rows[-1]["engine"].get("stages_ms"):
-        print("stages at B=%d (ms): %s" % (rows[-1]["batch"], ", ".join(
-            f"{k} {v:.2f}" for k, v in rows[-1]["engine"]["stages_ms"].items())))
+    for who in ("engine", "reference"):
+        stages = rows[-1].get(who, {}).get("stages_ms") if rows else None
+        if stages:
+            print("%sstages at B=%d (ms): %s" % ("" if who == "engine" else "reference ", rows[-1]["batch"],
+                                                 ", ".join(f"{k} {v:.2f}" for k, v in stages.items())))
     save_json(prefix, meta, rows)
     try:
         import matplotlib

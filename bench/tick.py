@@ -115,13 +115,31 @@ def reference_ticks(lm, mimi, batch: int, device: torch.device):
     gen = LMGen(lm)
     pcm = torch.randn(batch, 1, mimi.frame_size, device=device) * 0.1
 
-    def tick() -> float:
-        start = time.perf_counter()
-        tokens = gen.step(mimi.encode(pcm))
-        if tokens is not None:
-            mimi.decode(tokens[:, 1:])
+    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    def tick(stages: dict[str, list[float]] | None = None) -> float:
+        """One tick's seconds; with `stages`, each stage's seconds are appended there too (a sync
+        after each, so such ticks are not the timed ones)."""
+        start = last = time.perf_counter()
+
+        def mark(stage: str) -> None:
+            nonlocal last
+            if stages is not None:
+                sync()
+                now = time.perf_counter()
+                stages.setdefault(stage, []).append(now - last)
+                last = now
+
+        codes = mimi.encode(pcm)
+        mark("mimi_encode")
+        tokens = gen.step(codes)
+        mark("lm")
+        if tokens is not None:
+            mimi.decode(tokens[:, 1:])
+            mark("mimi_decode")
+        sync()
         return time.perf_counter() - start
 
     with torch.no_grad(), mimi.streaming(batch), gen.streaming(batch):
@@ -150,12 +168,16 @@ def measure(runner: ModelRunner, ref, batch: int, warmup: int, ticks: int, full_
             mine.append(engine.tick())
             if ref_tick:
                 theirs.append(ref_tick())
+        ref_stages: dict[str, list[float]] = {}
+        for _ in range(ticks if ref_tick else 0):
+            ref_tick(ref_stages)
     engine.close()
     row["engine"].update(summarize(mine))
     if not cuda:  # the process' peak resident set, reference included (Linux reports KiB)
         row["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     if ref_tick:
         row["reference"] = summarize(theirs)
+        row["reference"]["stages_ms"] = {k: statistics.median(v) * 1e3 for k, v in ref_stages.items()}
         row["speedup"] = row["reference"]["p50_ms"] / row["engine"]["p50_ms"]
     return row
 

@@ -20,6 +20,7 @@ def test_tick_sweep_writes_results(tiny_wrap_ckpt, tmp_path, capsys):
     row = doc["rows"][-1]
     assert row["engine"]["n"] == 3 and row["reference"]["n"] == 3 and row["floor_ms"] > 0
     assert set(row["engine"]["stages_ms"]) == {"mimi_encode", "lm_temporal", "lm_depth", "mimi_decode"}
+    assert set(row["reference"]["stages_ms"]) == {"mimi_encode", "lm", "mimi_decode"}
     assert "largest B with p99 tick" in capsys.readouterr().out
 
 
