@@ -84,6 +84,19 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
                                 headers={"Retry-After": str(retry)})
         return registry.describe(api_session)
 
+    @app.get("/v1/sessions", dependencies=[Depends(auth)])
+    async def list_sessions():
+        return {"sessions": engine.statuses(), "slots_total": engine.max_sessions,
+                "free_slots": engine.sched.free_slots}
+
+    @app.get("/v1/sessions/{sid}", dependencies=[Depends(auth)])
+    async def session_status(sid: str):
+        api_session = lookup(sid)
+        status = engine.status(sid)
+        if status is None:
+            raise HTTPException(404, f"no session {sid!r} (unknown or already ended)")
+        return {**registry.describe(api_session), **status}
+
     @app.post("/v1/sessions/{sid}/audio", dependencies=[Depends(auth)])
     async def push_audio(sid: str, request: Request):
         api_session = lookup(sid)

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.config import FRAME_RATE, SamplingConfig
+from engine.config import FRAME_RATE, SAMPLE_RATE, SamplingConfig
 from engine.metrics import EngineMetrics
 from engine.runner import ModelRunner
 from engine.scheduler import Plan, Scheduler
@@ -101,6 +101,30 @@ class EngineLoop:
             session = self.sessions.get(sid)
             if session is not None and session.end_reason is None:
                 self._end_locked(session, reason)
+
+    def status(self, sid: str) -> dict | None:
+        """Where a live session stands, or None once it has ended: `waiting` (for its first full
+        input frame or a free slot), `running` in a slot, or `ending` (it leaves at the next tick)."""
+        with self._cond:
+            session = self.sessions.get(sid)
+            if session is None:
+                return None
+            slot = self.sched.slot_of.get(sid)
+        return self._status(session, slot)
+
+    def statuses(self) -> list[dict]:
+        """`status` of every live session, with its id, oldest first."""
+        with self._cond:
+            live = [(s, self.sched.slot_of.get(s.id)) for s in self.sessions.values()]
+        return [{"id": s.id, **self._status(s, slot)} for s, slot in live]
+
+    @staticmethod
+    def _status(session: Session, slot: int | None) -> dict:
+        state = "ending" if session.end_reason else "waiting" if slot is None else "running"
+        return {"state": state, "slot": slot, "frames_out": session.frames_out, "underruns": session.underruns,
+                "buffered_seconds": session.buffered_samples() / SAMPLE_RATE,
+                "dropped_samples": session.dropped_samples, "input_ended": session.input_ended,
+                "age_seconds": time.monotonic() - session.created}
 
     def _end_locked(self, session: Session, reason: str) -> None:
         session.end_reason = reason

@@ -64,6 +64,11 @@ class Session:
             self.input_ended = True
             self.last_activity = time.monotonic()
 
+    def buffered_samples(self) -> int:
+        """Input received and not yet stepped."""
+        with self._lock:
+            return len(self._buf)
+
     def has_frame(self) -> bool:
         with self._lock:
             return len(self._buf) >= self.frame_size or (self.input_ended and len(self._buf) > 0)

@@ -249,6 +249,44 @@ def test_errors_leave_the_server_serving(server, expected):
     test_client_helper_streams_in_real_time(server, expected)
 
 
+def test_session_status_and_listing(server, expected):
+    base, engine = server
+
+    async def poll(http, sid, until):
+        for _ in range(100):
+            async with http.get(f"{base}/v1/sessions/{sid}") as r:
+                if r.status == 404 or until(await r.json()):
+                    return r.status, await r.json()
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"session {sid} never reached the state asked for")
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/v1/sessions/nope") as r:
+                assert r.status == 404
+            async with http.post(f"{base}/v1/sessions", json={"greedy": True}) as r:
+                sid = (await r.json())["id"]
+            async with http.get(f"{base}/v1/sessions/{sid}") as r:
+                status = await r.json()
+            assert status["id"] == sid and status["sample_rate"] == 24000 and status["sampling"]["greedy"]
+            assert status["state"] == "waiting" and status["slot"] is None and status["frames_out"] == 0
+            async with http.post(f"{base}/v1/sessions/{sid}/audio",
+                                 data=pcm_to_s16le(expected["alpha"][0].reshape(-1))) as r:
+                assert r.status == 200
+            _, status = await poll(http, sid, lambda s: s["frames_out"] > 2)
+            assert status["state"] == "running" and status["slot"] is not None and status["buffered_seconds"] >= 0
+            async with http.get(f"{base}/v1/sessions") as r:
+                listing = await r.json()
+            assert listing["slots_total"] == MAX_SESSIONS
+            assert [s["state"] for s in listing["sessions"] if s["id"] == sid] == ["running"]
+            async with http.delete(f"{base}/v1/sessions/{sid}") as r:
+                assert r.status == 204
+            code, _ = await poll(http, sid, lambda s: False)
+            assert code == 404
+
+    asyncio.run(main())
+
+
 def test_api_key_required_when_configured(tiny_wrap_ckpt):
     httpx = pytest.importorskip("httpx")
     runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))

@@ -237,3 +237,20 @@ def test_failed_ticks_end_their_sessions_and_then_fail_liveness(runner, monkeypa
         loop.end_session(s.id, "done")
     finally:
         loop.stop()
+
+
+def test_status_follows_a_session_from_waiting_to_gone(runner):
+    loop = EngineLoop(runner)
+    s = loop.create_session(SamplingConfig(greedy=True), collector()[1])
+    s.push(np.zeros(1920 + 960, np.float32))
+    assert loop.status(s.id)["state"] == "waiting" and loop.status(s.id)["buffered_seconds"] == 0.12
+    loop.tick()
+    status = loop.status(s.id)
+    assert status["state"] == "running" and status["slot"] == 0 and status["buffered_seconds"] == 0.04
+    loop.tick()  # input runs dry: an underrun
+    assert loop.status(s.id)["underruns"] == 1 and loop.status(s.id)["frames_out"] == 1
+    assert [st["id"] for st in loop.statuses()] == [s.id]
+    loop.end_session(s.id, "done")
+    assert loop.status(s.id)["state"] == "ending"
+    loop.tick()
+    assert loop.status(s.id) is None and loop.statuses() == []
