@@ -55,7 +55,8 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
         sizes = runner.warm_up()
         print(f"lockstep: warmed up batch sizes {sizes} in {time.perf_counter() - start:.1f} s", flush=True)
         ticks = capacity.probe_ticks(runner)
-        print(f"lockstep: {capacity.describe_ticks(ticks, runner.max_sessions)}", flush=True)
+        print(f"lockstep: {capacity.describe_ticks(ticks, runner.max_sessions, serve_cfg.admit_realtime)}",
+              flush=True)
     host.settle()
     lm_dtype = str(engine_cfg.torch_dtype).removeprefix("torch.")
     print(f"lockstep: {engine_cfg.model_dir or engine_cfg.hf_repo} on {runner.device} (LM {lm_dtype}, "
@@ -73,7 +74,6 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
                                   "than real time here, so it would admit no one (use a faster device, or drop "
                                   "the flag to serve late)")
             loop.limit_admission(fit)
-            print(f"lockstep: admitting at most {fit} session(s) at once (--admit-realtime)", flush=True)
     return loop
 
 

@@ -107,14 +107,39 @@ def check_weights_fit(lm, mimi, lm_dtype: torch.dtype, device, lm_file_bytes: in
                       f"but {free / 1e9:.1f} GB is free, of which {budget / 1e9:.1f} GB may hold them{fix}")
 
 
+# The most slots `--max-sessions 0` picks: the largest CUDA-graph bucket.
+MAX_AUTO_SESSIONS = 128
+
+
+def _state_budget(device: torch.device) -> tuple[int, int] | None:
+    """(free bytes on `device`, the bytes of session state it may hold: free less the headroom),
+    or None where free memory is unknown."""
+    free = free_bytes(device)
+    return None if free is None else (free, free - max(_HEADROOM_MIN, int(_HEADROOM_FRACTION * free)))
+
+
+def sessions_that_fit(lm, mimi, device: torch.device) -> int:
+    """How many slots (beside the scratch slot) fit in what `device` has free, at most
+    `MAX_AUTO_SESSIONS`: what `--max-sessions 0` asks for."""
+    memory = _state_budget(device)
+    if memory is None:
+        raise ConfigError(f"--max-sessions 0 sizes the slots by free memory, which this process cannot "
+                          f"read on {device}: give --max-sessions N")
+    fit = min(MAX_AUTO_SESSIONS, memory[1] // state_bytes_per_slot(lm, mimi) - 1)
+    if fit < 1:
+        raise ConfigError(f"--max-sessions 0: not even one session's state "
+                          f"({state_bytes_per_slot(lm, mimi) / 1e9:.2f} GB) fits in {device}'s free memory")
+    return fit
+
+
 def check_state_fits(lm, mimi, max_sessions: int, device: torch.device) -> None:
     """Raises ConfigError when `max_sessions` slots (plus the runner's scratch slot) cannot fit in
     what `device` has free, saying how many can."""
-    free = free_bytes(device)
-    if free is None:
+    memory = _state_budget(device)
+    if memory is None:
         return
+    free, budget = memory
     per_slot = state_bytes_per_slot(lm, mimi)
-    budget = free - max(_HEADROOM_MIN, int(_HEADROOM_FRACTION * free))
     need = per_slot * (max_sessions + 1)
     if need <= budget:
         return
@@ -125,7 +150,7 @@ def check_state_fits(lm, mimi, max_sessions: int, device: torch.device) -> None:
         f"--max-sessions {max_sessions} needs {need / 1e9:.1f} GB of session state on {device} "
         f"({per_slot / 1e9:.2f} GB a session, KV caches at full context, plus one scratch slot), but "
         f"{free / 1e9:.1f} GB is free after the weights, of which {budget / 1e9:.1f} GB may hold state: "
-        f"at most {fit} session(s) fit. Lower --max-sessions{hint}.")
+        f"at most {fit} session(s) fit. Lower --max-sessions (0 takes as many as fit){hint}.")
 
 
 def probe_ticks(runner, repeats: int = 3) -> dict[int, float]:
@@ -156,7 +181,7 @@ def realtime_sessions(ticks: dict[int, float]) -> int:
     return max((B for B, t in ticks.items() if t < FRAME_SECONDS), default=0)
 
 
-def describe_ticks(ticks: dict[int, float], max_sessions: int) -> str:
+def describe_ticks(ticks: dict[int, float], max_sessions: int, admit_realtime: bool = False) -> str:
     sizes = sorted(ticks)
     fit = realtime_sessions(ticks)
     line = (f"a tick at full context takes {' / '.join(f'{ticks[B] * 1e3:.0f}' for B in sizes)} ms with "
@@ -167,6 +192,8 @@ def describe_ticks(ticks: dict[int, float], max_sessions: int) -> str:
     if fit == 0:
         return (f"{line}: even one session runs slower than real time here, so every tick will be late "
                 "(use a faster device, or on a GPU --dtype bfloat16)")
-    return (f"{line}: real time holds with {fit} session(s) but not with {slower}, so with more than "
-            f"{fit} at once ticks may run late (lower --max-sessions to {fit}, serve with --admit-realtime, "
-            "or use a faster device)")
+    line = f"{line}: real time holds with {fit} session(s) but not with {slower}"
+    if admit_realtime:
+        return f"{line}, so --admit-realtime admits at most {fit} at once"
+    return (f"{line}, so with more than {fit} at once ticks may run late (lower --max-sessions to {fit}, "
+            "serve with --admit-realtime, or use a faster device)")

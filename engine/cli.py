@@ -22,7 +22,8 @@ _ENGINE_HELP = {
     "device": "cpu or cuda[:N]",
     "dtype": "LM weights/activations dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or "
              "float32 (Mimi always runs in float32)",
-    "max_sessions": "number of session slots stepped together",
+    "max_sessions": "number of session slots stepped together; 0: as many as the device's free memory holds "
+                    "at full context (up to 128)",
     "kernels": "kernel family: auto (Triton on CUDA, torch elsewhere), torch or triton",
 }
 _SAMPLING_HELP = {

@@ -315,7 +315,8 @@ class EngineConfig:
     def validate(self) -> "EngineConfig":
         _check(not (self.model_dir and self.hf_repo), "give either --model-dir or --hf-repo, not both")
         _check(self.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        _check(self.max_sessions >= 1, f"--max-sessions must be >= 1, got {self.max_sessions}")
+        _check(self.max_sessions >= 0, f"--max-sessions must be >= 1, or 0 for as many as fit in memory; "
+               f"got {self.max_sessions}")
         _check(self.kernels in ("auto", "torch", "triton"), "--kernels must be auto, torch or triton")
         _check(self.device == "cpu" or self.device.startswith("cuda"),
                f"--device must be 'cpu' or 'cuda[:N]', got {self.device!r}")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.capacity import check_device, check_state_fits, check_weights_fit
+from engine.capacity import check_device, check_state_fits, check_weights_fit, sessions_that_fit
 from engine.checkpoint import CheckpointFiles, load_weights, resolve
 from engine.config import EngineConfig, SamplingConfig
 from engine.graphs import GraphedStep, buckets_for
@@ -39,8 +39,9 @@ class ModelRunner:
         prepack(lm)
         prepack(mimi)
         self.tokenizer = tokenizer
-        self.max_sessions = max_sessions
         self.device = next(lm.parameters()).device
+        # 0: as many as fit, sized once the weights (and on CPU their packed copies) are in place.
+        self.max_sessions = max_sessions or sessions_that_fit(lm, mimi, self.device)
         if self.device.type == "cuda":
             # Streams and graphs are made on the thread's current device: make it the model's
             # (`--device cuda:1`), for the thread that builds the runner and then ticks it.
@@ -48,12 +49,12 @@ class ModelRunner:
         self.frame_size = mimi.frame_size
         self.max_delay = lm.cfg.max_delay
         # One state row past the sessions' is scratch: padded rows and decodes that must not count.
-        self.scratch_slot = max_sessions
+        self.scratch_slot = self.max_sessions
         mimi.set_num_codebooks(lm.cfg.mimi_codebooks)
-        check_state_fits(lm, mimi, max_sessions, self.device)
-        mimi.init_state(max_sessions + 1)
-        self.gen = LMGen(lm, max_sessions + 1)
-        self.slots = SlotTable(max_sessions + 1, self.device, (lm.cfg.card, lm.cfg.text_card))
+        check_state_fits(lm, mimi, self.max_sessions, self.device)
+        mimi.init_state(self.max_sessions + 1)
+        self.gen = LMGen(lm, self.max_sessions + 1)
+        self.slots = SlotTable(self.max_sessions + 1, self.device, (lm.cfg.card, lm.cfg.text_card))
         self.timer = StageTimer(self.device)
         self.graphs = GraphedStep(self) if self.device.type == "cuda" and use_cuda_graphs else None
 

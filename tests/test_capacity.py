@@ -35,6 +35,24 @@ def test_too_many_sessions_is_a_clear_error(tiny_wrap_ckpt, monkeypatch):
     assert ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=4)).max_sessions == 4
 
 
+def test_max_sessions_0_takes_as_many_as_fit(tiny_wrap_ckpt, monkeypatch):
+    probe = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    per_slot = capacity.state_bytes_per_slot(probe.lm, probe.mimi)
+    monkeypatch.setattr("engine.runner.check_weights_fit", lambda *args: None)
+    cfg = EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=0)
+    monkeypatch.setattr(capacity, "free_bytes", lambda device: capacity._HEADROOM_MIN + 5 * per_slot + per_slot // 2)
+    runner = ModelRunner.load(cfg)
+    assert runner.max_sessions == 4 and runner.scratch_slot == 4  # 5 rows of state: 4 sessions + scratch
+    monkeypatch.setattr(capacity, "free_bytes", lambda device: 1 << 50)
+    assert capacity.sessions_that_fit(probe.lm, probe.mimi, torch.device("cpu")) == capacity.MAX_AUTO_SESSIONS
+    monkeypatch.setattr(capacity, "free_bytes", lambda device: capacity._HEADROOM_MIN + per_slot)
+    with pytest.raises(ConfigError, match="not even one session's state"):
+        ModelRunner.load(cfg)
+    monkeypatch.setattr(capacity, "free_bytes", lambda device: None)
+    with pytest.raises(ConfigError, match="cannot read on cpu: give --max-sessions N"):
+        ModelRunner.load(cfg)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_weights_that_do_not_fit_are_a_clear_error_before_loading(tiny_lm_ckpt, monkeypatch, dtype):
     probe = ModelRunner.load(EngineConfig(model_dir=str(tiny_lm_ckpt), max_sessions=1))
@@ -111,6 +129,8 @@ def test_realtime_capacity_is_read_from_the_probe():
     assert "36 / 51 / 63 / 88 ms with 1 / 2 / 4 / 8" in line
     assert "real time holds with 4 session(s) but not with 8" in line and "--max-sessions to 4" in line
     assert "--admit-realtime" in line
+    assert capacity.describe_ticks(ticks, 8, admit_realtime=True).endswith(
+        "real time holds with 4 session(s) but not with 8, so --admit-realtime admits at most 4 at once")
     assert "all 4 slots run in real time" in capacity.describe_ticks({1: 0.03, 4: 0.07}, 4)
     assert capacity.realtime_sessions({1: 0.09}) == 0
     assert "even one session runs slower than real time" in capacity.describe_ticks({1: 0.09}, 1)

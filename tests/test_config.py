@@ -14,7 +14,7 @@ def _mimi(**parts):
 @pytest.mark.parametrize("build, match", [
     (lambda: EngineConfig(dtype="int8"), "--dtype must be one of"),
     (lambda: EngineConfig(model_dir="a", hf_repo="b"), "not both"),
-    (lambda: EngineConfig(max_sessions=0), "--max-sessions must be >= 1"),
+    (lambda: EngineConfig(max_sessions=-1), "--max-sessions must be >= 1, or 0 for as many as fit"),
     (lambda: EngineConfig(kernels="cuda"), "--kernels must be auto, torch or triton"),
     (lambda: EngineConfig(device="tpu"), "--device must be 'cpu' or 'cuda"),
     (lambda: ServeConfig(port=0), "--port must be in 1..65535"),
