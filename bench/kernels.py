@@ -7,6 +7,9 @@ must move (its minimal traffic: each valid KV entry, codebook, weight and activa
 each output written once), the achieved GB/s on that basis and the fraction of the device's copy
 bandwidth, measured first with a large device-to-device copy. Decode kernels are memory bound,
 so that fraction is the figure of merit. Needs a CUDA device; elsewhere it says so and exits 0.
+`--device cpu` under TRITON_INTERPRET=1 runs every case on the CPU (wall-clock timings that say
+nothing about a GPU): the test suite does so at shrunken shapes, so a lent GPU's short lease is not
+lost to a bug in the benchmark itself.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -27,6 +31,13 @@ DEPTH_HEADS, DEPTH_HEAD_DIM, DEPTH_STEPS = 16, 64, 8
 MIMI_HEADS, MIMI_HEAD_DIM, MIMI_CONTEXT = 8, 64, 250
 RVQ_DIM, RVQ_BINS, RVQ_STAGES = 256, 2048, (1, 7)
 LM_DIM, LM_HIDDEN = 4096, 11264
+LM_DTYPE = torch.bfloat16  # the LM's (Mimi runs fp32)
+# Representative SEANet layers (Mimi runs fp32): the full-rate first conv, a strided downsampling
+# conv, a dilated residual conv, a decoder upsampling conv, Mimi's upsample.
+# (name, in, out, kernel, stride, groups, input length, transposed)
+CONVS = [("enc-first", 1, 64, 7, 1, 1, 1920, False), ("enc-down", 64, 128, 8, 4, 1, 1920, False),
+         ("enc-res", 128, 64, 3, 1, 1, 480, False), ("dec-up", 128, 64, 8, 4, 1, 480, True),
+         ("mimi-up", 512, 512, 4, 2, 512, 1, True)]
 
 
 @dataclass
@@ -43,40 +54,55 @@ class Row:
         return self.bytes / self.ms / 1e6
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 25) -> float:
-    for _ in range(warmup):  # includes the Triton JIT compile on first use
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+@dataclass(frozen=True)
+class Clock:
+    """Times a call on `device`: the median of CUDA-event timings on a GPU, of wall-clock ones on CPU."""
+    device: torch.device
+    warmup: int = 5
+    iters: int = 25
+
+    def ms(self, fn: Callable[[], object], warmup: int | None = None, iters: int | None = None) -> float:
+        warmup, iters = self.warmup if warmup is None else warmup, self.iters if iters is None else iters
+        cuda = self.device.type == "cuda"
+        for _ in range(warmup):  # includes the Triton JIT compile on first use
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                start_s = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start_s) * 1e3)
+        return statistics.median(times)
+
+    def peak_bandwidth_gbps(self, nbytes: int) -> float:
+        """Copy bandwidth on the device (read + write counted), best of several copies of nbytes."""
+        src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        dst = torch.empty_like(src)
+        ms = min(self.ms(lambda: dst.copy_(src), warmup=1, iters=max(1, min(self.iters, 10))) for _ in range(3))
+        return 2 * nbytes / ms / 1e6
 
 
-def peak_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth (read + write counted), best of several 1 GiB copies."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = min(time_ms(lambda: dst.copy_(src), warmup=3, iters=10) for _ in range(3))
-    return 2 * nbytes / ms / 1e6
-
-
-def _both(family, case, batch, nbytes, make_call) -> list[Row]:
+def _both(family, case, batch, nbytes, make_call, clock: Clock) -> list[Row]:
     rows = []
     for backend in ("torch", "triton"):
-        rows.append(Row(family, case, batch, backend, time_ms(make_call(backend)), nbytes))
+        rows.append(Row(family, case, batch, backend, clock.ms(make_call(backend)), nbytes))
     return rows
 
 
-def bench_attention(device, batches) -> list[Row]:
+def bench_attention(clock: Clock, batches) -> list[Row]:
+    device = clock.device
     rows = []
-    shapes = [("lm", LM_HEADS, LM_HEAD_DIM, LM_CONTEXT, LM_CONTEXT, 1, torch.bfloat16),
-              ("depth", DEPTH_HEADS, DEPTH_HEAD_DIM, DEPTH_STEPS, None, 1, torch.bfloat16),
+    shapes = [("lm", LM_HEADS, LM_HEAD_DIM, LM_CONTEXT, LM_CONTEXT, 1, LM_DTYPE),
+              ("depth", DEPTH_HEADS, DEPTH_HEAD_DIM, DEPTH_STEPS, None, 1, LM_DTYPE),
               ("mimi", MIMI_HEADS, MIMI_HEAD_DIM, MIMI_CONTEXT, MIMI_CONTEXT, 2, torch.float32)]
     for name, H, D, cap, ctx, T, dtype in shapes:
         S = max(batches)
@@ -95,12 +121,13 @@ def bench_attention(device, batches) -> list[Row]:
 
                 def call(backend, q=q, k=k, v=v, slots=slots, offsets=offsets, kc=k_cache, vc=v_cache):
                     return lambda: attention.ring_attention(q, k, v, kc, vc, slots, offsets, ctx, backend)
-                rows += _both("attention", f"{name}-{label}-ctx{valid}", B, nbytes, call)
+                rows += _both("attention", f"{name}-{label}-ctx{valid}", B, nbytes, call, clock)
         del k_cache, v_cache
     return rows
 
 
-def bench_rvq(device, batches) -> list[Row]:
+def bench_rvq(clock: Clock, batches) -> list[Row]:
+    device = clock.device
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
     tables = []
@@ -115,22 +142,18 @@ def bench_rvq(device, batches) -> list[Row]:
         codes = torch.randint(0, RVQ_BINS, (B, sum(stages)), device=device, generator=g)
         enc_bytes = table_bytes + x.numel() * 4 + codes.numel() * 8
         rows += _both("rvq", "encode-1+7", B, enc_bytes,
-                      lambda be, x=x: (lambda: rvq.encode(x, tables, stages, be)))
+                      lambda be, x=x: (lambda: rvq.encode(x, tables, stages, be)), clock)
         dec_bytes = B * sum(stages) * (RVQ_DIM * 4 + 8) + len(stages) * B * RVQ_DIM * 4
         rows += _both("rvq", "decode-1+7", B, dec_bytes,
-                      lambda be, codes=codes: (lambda: rvq.decode(codes, tables, stages, be)))
+                      lambda be, codes=codes: (lambda: rvq.decode(codes, tables, stages, be)), clock)
     return rows
 
 
-def bench_conv(device, batches) -> list[Row]:
-    # Representative SEANet layers (Mimi runs fp32): the full-rate first conv, a strided
-    # downsampling conv, a dilated residual conv, a decoder upsampling conv, Mimi's upsample.
-    convs = [("enc-first", 1, 64, 7, 1, 1, 1920, False), ("enc-down", 64, 128, 8, 4, 1, 1920, False),
-             ("enc-res", 128, 64, 3, 1, 1, 480, False), ("dec-up", 128, 64, 8, 4, 1, 480, True),
-             ("mimi-up", 512, 512, 4, 2, 512, 1, True)]
+def bench_conv(clock: Clock, batches) -> list[Row]:
+    device = clock.device
     rows = []
     S = max(batches)
-    for name, cin, cout, K, stride, groups, L, transposed in convs:
+    for name, cin, cout, K, stride, groups, L, transposed in CONVS:
         if transposed:
             w = torch.randn(cin, cout // groups, K, device=device) / (cin * K) ** 0.5
             state = torch.zeros(S, cout, K - stride, device=device)
@@ -150,31 +173,33 @@ def bench_conv(device, batches) -> list[Row]:
                     return lambda: conv.conv_transpose1d_step(x, w, bias, state, slots, stride, groups, "elu", be)
                 return lambda: conv.conv1d_step(x, w, bias, state, slots, stride, 1, 1, None,
                                                 "elu" if name != "enc-first" else None, be)
-            rows += _both("conv", f"{name}-{cin}to{cout}-k{K}s{stride}-L{L}", B, nbytes, call)
+            rows += _both("conv", f"{name}-{cin}to{cout}-k{K}s{stride}-L{L}", B, nbytes, call, clock)
     return rows
 
 
-def bench_norm(device, batches) -> list[Row]:
+def bench_norm(clock: Clock, batches) -> list[Row]:
+    device = clock.device
     rows = []
-    dtype = torch.bfloat16
+    dtype = LM_DTYPE
     p = NormParams(True, torch.ones(LM_DIM, device=device, dtype=dtype), None, 1e-8, True)
     for B in batches:
         x = torch.randn(B, 1, LM_DIM, device=device, dtype=dtype)
         u = torch.randn_like(x)
         esize = x.element_size()
         rows += _both("norm", "rms4096", B, 2 * x.numel() * esize + LM_DIM * esize,
-                      lambda be, x=x: (lambda: norm.norm(x, p, be)))
+                      lambda be, x=x: (lambda: norm.norm(x, p, be)), clock)
         rows += _both("norm", "add+rms4096", B, 4 * x.numel() * esize + LM_DIM * esize,
-                      lambda be, x=x, u=u: (lambda: norm.add_norm(x, u, None, p, be)))
+                      lambda be, x=x, u=u: (lambda: norm.add_norm(x, u, None, p, be)), clock)
         h = torch.randn(B, 1, 2 * LM_HIDDEN, device=device, dtype=dtype)
         rows += _both("norm", f"silu-gate{LM_HIDDEN}", B, 3 * B * LM_HIDDEN * esize,
-                      lambda be, h=h: (lambda: norm.silu_gate(h, be)))
+                      lambda be, h=h: (lambda: norm.silu_gate(h, be)), clock)
     return rows
 
 
-def bench_rope(device, batches) -> list[Row]:
+def bench_rope(clock: Clock, batches) -> list[Row]:
+    device = clock.device
     rows = []
-    for name, H, D, T, dtype in (("lm", LM_HEADS, LM_HEAD_DIM, 1, torch.bfloat16),
+    for name, H, D, T, dtype in (("lm", LM_HEADS, LM_HEAD_DIM, 1, LM_DTYPE),
                                  ("mimi", MIMI_HEADS, MIMI_HEAD_DIM, 2, torch.float32)):
         for B in batches:
             q, k, _ = torch.randn(B, T, 3, H, D, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)
@@ -182,18 +207,19 @@ def bench_rope(device, batches) -> list[Row]:
             # q and k read and written once, plus the fp32 tables.
             nbytes = 4 * q.numel() * q.element_size() + 2 * tables[0].numel() * 4
             rows += _both("rope", f"{name}-{H}x{D}-T{T}", B, nbytes,
-                          lambda be, q=q, k=k, tables=tables: (lambda: rope.apply_rope(q, k, tables, be)))
+                          lambda be, q=q, k=k, tables=tables: (lambda: rope.apply_rope(q, k, tables, be)), clock)
     return rows
 
 
-def bench_noise(device, batches) -> list[Row]:
+def bench_noise(clock: Clock, batches) -> list[Row]:
+    device = clock.device
     # Launch-bound rather than bandwidth-bound: the torch path is ~80 small integer ops.
     rows = []
     for B in batches:
         seeds = torch.randint(0, 2**62, (B,), device=device)
         counters = torch.randint(0, 3000, (B,), device=device)
         rows += _both("noise", "audio-k250x8", B, B * 8 * 250 * 4,
-                      lambda be, s=seeds, c=counters: (lambda: noise.uniform_noise(s, c, 1, 250, 8, be)))
+                      lambda be, s=seeds, c=counters: (lambda: noise.uniform_noise(s, c, 1, 250, 8, be)), clock)
     return rows
 
 
@@ -206,33 +232,47 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64], help="concurrent slots")
     ap.add_argument("--only", nargs="+", choices=sorted(FAMILIES), help="kernel families to run")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed calls per case (the first compiles)")
+    ap.add_argument("--iters", type=int, default=25, help="timed calls per case (the median is reported)")
     ap.add_argument("--json", help="also write the rows (and the measured peak) to this file")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("bench.kernels needs a CUDA device (it times Triton kernels against the torch path on the "
               "GPU); none is available here, so nothing was measured.")
         return 0
-    device = torch.device(args.device)
-    torch.cuda.set_device(device)
-    peak = peak_bandwidth_gbps(device)
-    print(f"{torch.cuda.get_device_name(device)}: measured copy bandwidth {peak:.0f} GB/s")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        name, copy_bytes = torch.cuda.get_device_name(device), 1 << 30
+    else:
+        from kernels.dispatch import BackendError, _check_triton
+        try:
+            _check_triton(device)
+        except BackendError as e:
+            print(f"bench.kernels --device {device}: {e}")
+            return 2
+        name, copy_bytes = f"{device} under Triton's interpreter (timings say nothing about a GPU)", 1 << 26
+    clock = Clock(device, args.warmup, args.iters)
+    peak = clock.peak_bandwidth_gbps(copy_bytes)
+    print(f"{name}: measured copy bandwidth {peak:.0f} GB/s")
     print(f"{'family':<10} {'case':<34} {'B':>3} {'backend':<7} {'ms':>9} {'MB':>9} {'GB/s':>8} {'peak':>6}")
     rows: list[Row] = []
     status = 0
     try:
         with torch.no_grad():
             for family in args.only or list(FAMILIES):
-                for r in FAMILIES[family](device, sorted(args.batch)):
+                for r in FAMILIES[family](clock, sorted(args.batch)):
                     rows.append(r)
                     print(f"{r.family:<10} {r.case:<34} {r.batch:>3} {r.backend:<7} {r.ms:9.4f} "
                           f"{r.bytes / 1e6:9.2f} {r.gbps:8.0f} {r.gbps / peak:6.1%}", flush=True)
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     except KeyboardInterrupt:  # a time limit: keep the rows measured so far
         print(f"interrupted after {len(rows)} rows", flush=True)
         status = 130
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(device), "peak_gbps": peak,
+            json.dump({"device": name, "peak_gbps": peak,
                        "rows": [asdict(r) | {"gbps": r.gbps} for r in rows]}, f, indent=1)
     return status
 

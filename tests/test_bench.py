@@ -87,3 +87,28 @@ def test_random_models_are_made_in_the_benchmark_dtype():
     idx = torch.tensor([0, 1])
     tokens, audio = runner.forward(idx, idx, torch.zeros(2, runner.frame_size), 250, 25)
     assert tokens.shape == (2, 1 + lm_cfg.dep_q) and torch.isfinite(audio).all()
+
+
+def test_kernel_benchmark_runs_every_case_on_cpu(tmp_path, monkeypatch, capsys):
+    """bench.kernels end to end under Triton's interpreter at shrunken shapes (fp16 for the LM's,
+    as the interpreter mishandles bf16 products): every family, both backends, the JSON."""
+    import bench.kernels as bk
+    from kernels.dispatch import interpreter_problem
+    if os.environ.get("TRITON_INTERPRET") != "1" or interpreter_problem():
+        pytest.skip("needs Triton's interpreter")
+    for name, value in dict(LM_HEADS=2, LM_CONTEXT=40, DEPTH_HEADS=2, MIMI_HEADS=2, MIMI_CONTEXT=24,
+                            RVQ_DIM=32, RVQ_BINS=64, LM_DIM=256, LM_HIDDEN=384, LM_DTYPE=torch.float16).items():
+        monkeypatch.setattr(bk, name, value)
+    monkeypatch.setattr(bk, "CONVS", [("enc-down", 8, 16, 8, 4, 1, 64, False), ("dec-up", 16, 8, 8, 4, 1, 16, True),
+                                      ("mimi-up", 16, 16, 4, 2, 16, 1, True)])
+    out = tmp_path / "kernels.json"
+    assert bk.main(["--device", "cpu", "--batch", "1", "3", "--warmup", "0", "--iters", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert {r["family"] for r in rows} == set(bk.FAMILIES) and doc["peak_gbps"] > 0
+    for family in bk.FAMILIES:  # each case has both backends at both batch sizes
+        cases = {(r["case"], r["batch"], r["backend"]) for r in rows if r["family"] == family}
+        assert cases == {(c, b, be) for c, b, _ in cases for be in ("torch", "triton")}
+        assert {b for _, b, _ in cases} == {1, 3}
+    assert all(r["ms"] > 0 and r["bytes"] > 0 for r in rows)
+    assert "under Triton's interpreter" in capsys.readouterr().out
