@@ -31,7 +31,7 @@ DEPTH_HEADS, DEPTH_HEAD_DIM, DEPTH_STEPS = 16, 64, 8
 MIMI_HEADS, MIMI_HEAD_DIM, MIMI_CONTEXT = 8, 64, 250
 RVQ_DIM, RVQ_BINS, RVQ_STAGES = 256, 2048, (1, 7)
 LM_DIM, LM_HIDDEN = 4096, 11264
-LM_DTYPE = torch.bfloat16  # the LM's (Mimi runs fp32)
+LM_DTYPE = torch.bfloat16  # the released checkpoints' LM dtype
 # Representative SEANet layers (Mimi runs fp32): the full-rate first conv, a strided downsampling
 # conv, a dilated residual conv, a decoder upsampling conv, Mimi's upsample.
 # (name, in, out, kernel, stride, groups, input length, transposed)
@@ -87,7 +87,8 @@ class Clock:
         """Copy bandwidth on the device (read + write counted), best of several copies of nbytes."""
         src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         dst = torch.empty_like(src)
-        ms = min(self.ms(lambda: dst.copy_(src), warmup=1, iters=max(1, min(self.iters, 10))) for _ in range(3))
+        ms = min(self.ms(lambda: dst.copy_(src), warmup=min(3, self.warmup), iters=max(1, min(self.iters, 10)))
+                 for _ in range(3))
         return 2 * nbytes / ms / 1e6
 
 
