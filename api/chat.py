@@ -52,7 +52,8 @@ async def chat_endpoint(scope, receive, send, registry: SessionRegistry,
         return await _reply(send, 422, f"invalid query parameters: {e}")
     api_session = await registry.open(req.sampling(), req.end_on_input_end)
     if api_session is None:
-        return await _reply(send, 503, "all session slots are busy",
+        detail = "server is shutting down" if registry.engine.draining else "all session slots are busy"
+        return await _reply(send, 503, detail,
                             [(b"retry-after", str(max(1, int(registry.cfg.admission_wait))).encode())])
     session = api_session.session
     engine = registry.engine

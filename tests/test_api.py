@@ -328,7 +328,11 @@ def test_chat_endpoint_refusals(tiny_wrap_ckpt):
             held = engine.create_session(SamplingConfig(), lambda event: None)
             reply = await c.post("/v1/chat", content=b"", headers=key)
             assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
+            assert reply.json()["detail"] == "all session slots are busy"
             engine.end_session(held.id, "done")
+            engine.drain()
+            reply = await c.post("/v1/chat", content=b"", headers=key)
+            assert reply.status_code == 503 and reply.json()["detail"] == "server is shutting down"
 
     asyncio.run(main())
 
