@@ -337,6 +337,22 @@ def test_chat_endpoint_refusals(tiny_wrap_ckpt):
     asyncio.run(main())
 
 
+def test_websocket_refusals_say_why(tiny_wrap_ckpt):
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    engine = EngineLoop(runner, max_waiting=0)
+    client = TestClient(create_app(engine, ServeConfig(admission_wait=0.0)))
+    held = engine.create_session(SamplingConfig(), lambda event: None)
+    for expected in ("all session slots are busy; try again later", "server is shutting down"):
+        with client.websocket_connect("/api/chat") as ws:
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_bytes()
+        assert (closed.value.code, closed.value.reason) == (1013, expected)
+        engine.end_session(held.id, "done")
+        engine.drain()
+
+
 def test_liveness_and_readiness_fail_while_the_engine_is_stuck(tiny_wrap_ckpt, monkeypatch):
     httpx = pytest.importorskip("httpx")
     runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
