@@ -337,6 +337,7 @@ def test_chat_endpoint_refusals(tiny_wrap_ckpt):
     asyncio.run(main())
 
 
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 def test_websocket_refusals_say_why(tiny_wrap_ckpt):
     from starlette.testclient import TestClient
     from starlette.websockets import WebSocketDisconnect
