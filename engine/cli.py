@@ -39,7 +39,8 @@ _SAMPLING_HELP = {
 _SERVE_HELP = {
     "host": "address to listen on",
     "port": "port to listen on",
-    "api_key": "require 'Authorization: Bearer KEY' (repeat for several keys)",
+    "api_key": "require 'Authorization: Bearer KEY' (repeat for several keys; $LOCKSTEP_API_KEYS adds keys "
+               "that stay out of the process list)",
     "admission_wait": "seconds a new session may wait for a free slot before 503",
     "max_body_mb": "largest audio upload per request, in MB",
     "idle_timeout": "end a session that sends no audio for this many seconds",
@@ -123,10 +124,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def serve_config(args: argparse.Namespace, environ=os.environ) -> ServeConfig:
+    """The serve flags, plus the API keys in $LOCKSTEP_API_KEYS (comma- or space-separated), which
+    unlike --api-key do not show in the process list."""
+    from_env = tuple(k for k in environ.get("LOCKSTEP_API_KEYS", "").replace(",", " ").split() if k)
+    cfg = _from_args(ServeConfig, args)
+    return dataclasses.replace(cfg, api_key=cfg.api_key + from_env).validate() if from_env else cfg
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from api.server import serve
     # Weights are resolved (the built-in checkpoint made) on the engine's thread, with the loading.
-    serve(_from_args(EngineConfig, args), _from_args(ServeConfig, args))
+    serve(_from_args(EngineConfig, args), serve_config(args))
 
 
 def cmd_client(args: argparse.Namespace) -> None:

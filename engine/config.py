@@ -349,6 +349,9 @@ class ServeConfig:
 
     def validate(self) -> "ServeConfig":
         _check(0 < self.port < 65536, f"--port must be in 1..65535, got {self.port}")
+        # An empty key would let a request with an empty bearer token in (e.g. `--api-key "$KEY"` with
+        # KEY unset in a start script): refused rather than served open.
+        _check(all(k.strip() for k in self.api_key), "--api-key must not be empty (or blank)")
         _check(self.admission_wait >= 0, "--admission-wait must be >= 0 seconds")
         _check(self.max_body_mb > 0, "--max-body-mb must be positive")
         _check(self.idle_timeout > 0, "--idle-timeout must be positive (seconds)")

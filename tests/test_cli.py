@@ -33,6 +33,22 @@ def test_config_errors_exit_cleanly(tmp_path, capsys):
         main(["generate", "--dtype", "int4", "--model-dir", str(tmp_path), "--output-dir", "o", "x.wav"])
 
 
+def test_api_keys_from_the_environment_join_the_flags():
+    from engine.cli import serve_config
+    args = build_parser().parse_args(["serve", "--api-key", "flag-key"])
+    assert serve_config(args, {}).api_key == ("flag-key",)
+    cfg = serve_config(args, {"LOCKSTEP_API_KEYS": " env-a, env-b  env-c,,"})
+    assert cfg.api_key == ("flag-key", "env-a", "env-b", "env-c")
+    assert serve_config(build_parser().parse_args(["serve"]), {"LOCKSTEP_API_KEYS": " , "}).api_key == ()
+
+
+def test_an_empty_api_key_is_refused(capsys):
+    # `--api-key "$KEY"` with KEY unset would otherwise admit an empty bearer token.
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--api-key", "", "--model-dir", "unused"])
+    assert exc.value.code == 2 and "--api-key must not be empty" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_cuda_without_a_gpu_exits_cleanly(tiny_wrap_ckpt, tmp_path, capsys):
     for argv in (["generate", "--model-dir", str(tiny_wrap_ckpt), "--device", "cuda", "--output-dir", str(tmp_path),

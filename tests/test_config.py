@@ -18,6 +18,7 @@ def _mimi(**parts):
     (lambda: EngineConfig(kernels="cuda"), "--kernels must be auto, torch or triton"),
     (lambda: EngineConfig(device="tpu"), "--device must be 'cpu' or 'cuda"),
     (lambda: ServeConfig(port=0), "--port must be in 1..65535"),
+    (lambda: ServeConfig(api_key=("ok", " ")), "--api-key must not be empty"),
     (lambda: ServeConfig(admission_wait=-1), "--admission-wait"),
     (lambda: ServeConfig(max_body_mb=0), "--max-body-mb"),
     (lambda: ServeConfig(idle_timeout=0), "--idle-timeout"),
