@@ -91,6 +91,8 @@ class EngineLoop:
         if not 1 <= sessions <= self.max_sessions:
             raise ValueError(f"an admission limit must be in 1..{self.max_sessions}, got {sessions}")
         self.max_admitted = sessions + self.max_admitted - self.max_sessions
+        with self.metrics.lock:
+            self.metrics.gauges["admission_limit_sessions"] = sessions
 
     def _full(self) -> bool:
         return self.max_admitted is not None and len(self.sessions) >= self.max_admitted

@@ -100,6 +100,7 @@ def test_admit_realtime_caps_admission_at_the_probed_capacity(tiny_wrap_ckpt, mo
         engine = build_engine(cfg, ServeConfig(admit_realtime=True))
         out = capsys.readouterr().out
         assert (f"--admit-realtime admits at most {admitted} at once" in out) == (admitted < 2)
+        assert f"lockstep:admission_limit_sessions {admitted}" in engine.metrics.render()
         sessions = [engine.create_session(SamplingConfig(), lambda event: None) for _ in range(admitted)]
         assert all(sessions) and engine.create_session(SamplingConfig(), lambda event: None) is None
         engine.end_session(sessions[0].id, "done")  # never joined: frees its place at once
