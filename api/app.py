@@ -79,8 +79,7 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
         api_session = await registry.open(req.sampling(), req.end_on_input_end)
         if api_session is None:
             retry = max(1, int(cfg.admission_wait))
-            return JSONResponse({"detail": "all session slots are busy" if not engine.draining
-                                 else "server is shutting down"}, status_code=503,
+            return JSONResponse({"detail": registry.refusal()}, status_code=503,
                                 headers={"Retry-After": str(retry)})
         return registry.describe(api_session)
 

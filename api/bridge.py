@@ -58,6 +58,10 @@ class SessionRegistry:
         self._by_id[session.id] = api_session
         return api_session
 
+    def refusal(self) -> str:
+        """Why `open` just returned None, as every route tells the caller."""
+        return "server is shutting down" if self.engine.draining else "all session slots are busy"
+
     def get(self, sid: str) -> ApiSession | None:
         return self._by_id.get(sid)
 

@@ -52,8 +52,7 @@ async def chat_endpoint(scope, receive, send, registry: SessionRegistry,
         return await _reply(send, 422, f"invalid query parameters: {e}")
     api_session = await registry.open(req.sampling(), req.end_on_input_end)
     if api_session is None:
-        detail = "server is shutting down" if registry.engine.draining else "all session slots are busy"
-        return await _reply(send, 503, detail,
+        return await _reply(send, 503, registry.refusal(),
                             [(b"retry-after", str(max(1, int(registry.cfg.admission_wait))).encode())])
     session = api_session.session
     engine = registry.engine

@@ -52,8 +52,8 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
         await ws.accept()
         api_session = await registry.open(sampling, end_on_input_end=False)
         if api_session is None:
-            await ws.close(code=1013, reason="server is shutting down" if engine.draining
-                           else "all session slots are busy; try again later")
+            reason = registry.refusal()
+            await ws.close(code=1013, reason=reason if engine.draining else f"{reason}; try again later")
             return
         session = api_session.session
         opus_in = sphn.OpusStreamReader(SAMPLE_RATE)

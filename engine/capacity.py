@@ -70,6 +70,17 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
+# The most slots `--max-sessions 0` picks: the largest CUDA-graph bucket.
+MAX_AUTO_SESSIONS = 128
+
+
+def _budget(device: torch.device) -> tuple[int, int] | None:
+    """(free bytes on `device`, the bytes weights or session state may take of it: free less the
+    headroom), or None where free memory is unknown."""
+    free = free_bytes(device)
+    return None if free is None else (free, free - max(_HEADROOM_MIN, int(_HEADROOM_FRACTION * free)))
+
+
 def weight_bytes(module, dtype: torch.dtype | None = None) -> int:
     """Bytes of what a checkpoint fills in a module (its state dict: no session state), floating
     tensors counted in `dtype` when given; works on the meta device, before anything is allocated."""
@@ -83,9 +94,10 @@ def check_weights_fit(lm, mimi, lm_dtype: torch.dtype, device, lm_file_bytes: in
     the LM file's tensors while they are converted). A 7B LM in fp32 on a 24 GB machine would
     otherwise end start-up in the kernel's OOM killer, which names no flag."""
     device = torch.device(device)
-    free = free_bytes(device)
-    if free is None:
+    memory = _budget(device)
+    if memory is None:
         return
+    free, budget = memory
     dtype_name = str(lm_dtype).removeprefix("torch.")
     lm_bytes, mimi_bytes = weight_bytes(lm, lm_dtype), weight_bytes(mimi, torch.float32)
     lm_what = f"the LM {lm_bytes / 1e9:.1f} GB in {dtype_name}"
@@ -94,7 +106,6 @@ def check_weights_fit(lm, mimi, lm_dtype: torch.dtype, device, lm_file_bytes: in
             lm_bytes, lm_what = lm_file_bytes, f"the LM's file {lm_file_bytes / 1e9:.1f} GB while converted to {dtype_name}"
         mimi_bytes *= 2
     need = lm_bytes + mimi_bytes
-    budget = free - max(_HEADROOM_MIN, int(_HEADROOM_FRACTION * free))
     if need <= budget:
         return
     hint = []
@@ -107,35 +118,25 @@ def check_weights_fit(lm, mimi, lm_dtype: torch.dtype, device, lm_file_bytes: in
                       f"but {free / 1e9:.1f} GB is free, of which {budget / 1e9:.1f} GB may hold them{fix}")
 
 
-# The most slots `--max-sessions 0` picks: the largest CUDA-graph bucket.
-MAX_AUTO_SESSIONS = 128
-
-
-def _state_budget(device: torch.device) -> tuple[int, int] | None:
-    """(free bytes on `device`, the bytes of session state it may hold: free less the headroom),
-    or None where free memory is unknown."""
-    free = free_bytes(device)
-    return None if free is None else (free, free - max(_HEADROOM_MIN, int(_HEADROOM_FRACTION * free)))
-
-
 def sessions_that_fit(lm, mimi, device: torch.device) -> int:
     """How many slots (beside the scratch slot) fit in what `device` has free, at most
     `MAX_AUTO_SESSIONS`: what `--max-sessions 0` asks for."""
-    memory = _state_budget(device)
+    memory = _budget(device)
     if memory is None:
         raise ConfigError(f"--max-sessions 0 sizes the slots by free memory, which this process cannot "
                           f"read on {device}: give --max-sessions N")
-    fit = min(MAX_AUTO_SESSIONS, memory[1] // state_bytes_per_slot(lm, mimi) - 1)
+    per_slot = state_bytes_per_slot(lm, mimi)
+    fit = min(MAX_AUTO_SESSIONS, memory[1] // per_slot - 1)
     if fit < 1:
-        raise ConfigError(f"--max-sessions 0: not even one session's state "
-                          f"({state_bytes_per_slot(lm, mimi) / 1e9:.2f} GB) fits in {device}'s free memory")
+        raise ConfigError(f"--max-sessions 0: not even one session's state ({per_slot / 1e9:.2f} GB) fits "
+                          f"in {device}'s free memory")
     return fit
 
 
 def check_state_fits(lm, mimi, max_sessions: int, device: torch.device) -> None:
     """Raises ConfigError when `max_sessions` slots (plus the runner's scratch slot) cannot fit in
     what `device` has free, saying how many can."""
-    memory = _state_budget(device)
+    memory = _budget(device)
     if memory is None:
         return
     free, budget = memory
