@@ -19,7 +19,7 @@ _ENGINE_HELP = {
     "mimi_weight": "override the Mimi safetensors file",
     "tokenizer": "override the sentencepiece text tokenizer",
     "config_path": "override config.json",
-    "device": "cpu or cuda[:N]",
+    "device": "auto (cuda when torch sees a GPU, else cpu), cpu or cuda[:N]",
     "dtype": "LM weights/activations dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or "
              "float32 (Mimi always runs in float32)",
     "max_sessions": "number of session slots stepped together; 0: as many as the device's free memory holds "
@@ -64,7 +64,8 @@ def _flag(name: str) -> str:
 def _add_dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str]) -> None:
     defaults = cls()
     for f in dataclasses.fields(cls):
-        default = getattr(defaults, f.name)
+        # The declared default ("auto"), not what construction resolves it to on this machine.
+        default = f.default if f.default is not dataclasses.MISSING else getattr(defaults, f.name)
         if isinstance(default, bool):
             p.add_argument(_flag(f.name), dest=f.name, action="store_true", help=helps[f.name])
         elif isinstance(default, tuple):

@@ -307,10 +307,16 @@ class EngineConfig:
     mimi_weight: str | None = None
     tokenizer: str | None = None
     config_path: str | None = None
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = "auto"
     max_sessions: int = 8
     kernels: str = "auto"
+
+    def __post_init__(self) -> None:
+        # Resolved once, here, so every later reader (dtype, loading, capacity) sees a concrete device.
+        if self.device == "auto":
+            import torch
+            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
 
     def validate(self) -> "EngineConfig":
         _check(not (self.model_dir and self.hf_repo), "give either --model-dir or --hf-repo, not both")
@@ -319,7 +325,7 @@ class EngineConfig:
                f"got {self.max_sessions}")
         _check(self.kernels in ("auto", "torch", "triton"), "--kernels must be auto, torch or triton")
         _check(self.device == "cpu" or self.device.startswith("cuda"),
-               f"--device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+               f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         return self
 
     @property

@@ -30,7 +30,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_wrap_ckpt):
-    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=MAX_SESSIONS))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=MAX_SESSIONS))
     engine = EngineLoop(runner, max_buffer_frames=250, idle_timeout=5.0, max_waiting=0)
     engine.start()
     cfg = ServeConfig(port=free_port(), admission_wait=0.2)
@@ -49,7 +49,7 @@ def server(tiny_wrap_ckpt):
 @pytest.fixture(scope="module")
 def expected(tiny_wrap_ckpt, wav_inputs):
     """What `lockstep generate` gives for each input alone (greedy)."""
-    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
     out = {}
     for path in wav_inputs:
         fr = frames(read_audio(path))
@@ -289,7 +289,7 @@ def test_session_status_and_listing(server, expected):
 
 def test_api_key_required_when_configured(tiny_wrap_ckpt):
     httpx = pytest.importorskip("httpx")
-    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
     app = create_app(EngineLoop(runner), ServeConfig(api_key=("sekrit",)))
 
     async def main():
@@ -307,7 +307,7 @@ def test_api_key_required_when_configured(tiny_wrap_ckpt):
 def test_chat_endpoint_refusals(tiny_wrap_ckpt):
     """/v1/chat's error replies; the engine does not tick, so a session never joins and ends at once."""
     httpx = pytest.importorskip("httpx")
-    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
     engine = EngineLoop(runner, max_waiting=0)
     app = create_app(engine, ServeConfig(api_key=("sekrit",), admission_wait=0.0, max_body_mb=0.01))
     key = {"authorization": "Bearer sekrit"}
@@ -341,7 +341,7 @@ def test_chat_endpoint_refusals(tiny_wrap_ckpt):
 def test_websocket_refusals_say_why(tiny_wrap_ckpt):
     from starlette.testclient import TestClient
     from starlette.websockets import WebSocketDisconnect
-    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
     engine = EngineLoop(runner, max_waiting=0)
     client = TestClient(create_app(engine, ServeConfig(admission_wait=0.0)))
     held = engine.create_session(SamplingConfig(), lambda event: None)
@@ -356,7 +356,7 @@ def test_websocket_refusals_say_why(tiny_wrap_ckpt):
 
 def test_liveness_and_readiness_fail_while_the_engine_is_stuck(tiny_wrap_ckpt, monkeypatch):
     httpx = pytest.importorskip("httpx")
-    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
     engine = EngineLoop(runner)
     app = create_app(engine, ServeConfig())
 
@@ -377,7 +377,7 @@ def test_static_folder_is_served_beside_the_api(tiny_wrap_ckpt, tmp_path):
     (tmp_path / "index.html").write_text("<html>moshi ui</html>")
     (tmp_path / "assets").mkdir()
     (tmp_path / "assets" / "app.js").write_text("console.log(1)")
-    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
     app = create_app(EngineLoop(runner), ServeConfig(static=str(tmp_path)).validate())
 
     async def main():

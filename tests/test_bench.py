@@ -45,7 +45,7 @@ def test_tick_sweep_cut_short_keeps_the_rows_measured(tiny_wrap_ckpt, tmp_path, 
 def test_serving_benchmark_against_a_spawned_server(tiny_wrap_ckpt, tmp_path, capsys):
     from bench.serve import main
     main(["--spawn", "--callers", "2", "--seconds", "0.6", "--rate", "20", "--output", str(tmp_path / "s.json"),
-          "--", "--model-dir", str(tiny_wrap_ckpt)])
+          "--", "--device", "cpu", "--model-dir", str(tiny_wrap_ckpt)])
     row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
     assert row["callers"] == 2 and row["failed"] == 0 and row["first_audio_ms"]["p50"] >= 80
     assert row["probe_realtime_sessions"] in (0, 1, 2)  # the spawned server's start-up probe

@@ -17,29 +17,29 @@ def _state_transformers(runner):
 
 
 def test_state_bytes_per_slot_is_what_a_slot_allocates(tiny_wrap_ckpt):
-    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=3))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=3))
     rows = runner.max_sessions + 1
     allocated = sum(t.k_cache.nbytes + t.v_cache.nbytes for t in _state_transformers(runner))
     assert capacity.state_bytes_per_slot(runner.lm, runner.mimi) * rows == allocated
 
 
 def test_too_many_sessions_is_a_clear_error(tiny_wrap_ckpt, monkeypatch):
-    probe = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    probe = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
     per_slot = capacity.state_bytes_per_slot(probe.lm, probe.mimi)
     # Free memory such that, past the 1 GB headroom, exactly 5 slots' state fits: 4 sessions + scratch.
     free = capacity._HEADROOM_MIN + 5 * per_slot + per_slot // 2
     monkeypatch.setattr(capacity, "free_bytes", lambda device: free)
     monkeypatch.setattr("engine.runner.check_weights_fit", lambda *args: None)  # free_bytes is after the weights
     with pytest.raises(ConfigError, match=r"--max-sessions 5 needs .* at most 4 session\(s\) fit\. Lower --max-sessions"):
-        ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=5))
-    assert ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=4)).max_sessions == 4
+        ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=5))
+    assert ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=4)).max_sessions == 4
 
 
 def test_max_sessions_0_takes_as_many_as_fit(tiny_wrap_ckpt, monkeypatch):
-    probe = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    probe = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
     per_slot = capacity.state_bytes_per_slot(probe.lm, probe.mimi)
     monkeypatch.setattr("engine.runner.check_weights_fit", lambda *args: None)
-    cfg = EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=0)
+    cfg = EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=0)
     monkeypatch.setattr(capacity, "free_bytes", lambda device: capacity._HEADROOM_MIN + 5 * per_slot + per_slot // 2)
     runner = ModelRunner.load(cfg)
     assert runner.max_sessions == 4 and runner.scratch_slot == 4  # 5 rows of state: 4 sessions + scratch
@@ -55,7 +55,7 @@ def test_max_sessions_0_takes_as_many_as_fit(tiny_wrap_ckpt, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_weights_that_do_not_fit_are_a_clear_error_before_loading(tiny_lm_ckpt, monkeypatch, dtype):
-    probe = ModelRunner.load(EngineConfig(model_dir=str(tiny_lm_ckpt), max_sessions=1))
+    probe = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_lm_ckpt), max_sessions=1))
     lm_bytes = capacity.weight_bytes(probe.lm, getattr(torch, dtype))
     file_bytes = (tiny_lm_ckpt / "model.safetensors").stat().st_size
     # On CPU: the LM (or its fp32 file while converted) and Mimi twice, for its packed copies.
@@ -64,7 +64,7 @@ def test_weights_that_do_not_fit_are_a_clear_error_before_loading(tiny_lm_ckpt, 
     monkeypatch.setattr("engine.runner.load_weights", lambda *args: loads.append(args))
     monkeypatch.setattr(capacity, "free_bytes", lambda device: capacity._HEADROOM_MIN + need - 1)
     with pytest.raises(ConfigError, match=r"the weights need .* GB on cpu .* may hold them: use ") as err:
-        ModelRunner.load(EngineConfig(model_dir=str(tiny_lm_ckpt), max_sessions=1, dtype=dtype))
+        ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_lm_ckpt), max_sessions=1, dtype=dtype))
     assert ("--dtype bfloat16" in str(err.value)) == (dtype == "float32")
     assert "a GPU (--device cuda)" in str(err.value) and not loads  # nothing was read
     monkeypatch.setattr(capacity, "free_bytes", lambda device: capacity._HEADROOM_MIN + need)
@@ -73,7 +73,7 @@ def test_weights_that_do_not_fit_are_a_clear_error_before_loading(tiny_lm_ckpt, 
 
 def test_unknown_free_memory_is_not_checked(tiny_wrap_ckpt, monkeypatch):
     monkeypatch.setattr(capacity, "free_bytes", lambda device: None)
-    assert ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=2)).max_sessions == 2
+    assert ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=2)).max_sessions == 2
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/meminfo")
@@ -98,7 +98,7 @@ def test_probe_times_every_bucket_at_full_context_and_leaves_the_slots_fresh(tin
                                                                              monkeypatch):
     inputs = {p.stem: frames(read_audio(p)) for p in wav_inputs}
     sampling = {k: SamplingConfig(seed=i) for i, k in enumerate(inputs)}
-    cfg = EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=3)
+    cfg = EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=3)
     cold, probed = ModelRunner.load(cfg), ModelRunner.load(cfg)
     seen = []
     step = probed.step

@@ -19,7 +19,7 @@ def ckpt_copy(tiny_wrap_ckpt, tmp_path):
 
 
 def load(model_dir, **kw):
-    return ModelRunner.load(EngineConfig(model_dir=str(model_dir), **kw))
+    return ModelRunner.load(EngineConfig(device="cpu", model_dir=str(model_dir), **kw))
 
 
 def test_loads_and_uses_config(ckpt_copy):
@@ -77,7 +77,7 @@ def test_unparseable_config_and_missing_files(ckpt_copy):
 def test_missing_config_means_moshi_7b_defaults(tmp_path):
     for name in ("model.safetensors", "tokenizer-e351c8d8-checkpoint125.safetensors", "tokenizer_spm_32k_3.model"):
         (tmp_path / name).write_bytes(b"")
-    files = resolve(EngineConfig(model_dir=str(tmp_path)))
+    files = resolve(EngineConfig(device="cpu", model_dir=str(tmp_path)))
     assert files.lm == LMConfig()
 
 
@@ -90,10 +90,10 @@ def test_hf_repo_from_offline_cache(tiny_wrap_ckpt, tmp_path, monkeypatch):
     (repo_dir / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    runner = ModelRunner.load(EngineConfig(hf_repo="kyutai/tiny-test"))
+    runner = ModelRunner.load(EngineConfig(device="cpu", hf_repo="kyutai/tiny-test"))
     assert runner.lm.cfg.context == 6
     with pytest.raises(CheckpointError, match="neither in the local cache"):
-        ModelRunner.load(EngineConfig(hf_repo="kyutai/not-there"))
+        ModelRunner.load(EngineConfig(device="cpu", hf_repo="kyutai/not-there"))
 
 
 def test_kyutai_config_keys_are_understood():

@@ -1,4 +1,5 @@
 """The `lockstep` command line."""
+import dataclasses
 import json
 
 import pytest
@@ -20,8 +21,11 @@ def test_make_checkpoint_writes_kyutai_layout(tmp_path, capsys):
 def test_flags_come_from_the_configs():
     args = build_parser().parse_args(["generate", "--output-dir", "o", "x.wav"])
     for cls in (EngineConfig, SamplingConfig):
-        for name, value in cls().__dict__.items():
-            assert getattr(args, name) == value
+        for f in dataclasses.fields(cls):
+            assert getattr(args, f.name) == f.default
+    # The flag keeps the declared "auto"; the config built from it holds this machine's device.
+    assert args.device == "auto"
+    assert EngineConfig(device=args.device).device == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_config_errors_exit_cleanly(tmp_path, capsys):

@@ -13,10 +13,10 @@ def _mimi(**parts):
 
 @pytest.mark.parametrize("build, match", [
     (lambda: EngineConfig(dtype="int8"), "--dtype must be one of"),
-    (lambda: EngineConfig(model_dir="a", hf_repo="b"), "not both"),
+    (lambda: EngineConfig(device="cpu", model_dir="a", hf_repo="b"), "not both"),
     (lambda: EngineConfig(max_sessions=-1), "--max-sessions must be >= 1, or 0 for as many as fit"),
     (lambda: EngineConfig(kernels="cuda"), "--kernels must be auto, torch or triton"),
-    (lambda: EngineConfig(device="tpu"), "--device must be 'cpu' or 'cuda"),
+    (lambda: EngineConfig(device="tpu"), "--device must be 'auto', 'cpu' or 'cuda"),
     (lambda: ServeConfig(port=0), "--port must be in 1..65535"),
     (lambda: ServeConfig(api_key=("ok", " ")), "--api-key must not be empty"),
     (lambda: ServeConfig(admission_wait=-1), "--admission-wait"),
@@ -63,6 +63,16 @@ def test_auto_dtype_follows_the_device():
     assert EngineConfig().torch_dtype == torch.float32
     assert EngineConfig(device="cuda:1").torch_dtype == torch.bfloat16
     assert EngineConfig(device="cuda", dtype="float16").torch_dtype == torch.float16
+
+
+def test_auto_device_is_cuda_only_where_torch_sees_a_gpu(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert EngineConfig().device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert EngineConfig().device == "cuda"
+    assert EngineConfig(device="auto").torch_dtype == torch.bfloat16
+    assert EngineConfig(device="cpu").device == "cpu"
 
 
 def test_configs_are_frozen():

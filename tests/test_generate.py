@@ -24,7 +24,7 @@ def test_generate_matches_reference_with_continuous_batching(ckpt, request, wav_
     model_dir = request.getfixturevalue(ckpt)
     out = tmp_path / "out"
     # 4 inputs through 2 slots: later inputs join as earlier ones finish.
-    main(["generate", "--model-dir", str(model_dir), "--max-sessions", "2", "--greedy",
+    main(["generate", "--device", "cpu", "--model-dir", str(model_dir), "--max-sessions", "2", "--greedy",
           "--output-dir", str(out), *map(str, wav_inputs)])
     for path in wav_inputs:
         got = json.loads((out / f"{path.stem}.json").read_text())
@@ -39,7 +39,7 @@ def test_generate_matches_reference_with_continuous_batching(ckpt, request, wav_
 
 
 def test_mimi_pcm_matches_reference_closely(tiny_wrap_ckpt, wav_inputs):
-    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=3))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=3))
     inputs = load_inputs(wav_inputs[:3])
     res = run_sessions(runner, inputs, {k: SamplingConfig(greedy=True) for k in inputs})
     for name, fr in inputs.items():
@@ -51,7 +51,7 @@ def test_mimi_pcm_matches_reference_closely(tiny_wrap_ckpt, wav_inputs):
 def test_seeded_sampling_is_batch_invariant(tiny_wrap_ckpt, wav_inputs):
     inputs = load_inputs(wav_inputs)
     sampling = {k: SamplingConfig(seed=1234 + i, top_k=5, text_top_k=3) for i, k in enumerate(inputs)}
-    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=4))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=4))
     together = run_sessions(runner, inputs, sampling)
     for name in inputs:
         alone = run_sessions(runner, {name: inputs[name]}, {name: sampling[name]})[name]
@@ -67,7 +67,7 @@ def test_unreadable_input_does_not_stop_others(tiny_wrap_ckpt, wav_inputs, tmp_p
     bad.write_bytes(b"RIFF\x00\x00garbage")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
-        main(["generate", "--model-dir", str(tiny_wrap_ckpt), "--output-dir", str(out), "--seed", "3",
+        main(["generate", "--device", "cpu", "--model-dir", str(tiny_wrap_ckpt), "--output-dir", str(out), "--seed", "3",
               str(bad), str(wav_inputs[3])])
     assert exc.value.code == 1
     assert "broken.wav" in capsys.readouterr().err
@@ -79,7 +79,7 @@ def test_unreadable_input_does_not_stop_others(tiny_wrap_ckpt, wav_inputs, tmp_p
 @pytest.mark.parametrize("ckpt", ["tiny_wrap_ckpt", "tiny_lm_ckpt"])
 def test_mimi_codes_match_reference_frame_by_frame(ckpt, request, wav_inputs):
     model_dir = request.getfixturevalue(ckpt)
-    runner = ModelRunner.load(EngineConfig(model_dir=str(model_dir), max_sessions=2))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(model_dir), max_sessions=2))
     fr = frames(read_audio(wav_inputs[0]))
     want = reference_generate(model_dir, fr)["codes"]
     slot = torch.tensor([1])

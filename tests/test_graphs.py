@@ -37,8 +37,8 @@ def test_padded_replay_matches_eager(tiny_wrap_ckpt, wav_inputs):
     inputs = {p.stem: frames(read_audio(p)) for p in wav_inputs}
     greedy = {k: SamplingConfig(greedy=True) for k in inputs}
     sampled = {k: SamplingConfig(seed=i, top_k=7, text_top_k=3) for i, k in enumerate(inputs)}
-    eager = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=3))
-    graphed = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=3))
+    eager = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=3))
+    graphed = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=3))
     graphed.graphs = EagerReplay(graphed)
     for sampling in (greedy, sampled):
         want = run_sessions(eager, inputs, sampling)
@@ -56,7 +56,7 @@ def test_padded_replay_matches_eager(tiny_wrap_ckpt, wav_inputs):
 def test_warm_up_prepares_every_bucket_and_leaves_sessions_alone(tiny_wrap_ckpt, wav_inputs, graphs):
     inputs = {p.stem: frames(read_audio(p)) for p in wav_inputs}
     sampling = {k: SamplingConfig(seed=i) for i, k in enumerate(inputs)}
-    cfg = EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=3)
+    cfg = EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=3)
     cold, warm = ModelRunner.load(cfg), ModelRunner.load(cfg)
     if graphs:
         warm.graphs = EagerReplay(warm)

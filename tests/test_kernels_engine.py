@@ -27,7 +27,7 @@ def test_generate_with_triton_kernels_matches_reference(tiny_wrap_ckpt, wav_inpu
     for p, n in zip(wav_inputs, N_FRAMES):
         paths.append(tmp_path / p.name)
         write_wav(paths[-1], frames(read_audio(p))[:n].reshape(-1))
-    common = ["generate", "--model-dir", str(tiny_wrap_ckpt), "--kernels", "triton", "--greedy"]
+    common = ["generate", "--device", "cpu", "--model-dir", str(tiny_wrap_ckpt), "--kernels", "triton", "--greedy"]
     main([*common, "--max-sessions", "2", "--output-dir", str(tmp_path / "batched"), *map(str, paths)])
     main([*common, "--output-dir", str(tmp_path / "solo"), str(paths[0])])
     for i, path in enumerate(paths):
@@ -43,9 +43,9 @@ def test_generate_with_triton_kernels_matches_reference(tiny_wrap_ckpt, wav_inpu
 
 
 def test_runner_load_applies_the_backend(tiny_wrap_ckpt):
-    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1, kernels="triton"))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1, kernels="triton"))
     assert runner.lm.transformer.kernel_backend == "triton" and runner.mimi.quantizer.kernel_backend == "triton"
-    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
     assert runner.lm.transformer.kernel_backend == "torch"
 
 

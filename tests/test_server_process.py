@@ -31,7 +31,7 @@ def post(url: str, body: dict | bytes):
 def test_sigterm_drains(tiny_wrap_ckpt):
     port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model-dir", str(tiny_wrap_ckpt),
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--device", "cpu", "--model-dir", str(tiny_wrap_ckpt),
                              "--port", str(port), "--max-sessions", "2", "--shutdown-timeout", "20"],
                             cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
@@ -70,7 +70,7 @@ def test_build_engine_warms_up_and_freezes_the_startup_heap(tiny_wrap_ckpt, caps
     from engine import capacity
     from engine.config import EngineConfig, ServeConfig
     try:
-        engine = build_engine(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=2), ServeConfig())
+        engine = build_engine(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=2), ServeConfig())
         assert gc.get_freeze_count() > 0
         out = capsys.readouterr().out
         assert "warmed up batch sizes [1, 2]" in out
@@ -91,7 +91,7 @@ def test_admit_realtime_caps_admission_at_the_probed_capacity(tiny_wrap_ckpt, mo
     from engine import capacity
     from engine.config import ConfigError, EngineConfig, SamplingConfig, ServeConfig
     monkeypatch.setattr(capacity, "probe_ticks", lambda runner: probe)
-    cfg = EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=2)
+    cfg = EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=2)
     try:
         if admitted is None:
             with pytest.raises(ConfigError, match="even one session runs slower than real time"):

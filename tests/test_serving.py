@@ -15,7 +15,7 @@ from engine.session import FrameOutput
 
 @pytest.fixture(scope="module")
 def runner(tiny_wrap_ckpt):
-    return ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=2))
+    return ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=2))
 
 
 def collector():

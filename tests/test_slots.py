@@ -33,7 +33,7 @@ def test_bounds_at_or_past_the_vocabulary_are_the_whole_vocabulary():
 def test_a_rounded_bound_samples_the_same_tokens(tiny_wrap_ckpt, wav_inputs):
     """The step at the exact bounds and at their rungs, from the same state: the same tokens."""
     pcm = torch.from_numpy(frames(read_audio(wav_inputs[0]))[:6])
-    cfg = EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=2)
+    cfg = EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=2)
     exact, rounded = ModelRunner.load(cfg), ModelRunner.load(cfg)
     settings = [SamplingConfig(seed=5, top_k=37, text_top_k=3), SamplingConfig(seed=6, top_k=20, text_top_k=2)]
     for runner in (exact, rounded):
@@ -52,7 +52,7 @@ def test_a_rounded_bound_samples_the_same_tokens(tiny_wrap_ckpt, wav_inputs):
 
 def test_the_vocabulary_as_a_bound_samples_as_the_whole_vocabulary(tiny_wrap_ckpt, wav_inputs):
     pcm = torch.from_numpy(frames(read_audio(wav_inputs[1]))[:5])
-    cfg = EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1)
+    cfg = EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1)
     whole, sized = ModelRunner.load(cfg), ModelRunner.load(cfg)
     for runner in (whole, sized):
         runner.join(0, SamplingConfig(seed=3, top_k=0, text_top_k=0))
@@ -67,7 +67,7 @@ def test_the_vocabulary_as_a_bound_samples_as_the_whole_vocabulary(tiny_wrap_ckp
 def test_callers_top_k_values_share_graphs(tiny_wrap_ckpt, wav_inputs):
     from test_graphs import EagerReplay
     inputs = {p.stem: frames(read_audio(p)) for p in wav_inputs}
-    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
     runner.graphs = EagerReplay(runner)
     for i, top_k in enumerate((33, 40, 64)):
         name = next(iter(inputs))
