@@ -152,7 +152,9 @@ def cmd_client(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     import importlib
-    importlib.import_module(f"bench.{args.which}").main(args.rest)
+    status = importlib.import_module(f"bench.{args.which}").main(args.rest)
+    if status:  # a benchmark that checks something (kernels, soak) says it failed
+        sys.exit(status)
 
 
 def version_line() -> str:
@@ -209,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--no-pace", action="store_true", help="send as fast as possible instead of in real time")
     cl.set_defaults(func=cmd_client)
 
-    bn = sub.add_parser("bench", help="benchmarks: tick (offline sweep), serve (HTTP callers), kernels")
-    bn.add_argument("which", choices=["tick", "serve", "kernels"])
+    bn = sub.add_parser("bench", help="benchmarks: tick (offline sweep), serve (HTTP callers), kernels, "
+                                      "soak (churn for many ticks: no leaks, no drift)")
+    bn.add_argument("which", choices=["tick", "serve", "kernels", "soak"])
     bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help of each)")
     bn.set_defaults(func=cmd_bench)
     return parser

@@ -27,8 +27,8 @@ class SessionResult:
 
 
 def session_seed(seed: int, name: str) -> int:
-    """A per-input seed from the run's seed and the input's name, so an input samples the same
-    tokens whichever inputs run beside it or in which order they are given."""
+    """A per-input seed from the run's seed and the input's name, so an input draws the same noise
+    whichever inputs run beside it or in which order they are given."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
