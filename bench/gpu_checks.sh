@@ -3,6 +3,7 @@
 # name) into bench/RESULTS.md.
 #
 #   bash bench/gpu_checks.sh [tests] [kernels] [tick]      # default: all three
+#   bash bench/gpu_checks.sh soak                          # when time is left (~2.5 min): churn under graphs
 #
 # One call runs all three within ~9 minutes: each step has a time limit (seconds, overridable:
 # T_TESTS T_KERNELS T_TICK T_REF, 540 in all), and a step cut short keeps what it measured (pytest
@@ -59,7 +60,12 @@ for stage in $stages; do
       else
         echo "moshi is not importable: skipping the side-by-side (carry its wheel, see the header)" | tee -a "$out/log.txt"
       fi ;;
-    *) echo "unknown stage $stage (tests, kernels, tick)"; exit 2 ;;
+    soak)  # callers churning through CUDA graphs: no memory growth, witnesses' tokens exact
+      ck=${TMPDIR:-/tmp}/lockstep-soak-ck
+      [ -f "$ck/config.json" ] || $PY -m engine.cli make-checkpoint "$ck" --preset tiny 2>&1 | tee -a "$out/log.txt"
+      step "${T_SOAK:-150}" $PY -m bench.soak --model-dir "$ck" --device cuda --max-sessions 8 --ticks 800 \
+          --output "$out/soak.json" ;;
+    *) echo "unknown stage $stage (tests, kernels, tick, soak)"; exit 2 ;;
   esac
 done
 exit $failed

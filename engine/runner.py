@@ -112,11 +112,12 @@ class ModelRunner:
         """Runs the device step once per batch bucket, every row on the scratch slot, so that what a
         first use costs (CUDA-graph capture, Triton compilation, oneDNN primitives) is paid before
         serving rather than inside a tick that sessions wait on; their slots are untouched.
-        `bounds`: the top-k bounds to prepare (default: the default sampling settings'). Returns the
-        batch sizes run."""
+        `bounds`: the (audio, text) top-k settings to prepare for, rounded as a tick rounds them
+        (default: the default sampling settings'). Returns the batch sizes run."""
         if bounds is None:
             default = SamplingConfig()
             bounds = (default.top_k, default.text_top_k)
+        bounds = self.slots.bounds_of([bounds])
         sizes = self.graphs.buckets if self.graphs is not None else buckets_for(self.max_sessions)
         for B in sorted(sizes, reverse=True):  # the largest graph first sizes the shared memory pool
             if self.graphs is not None:

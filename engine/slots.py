@@ -59,13 +59,16 @@ class SlotTable:
         """Static (audio, text) top-k bounds over the given slots, on `TOP_K_LADDER`; 0 ("whole
         vocabulary") dominates, and stands for every bound at or past the vocabulary, which samples
         the same tokens, so that top_k=5000 and 10000 on a 2048-code vocabulary share one graph."""
-        def bound(ks: list[int], vocab: int | None) -> int:
-            vals = [ks[s] for s in host_slots]
+        return self.bounds_of([(self._top_k[s], self._text_top_k[s]) for s in host_slots])
+
+    def bounds_of(self, settings: list[tuple[int, int]]) -> tuple[int, int]:
+        """The bounds a batch of rows with these (audio top-k, text top-k) settings steps with."""
+        def bound(vals: list[int], vocab: int | None) -> int:
             k = 0 if any(v == 0 for v in vals) else round_bound(max(vals, default=1))
             return 0 if vocab is not None and k >= vocab else k
 
         audio_vocab, text_vocab = self.vocab or (None, None)
-        return bound(self._top_k, audio_vocab), bound(self._text_top_k, text_vocab)
+        return bound([a for a, _ in settings], audio_vocab), bound([t for _, t in settings], text_vocab)
 
     def params(self, slots: torch.Tensor, max_top_k: int, max_text_top_k: int,
                backend: str = "torch") -> SamplingParams:

@@ -70,6 +70,11 @@ def test_gpu_checks_script_gets_every_stage_to_the_gpu(tmp_path):
     assert log.count("sees no CUDA device here") == script.count("-m bench.tick"), log
     assert "unrecognized arguments" not in log and "Traceback" not in log, log
     assert proc.returncode == 1  # the tick stages, which need the GPU
+    soak = subprocess.run(["bash", "bench/gpu_checks.sh", "soak"], cwd=root, env={**env, "TMPDIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    log = (tmp_path / "log.txt").read_text()
+    assert "wrote tiny checkpoint" in log and log.count("sees no CUDA device here") == script.count("-m bench.tick") + 1
+    assert "Traceback" not in log and soak.returncode == 1, log
 
 
 def test_random_models_are_made_in_the_benchmark_dtype():

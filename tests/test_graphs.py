@@ -69,6 +69,9 @@ def test_warm_up_prepares_every_bucket_and_leaves_sessions_alone(tiny_wrap_ckpt,
         assert got[name].text_tokens == want[name].text_tokens
         assert got[name].audio_tokens == want[name].audio_tokens
     assert first["a"].text_tokens  # the session before the warm-up ran
+    if graphs:  # other settings are prepared under the bounds a tick would round them to
+        warm.warm_up((5000, 3))
+        assert {(b, 0, 4) for b in (1, 2, 3)} <= set(warm.graphs.graphs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

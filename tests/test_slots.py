@@ -28,6 +28,9 @@ def test_bounds_at_or_past_the_vocabulary_are_the_whole_vocabulary():
         assert table.top_k_bounds([slot]) == (0, 0)
     table.assign(0, SamplingConfig(top_k=1000, text_top_k=16000))
     assert table.top_k_bounds([0]) == (1024, 16384)
+    # Settings not held by any slot (what a warm-up prepares for) round the same way.
+    assert table.bounds_of([(1000, 16000)]) == (1024, 16384)
+    assert table.bounds_of([(5000, 3), (7, 0)]) == (0, 0) and table.bounds_of([(37, 3)]) == (64, 4)
 
 
 def test_a_rounded_bound_samples_the_same_tokens(tiny_wrap_ckpt, wav_inputs):
