@@ -16,7 +16,6 @@ import time
 import torch
 
 from engine.config import FRAME_RATE, ConfigError, SamplingConfig
-from engine.graphs import buckets_for
 
 FRAME_SECONDS = 1.0 / FRAME_RATE
 
@@ -158,7 +157,7 @@ def probe_ticks(runner, repeats: int = 3) -> dict[int, float]:
     """Median seconds of one step of B sessions at full context, for each batch bucket B. Runs on
     the real slots 0..B-1, so each row reads its own KV as sessions would, and leaves every slot as
     a fresh join does; call it only before any session has joined (start-up)."""
-    sizes = runner.graphs.buckets if runner.graphs is not None else buckets_for(runner.max_sessions)
+    sizes = runner.buckets
     pcm = torch.zeros(max(sizes), runner.frame_size)
     result = {}
     for B in sizes:

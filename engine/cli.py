@@ -25,6 +25,9 @@ _ENGINE_HELP = {
     "max_sessions": "number of session slots stepped together; 0: as many as the device's free memory holds "
                     "at full context (up to 128)",
     "kernels": "kernel family: auto (Triton on CUDA, torch elsewhere), torch or triton",
+    "batch_invariant": "make a session's output bit-identical whatever shares its batch: every tick steps "
+                       "--max-sessions rows (the free ones padded), attends over whole rings and samples "
+                       "over the whole vocabulary, so each tick costs a full batch's work",
 }
 _SAMPLING_HELP = {
     "greedy": "argmax everywhere (no sampling)",

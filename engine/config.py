@@ -311,6 +311,7 @@ class EngineConfig:
     dtype: str = "auto"
     max_sessions: int = 8
     kernels: str = "auto"
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         # Resolved once, here, so every later reader (dtype, loading, capacity) sees a concrete device.

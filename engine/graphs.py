@@ -31,7 +31,7 @@ class _Captured:
 class GraphedStep:
     def __init__(self, runner):
         self.runner = runner
-        self.buckets = buckets_for(runner.max_sessions)
+        self.buckets = runner.buckets
         self.graphs: dict[tuple[int, int, int], _Captured] = {}
         # One memory pool for every graph: replays never overlap and each one's outputs are copied
         # out before the next, so a graph may reuse another's intermediates; memory then follows

@@ -30,7 +30,7 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, lm: MoshiLM, mimi: Mimi, tokenizer: TextTokenizer, max_sessions: int,
-                 kernels: str = "auto", use_cuda_graphs: bool = True):
+                 kernels: str = "auto", use_cuda_graphs: bool = True, batch_invariant: bool = False):
         self.lm = lm.eval()
         self.mimi = mimi.eval()
         self.kernel_backend = resolve_backend(kernels, next(lm.parameters()).device)
@@ -55,6 +55,13 @@ class ModelRunner:
         mimi.init_state(self.max_sessions + 1)
         self.gen = LMGen(lm, self.max_sessions + 1)
         self.slots = SlotTable(self.max_sessions + 1, self.device, (lm.cfg.card, lm.cfg.text_card))
+        # Batched arithmetic rounds by the batch's shape (a product's rows by the row count, CPU
+        # attention by the longest history it spans, topk's ties by k), so a session's bits depend
+        # on its neighbours unless every step has one shape: all rows, whole rings, whole vocabulary.
+        self.batch_invariant = batch_invariant
+        self.buckets = [self.max_sessions] if batch_invariant else buckets_for(self.max_sessions)
+        for t in (lm.transformer, mimi.encoder_transformer.transformer, mimi.decoder_transformer.transformer):
+            t.whole_ring = batch_invariant
         self.timer = StageTimer(self.device)
         self.graphs = GraphedStep(self) if self.device.type == "cuda" and use_cuda_graphs else None
 
@@ -70,7 +77,8 @@ class ModelRunner:
         load_weights(lm, files.moshi_weights, cfg.torch_dtype, cfg.device)
         # Mimi stays in fp32 whatever the LM dtype, as in kyutai's server.
         load_weights(mimi, files.mimi_weights, torch.float32, cfg.device)
-        return ModelRunner(lm, mimi, TextTokenizer(files.tokenizer), cfg.max_sessions, cfg.kernels)
+        return ModelRunner(lm, mimi, TextTokenizer(files.tokenizer), cfg.max_sessions, cfg.kernels,
+                           batch_invariant=cfg.batch_invariant)
 
     def join(self, slot: int, sampling: SamplingConfig) -> None:
         """Starts a fresh session in `slot`; other slots are untouched."""
@@ -117,8 +125,8 @@ class ModelRunner:
         if bounds is None:
             default = SamplingConfig()
             bounds = (default.top_k, default.text_top_k)
-        bounds = self.slots.bounds_of([bounds])
-        sizes = self.graphs.buckets if self.graphs is not None else buckets_for(self.max_sessions)
+        bounds = (0, 0) if self.batch_invariant else self.slots.bounds_of([bounds])
+        sizes = self.buckets
         for B in sorted(sizes, reverse=True):  # the largest graph first sizes the shared memory pool
             if self.graphs is not None:
                 self.graphs.prepare(B, bounds)
@@ -134,13 +142,20 @@ class ModelRunner:
             raise ValueError(f"slots must be distinct and in 0..{self.max_sessions - 1}: {slots}")
         ready = [self.slots.frames[s] >= self.max_delay for s in slots]
         decode_host = [s if r else self.scratch_slot for s, r in zip(slots, ready)]
-        bounds = self.slots.top_k_bounds(slots)
+        bounds = (0, 0) if self.batch_invariant else self.slots.top_k_bounds(slots)
         if self.graphs is not None and not self.timer.enabled:
             tokens, audio = self.graphs.run(slots, decode_host, pcm, bounds)
         else:
-            idx = torch.tensor(slots, device=self.device)
-            decode_idx = torch.tensor(decode_host, device=self.device)
+            B = len(slots)
+            # Eager steps run unpadded, except in batch-invariant mode, where every step has the shape
+            # of the one bucket (padded rows on the scratch slot, as a graph replay pads them).
+            pad = [self.scratch_slot] * (self.buckets[0] - B if self.batch_invariant else 0)
+            idx = torch.tensor(slots + pad, device=self.device)
+            decode_idx = torch.tensor(decode_host + pad, device=self.device)
+            if pad:
+                pcm = torch.cat([pcm, pcm.new_zeros(len(pad), pcm.shape[1])])
             tokens, audio = self.forward(idx, decode_idx, pcm.to(self.device, torch.float32), *bounds)
+            tokens, audio = tokens[:B], audio[:B]
         for s in slots:
             self.slots.frames[s] += 1
         # A copy: on CPU the static graph buffers would otherwise be shared with the caller.

@@ -178,6 +178,9 @@ class StreamingTransformer(nn.Module):
     """
 
     kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
+    # Attend over every ring entry on the torch path, not only those the batch's longest history
+    # has written (whose count, and so the rounding, depends on the neighbours): batch-invariant mode.
+    whole_ring = False
 
     def __init__(self, dim: int, num_heads: int, num_layers: int, dim_feedforward: int, norm: str,
                  gating: str, layer_scale: float | None, context: int | None, rope_max_period: float | None,
@@ -230,7 +233,8 @@ class StreamingTransformer(nn.Module):
         if self.kernel_backend == "torch":
             plan = (attn_kernels.ring_plan_at(position, T, self.capacity, slots)
                     if position is not None and self.context is None
-                    else attn_kernels.ring_plan(offsets, T, self.capacity, self.context, slots))
+                    else attn_kernels.ring_plan(offsets, T, self.capacity, self.context, slots,
+                                                trim=not self.whole_ring))
         rope = (rope_kernels.rope_tables(offsets, T, self.head_dim, self.rope_max_period, self.kernel_backend)
                 if self.rope_max_period is not None else None)
         for i, layer in enumerate(self.layers):

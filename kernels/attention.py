@@ -44,13 +44,13 @@ class RingPlan(NamedTuple):
 
 
 def ring_plan(offsets: torch.Tensor, T: int, capacity: int, context: int | None,
-              slots: torch.Tensor | None = None) -> RingPlan:
+              slots: torch.Tensor | None = None, trim: bool = True) -> RingPlan:
     write = (offsets.view(-1, 1) + torch.arange(T, device=offsets.device)) % capacity
     # A ring fills from index 0, so entries at or past the batch's longest history were never
-    # written: skipping them makes a young conversation's cost follow its length. Only on CPU,
-    # where reading the offsets costs no device sync; on GPU the Triton path does this per slot.
+    # written: skipping them (`trim`) makes a young conversation's cost follow its length. Only on
+    # CPU, where reading the offsets costs no device sync; on GPU the Triton path does this per slot.
     n_keys = capacity
-    if offsets.device.type == "cpu" and len(offsets):
+    if trim and offsets.device.type == "cpu" and len(offsets):
         n_keys = min(capacity, int(offsets.max()) + T)
     pos_k = ring_positions(offsets, T, capacity)[:, None, :n_keys]  # [B, 1, n_keys]
     pos_q = offsets.view(-1, 1, 1) + torch.arange(T, device=offsets.device).view(-1, 1)  # [B, T, 1]

@@ -19,13 +19,14 @@ def load_inputs(paths):
     return {p.stem: frames(read_audio(p)) for p in paths}
 
 
-@pytest.mark.parametrize("ckpt", ["tiny_wrap_ckpt", "tiny_lm_ckpt"])
-def test_generate_matches_reference_with_continuous_batching(ckpt, request, wav_inputs, tmp_path):
+@pytest.mark.parametrize("ckpt, flags", [("tiny_wrap_ckpt", []), ("tiny_lm_ckpt", []),
+                                         ("tiny_wrap_ckpt", ["--batch-invariant"])])
+def test_generate_matches_reference_with_continuous_batching(ckpt, flags, request, wav_inputs, tmp_path):
     model_dir = request.getfixturevalue(ckpt)
     out = tmp_path / "out"
     # 4 inputs through 2 slots: later inputs join as earlier ones finish.
     main(["generate", "--device", "cpu", "--model-dir", str(model_dir), "--max-sessions", "2", "--greedy",
-          "--output-dir", str(out), *map(str, wav_inputs)])
+          *flags, "--output-dir", str(out), *map(str, wav_inputs)])
     for path in wav_inputs:
         got = json.loads((out / f"{path.stem}.json").read_text())
         want = reference_generate(model_dir, frames(read_audio(path)))
@@ -88,3 +89,22 @@ def test_mimi_codes_match_reference_frame_by_frame(ckpt, request, wav_inputs):
     runner.mimi.reset(slot)
     got = [runner.mimi.encode_step(torch.from_numpy(f).view(1, 1, -1), slot)[0].tolist() for f in fr]
     assert got == want
+
+
+def test_batch_invariant_mode_gives_the_same_bits_in_any_batch(tiny_wrap_ckpt, wav_inputs):
+    inputs = load_inputs(wav_inputs)
+    sampling = {k: SamplingConfig(seed=7 + i, temperature=1.0, top_k=0) for i, k in enumerate(inputs)}
+    name = "charlie"  # the longest: its batch shrinks from four to one as the others end
+
+    def together_and_alone(invariant: bool):
+        runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=4,
+                                               batch_invariant=invariant))
+        together = run_sessions(runner, inputs, sampling)[name]
+        return together, run_sessions(runner, {name: inputs[name]}, {name: sampling[name]})[name]
+
+    together, alone = together_and_alone(False)
+    # By default the last bits move with the batch's shape (which is what the mode is for).
+    assert not all(np.array_equal(a, b) for a, b in zip(together.pcm, alone.pcm))
+    together, alone = together_and_alone(True)
+    assert together.text_tokens == alone.text_tokens and together.audio_tokens == alone.audio_tokens
+    assert len(together.pcm) == len(alone.pcm) and all(np.array_equal(a, b) for a, b in zip(together.pcm, alone.pcm))
