@@ -7,7 +7,7 @@ sending, and hang up mid-call. Through all of it:
 - every session's output is well formed: frames numbered 0, 1, 2, ... and one end event, last;
 - churn never reaches a session's tokens: every tenth caller is a witness with a fixed seed and a
   known input, replayed afterwards beside filler sessions in batches of the sizes it had, which
-  must give the same tokens (a product's rounding depends on its row count, so a replay in other
+  must give the same tokens and PCM, to the bit (a product's rounding depends on its row count, so a replay in other
   batch sizes may part ways at a near-tie; see README, "Sampling").
 Exit status 1 when any check fails.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ class Caller:
     def __init__(self, name: str, keep_tokens: bool):
         self.name, self.frames, self.ended, self.errors = name, 0, False, []
         self.keep_tokens = keep_tokens
-        self.tokens: list[tuple[int, list[int]]] = []
+        self.tokens: list[tuple[int, list[int], str]] = []  # (text, audio codes, digest of the PCM)
         self.end_reason: str | None = None
 
     def sink(self, event: FrameOutput | str) -> None:
@@ -55,7 +56,7 @@ class Caller:
                 self.errors.append(f"{self.name}: frame {event.frame} where {self.frames} was due")
             self.frames += 1
             if self.keep_tokens:
-                self.tokens.append((event.text_token, event.audio_tokens))
+                self.tokens.append((event.text_token, event.audio_tokens, digest(event.pcm)))
 
 
 @dataclass
@@ -111,7 +112,11 @@ def memory(device: torch.device) -> dict[str, float]:
     return out
 
 
-def replay(runner: ModelRunner, w: Witness) -> list[tuple[int, list[int]]]:
+def digest(pcm: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(pcm, np.float32).tobytes(), digest_size=8).hexdigest()
+
+
+def replay(runner: ModelRunner, w: Witness) -> list[tuple[int, list[int], str]]:
     """The witness's output frames, stepped in slot 0 at each recorded batch shape, beside filler
     sessions (always past the initial delay, so decoded in their own slots) in the other slots."""
     fillers = list(range(1, runner.max_sessions))
@@ -132,7 +137,7 @@ def replay(runner: ModelRunner, w: Witness) -> list[tuple[int, list[int]]]:
         pcm[row] = frame
         step = runner.step(slots, torch.from_numpy(pcm))
         if step.ready[row]:
-            out.append((step.text_tokens[row], step.audio_tokens[row]))
+            out.append((step.text_tokens[row], step.audio_tokens[row], digest(step.pcm[0].numpy())))
     return out
 
 
@@ -202,16 +207,23 @@ def soak(runner: ModelRunner, ticks: int, seed: int, join_rate: float, progress:
                                                              if not c.ended]
     # Witnesses cut short by the end of the run are not compared.
     done = [w for w in witnesses.values() if w.caller.end_reason == "input_end"]
+    # In batches of the same shapes, tokens and PCM must match to the bit.
     mismatched = [w.caller.name for w in done if replay(runner, w) != w.caller.tokens]
     if alone:
-        parted = [w.caller.name for w in done
-                  if replay(runner, dataclasses.replace(w, layout=[(1, 0, ())] * len(w.frames))) != w.caller.tokens]
+        parted, moved = [], []  # tokens differ; PCM bits differ
+        for w in done:
+            got = replay(runner, dataclasses.replace(w, layout=[(1, 0, ())] * len(w.frames)))
+            if [x[:2] for x in got] != [x[:2] for x in w.caller.tokens]:
+                parted.append(w.caller.name)
+            if got != w.caller.tokens:
+                moved.append(w.caller.name)
     m = loop.metrics.counters
     result = {"ticks": ticks, "sessions": created, "witnesses": len(done), "witness_mismatches": mismatched,
               "errors": errors, "underruns": m["input_underruns_total"],
               "dropped_samples": m["input_dropped_samples_total"], "sessions_finished": m["sessions_finished_total"]}
     if alone:
-        result["witnesses_parted_alone"] = parted
+        result["witnesses_parted_alone"], result["witnesses_pcm_moved_alone"] = parted, moved
+    result["batch_invariant"] = runner.batch_invariant
     del witnesses, done, open_callers, chaos
     after = memory(runner.device)
     return {**result, "memory_before": before or after, "memory_after": after}
@@ -222,13 +234,16 @@ def verdict(result: dict, max_object_growth: int, max_rss_growth_mb: float) -> l
     b, a = result["memory_before"], result["memory_after"]
     failed = list(result["errors"][:10])
     if result["witness_mismatches"]:
-        failed.append(f"witness sessions whose tokens changed under churn: {result['witness_mismatches']}")
+        failed.append(f"witness sessions whose output changed under churn: {result['witness_mismatches']}")
     if a["python_objects"] - b["python_objects"] > max_object_growth:
         failed.append(f"Python objects grew by {a['python_objects'] - b['python_objects']}")
     if a["rss_mb"] - b["rss_mb"] > max_rss_growth_mb:
         failed.append(f"resident memory grew by {a['rss_mb'] - b['rss_mb']:.0f} MB")
     if a.get("cuda_allocated_mb", 0) > b.get("cuda_allocated_mb", 0) + 1:
         failed.append(f"CUDA memory grew by {a['cuda_allocated_mb'] - b['cuda_allocated_mb']:.0f} MB")
+    if result.get("batch_invariant") and result.get("witnesses_pcm_moved_alone"):
+        failed.append(f"with --batch-invariant, witnesses whose output differed alone: "
+                      f"{result['witnesses_pcm_moved_alone']}")
     if result["sessions_finished"] != result["sessions"]:
         failed.append(f"{result['sessions']} sessions created, {result['sessions_finished']} finished")
     return failed
@@ -247,24 +262,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-rss-growth-mb", type=float, default=64.0)
     ap.add_argument("--replay-alone", action="store_true",
                     help="also replay each witness in batches of one and report how many part ways by rounding")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="run the engine batch-invariant; the alone replays must then match too")
     ap.add_argument("--output", default="bench/out/soak.json")
     args = ap.parse_args(argv)
     from engine.cli import with_builtin_weights
     cfg = EngineConfig(model_dir=args.model_dir, device=args.device, max_sessions=args.max_sessions,
-                       kernels=args.kernels).validate()
+                       kernels=args.kernels, batch_invariant=args.batch_invariant).validate()
     runner = ModelRunner.load(with_builtin_weights(cfg))
     # Every graph the churn can meet (each bucket at each pair of top-k bounds) is made before the
     # memory baseline, as `serve` makes the default ones before it admits anyone.
     for bounds in {(a, t) for a in AUDIO_TOP_K for t in TEXT_TOP_K}:
         runner.warm_up(bounds)
-    result = soak(runner, args.ticks, args.seed, args.join_rate, progress=True, alone=args.replay_alone)
+    result = soak(runner, args.ticks, args.seed, args.join_rate, progress=True,
+                  alone=args.replay_alone or args.batch_invariant)
     failed = verdict(result, args.max_object_growth, args.max_rss_growth_mb)
     b, a = result["memory_before"], result["memory_after"]
     print(f"{result['ticks']} ticks, {result['sessions']} sessions ({result['witnesses']} witnesses replayed in batches of their shapes), "
           f"{result['underruns']} underruns, {result['dropped_samples']} samples dropped")
     if "witnesses_parted_alone" in result:
-        print(f"  replayed alone instead, {len(result['witnesses_parted_alone'])} of {result['witnesses']} witnesses "
-              "parted ways at a near-tie (batch-shape rounding, not a failure)")
+        print(f"  replayed alone instead: {len(result['witnesses_parted_alone'])} of {result['witnesses']} witnesses "
+              f"parted ways, {len(result['witnesses_pcm_moved_alone'])} had PCM bits move "
+              + ("(with --batch-invariant, a failure)" if result["batch_invariant"]
+                 else "(batch-shape rounding, not a failure)"))
     for key in a:
         print(f"  {key}: {b[key]:.0f} after warm-up -> {a[key]:.0f} at the end")
     print("soak passed" if not failed else "soak FAILED:\n  " + "\n  ".join(failed))

@@ -19,6 +19,7 @@ def test_soak_passes_on_the_engine(tiny_wrap_ckpt, tmp_path, capsys):
     assert doc["witnesses"] >= 2 and doc["sessions_finished"] == doc["sessions"] > 20
     assert doc["underruns"] > 0 and doc["dropped_samples"] > 0  # the misbehaving callers did misbehave
     assert isinstance(doc["witnesses_parted_alone"], list)  # reported, whatever it holds
+    assert doc["witnesses_pcm_moved_alone"]  # without --batch-invariant the last bits do move
     assert "soak passed" in capsys.readouterr().out
 
 
@@ -27,7 +28,7 @@ def test_soak_catches_a_slot_that_keeps_its_last_callers_state(tiny_wrap_ckpt):
     runner.mimi.reset = lambda slots: None  # joining no longer clears the codec's streaming state
     result = soak.soak(runner, 200, seed=0, join_rate=0.5)
     assert result["witness_mismatches"]
-    assert any("changed under churn" in line for line in soak.verdict(result, 500, 64.0))
+    assert any("output changed under churn" in line for line in soak.verdict(result, 500, 64.0))
 
 
 def test_verdict_names_each_failure():
@@ -40,3 +41,14 @@ def test_verdict_names_each_failure():
                       "resident memory grew by 200 MB", "5 sessions created, 4 finished"]
     ok = {**result, "errors": [], "sessions_finished": 5, "memory_after": mem}
     assert soak.verdict(ok, 500, 64.0) == []
+
+
+def test_batch_invariant_soak_replays_witnesses_alone_to_the_bit(tiny_wrap_ckpt, tmp_path):
+    out = tmp_path / "soak.json"
+    assert soak.main(["--device", "cpu", "--model-dir", str(tiny_wrap_ckpt), "--max-sessions", "4", "--ticks", "250",
+                      "--join-rate", "0.5", "--batch-invariant", "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["batch_invariant"] and doc["witnesses"] >= 2
+    assert doc["witnesses_parted_alone"] == doc["witnesses_pcm_moved_alone"] == []
+    failing = {**doc, "witnesses_pcm_moved_alone": ["caller-0"]}
+    assert any("differed alone" in line for line in soak.verdict(failing, 10**9, 10**9))
