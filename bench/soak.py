@@ -144,7 +144,8 @@ def replay(runner: ModelRunner, w: Witness) -> list[tuple[int, list[int], str]]:
 def soak(runner: ModelRunner, ticks: int, seed: int, join_rate: float, progress: bool = False,
          alone: bool = False) -> dict:
     """The churn run and its checks; with `alone`, the witnesses are also replayed one at a time
-    (batches of one) to count how many part ways by rounding alone (reported, not a failure)."""
+    (batches of one) to count how many part ways by rounding (a failure only where the runner is
+    batch-invariant, as `verdict` judges)."""
     rng = random.Random(seed)
     loop = EngineLoop(runner, max_buffer_frames=50, max_waiting=0)
     fs = runner.frame_size
