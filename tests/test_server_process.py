@@ -83,6 +83,22 @@ def test_build_engine_warms_up_and_freezes_the_startup_heap(tiny_wrap_ckpt, caps
         gc.unfreeze()
 
 
+def test_a_batch_invariant_server_warms_and_probes_its_one_shape(tiny_wrap_ckpt, capsys):
+    import gc
+
+    from api.server import build_engine
+    from engine.config import EngineConfig, ServeConfig
+    try:
+        cfg = EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=3, batch_invariant=True)
+        engine = build_engine(cfg, ServeConfig())
+        out = capsys.readouterr().out
+        assert "warmed up batch sizes [3]" in out and "with 3 session(s)" in out
+        assert "3 slots (batch-invariant: every tick steps them all)" in out
+        assert set(engine.metrics.probe) == {3}
+    finally:
+        gc.unfreeze()
+
+
 @pytest.mark.parametrize("probe, admitted", [({1: 0.03, 2: 0.2}, 1), ({1: 0.03, 2: 0.05}, 2), ({1: 0.2, 2: 0.3}, None)])
 def test_admit_realtime_caps_admission_at_the_probed_capacity(tiny_wrap_ckpt, monkeypatch, capsys, probe, admitted):
     import gc
