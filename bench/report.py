@@ -75,7 +75,8 @@ def save_json(prefix: Path, meta: dict, rows: list[dict]) -> None:
 def write_outputs(prefix: Path, meta: dict, rows: list[dict]) -> None:
     header = (f"{'B':>4} {'p50 ms':>9} {'p99 ms':>9} {'margin':>8} {'floor ms':>9} {'GB/s':>8} {'of peak':>8} "
               f"{'ref p50':>9} {'speedup':>8}")
-    print(f"device: {meta['device']}  dtype: {meta['dtype']}  full context: {meta.get('full_context')}")
+    print(f"device: {meta['device']}  dtype: {meta['dtype']}  full context: {meta.get('full_context')}"
+          + ("  batch-invariant" if meta.get("batch_invariant") else ""))
     print(header)
     for r in rows:
         e = r["engine"]

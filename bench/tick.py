@@ -46,7 +46,8 @@ def random_models(lm_cfg: LMConfig, mimi_cfg: MimiConfig, device, dtype: torch.d
     return lm, mimi
 
 
-def dummy_runner(name: str, device: str, dtype: torch.dtype, max_sessions: int, kernels: str) -> ModelRunner:
+def dummy_runner(name: str, device: str, dtype: torch.dtype, max_sessions: int, kernels: str,
+                 batch_invariant: bool = False) -> ModelRunner:
     """Moshi 7B / Mimi shapes with random weights made on the device: no files needed."""
     if name != "7b":
         raise ValueError("--dummy supports only '7b'")
@@ -54,7 +55,7 @@ def dummy_runner(name: str, device: str, dtype: torch.dtype, max_sessions: int, 
     lm, mimi = random_models(LMConfig(), MimiConfig(), device, dtype)
     tok_path = Path(tempfile.mkdtemp()) / "tok.model"
     train_tokenizer(tok_path, 1000)
-    return ModelRunner(lm, mimi, TextTokenizer(tok_path), max_sessions, kernels)
+    return ModelRunner(lm, mimi, TextTokenizer(tok_path), max_sessions, kernels, batch_invariant=batch_invariant)
 
 
 class EngineTicks:
@@ -194,14 +195,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ticks", type=int, default=20)
     ap.add_argument("--full-context", action="store_true", help="hold every slot's LM and Mimi contexts full")
     ap.add_argument("--no-reference", action="store_true", help="skip kyutai's package")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="run the engine batch-invariant (every tick the largest --batch's rows): its price")
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="HBM bandwidth for the roofline (default: measured)")
     ap.add_argument("--output", default="bench/out/tick", help="prefix for the .json and .png outputs")
     args = ap.parse_args(argv)
     cfg = EngineConfig(model_dir=args.model_dir, device=args.device, dtype=args.dtype, max_sessions=max(args.batch),
-                       kernels=args.kernels).validate()
+                       kernels=args.kernels, batch_invariant=args.batch_invariant).validate()
     dtype = cfg.torch_dtype
     if args.dummy:
-        runner = dummy_runner(args.dummy, cfg.device, dtype, cfg.max_sessions, cfg.kernels)
+        runner = dummy_runner(args.dummy, cfg.device, dtype, cfg.max_sessions, cfg.kernels, cfg.batch_invariant)
     else:
         from engine.cli import with_builtin_weights
         runner = ModelRunner.load(with_builtin_weights(cfg))
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     cpu = host.cpuinfo("model name") or "unknown CPU"
     meta = {"device": torch.cuda.get_device_name() if runner.device.type == "cuda" else f"cpu ({cpu})",
             "dtype": str(dtype), "lm": runner.lm.cfg.to_dict(), "full_context": args.full_context,
-            "threads": torch.get_num_threads()}
+            "batch_invariant": args.batch_invariant, "threads": torch.get_num_threads()}
     # As `lockstep serve` does, for both engines alike: no full GC pass over the long-lived objects
     # and no heap trimming lands in a timed tick.
     host.settle()

@@ -24,6 +24,15 @@ def test_tick_sweep_writes_results(tiny_wrap_ckpt, tmp_path, capsys):
     assert "largest B with p99 tick" in capsys.readouterr().out
 
 
+def test_tick_sweep_measures_the_batch_invariant_mode_when_asked(tiny_wrap_ckpt, tmp_path, capsys):
+    from bench.tick import main
+    main(["--model-dir", str(tiny_wrap_ckpt), "--batch", "1", "2", "--warmup", "1", "--ticks", "2", "--no-reference",
+          "--batch-invariant", "--output", str(tmp_path / "tick"), "--bandwidth-gbs", "10"])
+    doc = json.loads((tmp_path / "tick.json").read_text())
+    assert doc["meta"]["batch_invariant"] is True and [r["batch"] for r in doc["rows"]] == [1, 2]
+    assert "batch-invariant" in capsys.readouterr().out
+
+
 def test_tick_sweep_cut_short_keeps_the_rows_measured(tiny_wrap_ckpt, tmp_path, monkeypatch):
     """A sweep stopped by a time limit (as on a lent GPU) leaves every finished row in its JSON."""
     import bench.tick as tick
