@@ -16,6 +16,7 @@ Exit status 1 when any check fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -73,22 +74,22 @@ class Witness:
     layout: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)
 
 
-def rings(runner: ModelRunner) -> list:
-    """The streaming transformers whose ring length a batch shares: the LM's and Mimi's two."""
-    return [runner.lm.transformer, runner.mimi.encoder_transformer.transformer,
-            runner.mimi.decoder_transformer.transformer]
-
-
-def record_histories(runner: ModelRunner, log: list[tuple[int, ...]]):
-    """`runner.step` that first appends the batch's longest history in each ring to `log` (the
-    decoder's over the slots decoded into, as `step` picks them)."""
+@contextlib.contextmanager
+def recording_histories(runner: ModelRunner, log: list[tuple[int, ...]]):
+    """While open, each `runner.step` first appends the batch's longest history in each of
+    `runner.rings()` to `log` (the decoder's over the slots decoded into, as `step` picks them)."""
     step = runner.step
 
     def recording_step(slots: list[int], pcm: torch.Tensor):
         decoded = [s if runner.slots.frames[s] >= runner.max_delay else runner.scratch_slot for s in slots]
-        log.append(tuple(int(t.offsets[torch.tensor(idx)].max()) for t, idx in zip(rings(runner), (slots, slots, decoded))))
+        log.append(tuple(int(t.offsets[torch.tensor(idx)].max())
+                         for t, idx in zip(runner.rings(), (slots, slots, decoded))))
         return step(slots, pcm)
-    return recording_step
+    runner.step = recording_step
+    try:
+        yield
+    finally:
+        del runner.step  # the class's own again
 
 
 AUDIO_TOP_K, TEXT_TOP_K = (0, 1, 25, 250, 5000), (0, 3, 25, 100)
@@ -129,7 +130,7 @@ def replay(runner: ModelRunner, w: Witness) -> list[tuple[int, list[int], str]]:
     for frame, (batch, row, histories) in zip(w.frames, w.layout):
         slots = fillers[:batch - 1]
         if slots:
-            for ring, longest in zip(rings(runner), histories):
+            for ring, longest in zip(runner.rings(), histories):
                 ring.offsets[slots] = 0
                 ring.offsets[slots[0]] = longest
         slots.insert(row, 0)
@@ -139,6 +140,25 @@ def replay(runner: ModelRunner, w: Witness) -> list[tuple[int, list[int], str]]:
         if step.ready[row]:
             out.append((step.text_tokens[row], step.audio_tokens[row], digest(step.pcm[0].numpy())))
     return out
+
+
+def misbehave(loop: EngineLoop, chaos: dict, rng: random.Random, tick: int) -> None:
+    """One tick of the misbehaving callers (session id -> Session; ended ones are dropped): most
+    send a frame, some starve, burst past the buffer, end their input or hang up."""
+    fs = loop.runner.frame_size
+    for sid, session in list(chaos.items()):
+        if session.end_reason is not None:
+            chaos.pop(sid)
+            continue
+        roll = rng.random()
+        if roll < 0.01:
+            loop.end_session(sid, "client_gone")
+        elif roll < 0.02:
+            session.end_input()
+        elif roll < 0.05:
+            session.push(np.zeros(60 * fs, np.float32))  # a burst past the buffer: dropped
+        elif roll < 0.85:
+            session.push((0.05 * np.random.default_rng(tick).standard_normal(fs)).astype(np.float32))
 
 
 def soak(runner: ModelRunner, ticks: int, seed: int, join_rate: float, progress: bool = False,
@@ -155,55 +175,42 @@ def soak(runner: ModelRunner, ticks: int, seed: int, join_rate: float, progress:
     chaos: dict[str, object] = {}  # session id -> Session, for callers that misbehave
     created, warm_at, before = 0, max(1, ticks // 5), None
     histories: list[tuple[int, ...]] = []
-    runner.step = record_histories(runner, histories)
-    for tick in tqdm(range(ticks), desc="soak", unit="tick", disable=not progress):
-        if tick == warm_at:
-            before = memory(runner.device)
-        if rng.random() < join_rate:
-            witness = created % WITNESS_EVERY == 0
-            caller = Caller(f"caller-{created}", keep_tokens=witness)
-            sampling = random_sampling(rng)
-            session = loop.create_session(sampling, caller.sink, end_on_input_end=witness or rng.random() < 0.5)
-            if session is not None:
-                created += 1
-                open_callers.append(caller)
-                if witness:
-                    n = rng.randrange(3, 40)
-                    pcm = synthetic_speech((n + 1) * fs / 24000, rng.randrange(2**31))[: n * fs]
-                    witnesses[session.id] = Witness(pcm.reshape(n, fs), sampling, caller)
-                    session.push(pcm)
-                    session.end_input()
-                else:
-                    chaos[session.id] = session
-        for sid, session in list(chaos.items()):
-            if session.end_reason is not None:
-                chaos.pop(sid)
-                continue
-            roll = rng.random()
-            if roll < 0.01:
-                loop.end_session(sid, "client_gone")
-            elif roll < 0.02:
-                session.end_input()
-            elif roll < 0.05:
-                session.push(np.zeros(60 * fs, np.float32))  # a burst past the buffer: dropped
-            elif roll < 0.85:
-                session.push((0.05 * np.random.default_rng(tick).standard_normal(fs)).astype(np.float32))
-        plan = loop.tick()
-        for row, (sid, _) in enumerate(plan.step):
-            if sid in witnesses:
-                witnesses[sid].layout.append((len(plan.step), row, histories[-1]))
-        histories.clear()
-        still_open = []
-        for c in open_callers:
-            errors.extend(c.errors)
-            c.errors.clear()
-            if not c.ended:
-                still_open.append(c)
-        open_callers = still_open
-    for sid in list(loop.sessions):
-        loop.end_session(sid, "soak_done")
-    loop.tick()
-    del runner.step  # the class's own again
+    with recording_histories(runner, histories):
+        for tick in tqdm(range(ticks), desc="soak", unit="tick", disable=not progress):
+            if tick == warm_at:
+                before = memory(runner.device)
+            if rng.random() < join_rate:
+                witness = created % WITNESS_EVERY == 0
+                caller = Caller(f"caller-{created}", keep_tokens=witness)
+                sampling = random_sampling(rng)
+                session = loop.create_session(sampling, caller.sink, end_on_input_end=witness or rng.random() < 0.5)
+                if session is not None:
+                    created += 1
+                    open_callers.append(caller)
+                    if witness:
+                        n = rng.randrange(3, 40)
+                        pcm = synthetic_speech((n + 1) * fs / 24000, rng.randrange(2**31))[: n * fs]
+                        witnesses[session.id] = Witness(pcm.reshape(n, fs), sampling, caller)
+                        session.push(pcm)
+                        session.end_input()
+                    else:
+                        chaos[session.id] = session
+            misbehave(loop, chaos, rng, tick)
+            plan = loop.tick()
+            for row, (sid, _) in enumerate(plan.step):
+                if sid in witnesses:
+                    witnesses[sid].layout.append((len(plan.step), row, histories[-1]))
+            histories.clear()
+            still_open = []
+            for c in open_callers:
+                errors.extend(c.errors)
+                c.errors.clear()
+                if not c.ended:
+                    still_open.append(c)
+            open_callers = still_open
+        for sid in list(loop.sessions):
+            loop.end_session(sid, "soak_done")
+        loop.tick()
     errors += [e for c in open_callers for e in c.errors] + [f"{c.name}: no end event" for c in open_callers
                                                              if not c.ended]
     # Witnesses cut short by the end of the run are not compared.
@@ -279,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                   alone=args.replay_alone or args.batch_invariant)
     failed = verdict(result, args.max_object_growth, args.max_rss_growth_mb)
     b, a = result["memory_before"], result["memory_after"]
-    print(f"{result['ticks']} ticks, {result['sessions']} sessions ({result['witnesses']} witnesses replayed in batches of their shapes), "
+    print(f"{result['ticks']} ticks, {result['sessions']} sessions ({result['witnesses']} witnesses replayed in "
+          "batches of their shapes), "
           f"{result['underruns']} underruns, {result['dropped_samples']} samples dropped")
     if "witnesses_parted_alone" in result:
         print(f"  replayed alone instead: {len(result['witnesses_parted_alone'])} of {result['witnesses']} witnesses "

@@ -60,7 +60,7 @@ class ModelRunner:
         # on its neighbours unless every step has one shape: all rows, whole rings, whole vocabulary.
         self.batch_invariant = batch_invariant
         self.buckets = [self.max_sessions] if batch_invariant else buckets_for(self.max_sessions)
-        for t in (lm.transformer, mimi.encoder_transformer.transformer, mimi.decoder_transformer.transformer):
+        for t in self.rings():
             t.whole_ring = batch_invariant
         self.timer = StageTimer(self.device)
         self.graphs = GraphedStep(self) if self.device.type == "cuda" and use_cuda_graphs else None
@@ -80,6 +80,12 @@ class ModelRunner:
         return ModelRunner(lm, mimi, TextTokenizer(files.tokenizer), cfg.max_sessions, cfg.kernels,
                            batch_invariant=cfg.batch_invariant)
 
+    def rings(self) -> tuple:
+        """The streaming transformers whose ring spans a call's history (not restarted each frame,
+        as the depth transformer is): the LM's and Mimi's two."""
+        return (self.lm.transformer, self.mimi.encoder_transformer.transformer,
+                self.mimi.decoder_transformer.transformer)
+
     def join(self, slot: int, sampling: SamplingConfig) -> None:
         """Starts a fresh session in `slot`; other slots are untouched."""
         if not 0 <= slot < self.max_sessions:
@@ -94,8 +100,7 @@ class ModelRunner:
         probe: every ring (the LM's and Mimi's two) holds a whole context of history, and the
         initial delay is past, so a step costs what it costs in the steady state of long calls."""
         idx = torch.tensor(slots, device=self.device)
-        for t in (self.lm.transformer, self.mimi.encoder_transformer.transformer,
-                  self.mimi.decoder_transformer.transformer):
+        for t in self.rings():
             t.offsets[idx] = t.capacity
         for s in slots:
             self.slots.frames[s] = self.lm.cfg.context
