@@ -95,6 +95,25 @@ def test_noise_bit_identical():
     assert torch.equal(uniform_noise(seeds.to(CUDA), counters.to(CUDA), 1, 250, 8, backend="triton").cpu(), want)
 
 
+@pytest.mark.parametrize("block,tiles", [(None, 2), (16, 1)])
+def test_rvq_stage_hand_over_is_race_free(block, tiles):
+    # Each stage's programs run concurrently and wait for the previous stage's last finisher to
+    # publish the residual: a read that overtook the write would pick wrong codes now and then.
+    # Planted, well-separated codes make every right answer exact; many launches give a race room.
+    from kernels import rvq_triton
+    from test_kernels_rvq import _table
+    D, bins, n, N = 256, 2048, 8, 70
+    g = torch.Generator().manual_seed(0)
+    cents = torch.stack([torch.randn(bins, D, generator=g) * 4.0 ** -s for s in range(n)])
+    planted = torch.randint(0, bins, (N, n), generator=g)
+    x = sum(cents[s][planted[:, s]] for s in range(n))
+    tables = [_table(cents[:1]).to(CUDA), _table(cents[1:]).to(CUDA)]
+    xs = torch.stack([x, x - cents[0][planted[:, 0]]]).to(CUDA)
+    want = torch.cat([planted[:, :1], planted[:, 1:]], 1)
+    for _ in range(50):
+        assert torch.equal(rvq_triton.encode(xs, tables, [1, n - 1], block, tiles).cpu(), want)
+
+
 def test_rvq_compiled_codes_are_near_optimal():
     from kernels import rvq_triton
     from test_kernels_rvq import EPS, _tables

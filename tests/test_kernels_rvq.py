@@ -23,13 +23,19 @@ def _tables(stages, bins, D, seed):
     return [_table(torch.randn(n + 1, bins, D, generator=g)) for n in stages]
 
 
+# (codes per tile, tiles per slice): the default, and slices of one or three small tiles, so that
+# a stage is scored by many programs (up to 9 here) whose bests are reduced across slices.
+SLICINGS = [(None, rvq_triton.TILES_PER_SLICE), (16, 1), (16, 3)]
+
+
+@pytest.mark.parametrize("block,tiles", SLICINGS)
 @pytest.mark.parametrize("D,bins", [(16, 37), (24, 64), (32, 130)])
 @pytest.mark.parametrize("N", [1, 5, 33])
-@pytest.mark.parametrize("stages", [[3], [1, 4]])
-def test_codes_are_nearest_up_to_rounding(D, bins, N, stages):
+@pytest.mark.parametrize("stages", [[3], [1, 4], [4, 2]])
+def test_codes_are_nearest_up_to_rounding(D, bins, N, stages, block, tiles):
     tables = _tables(stages, bins, D, seed=N + D)
     x = torch.randn(len(stages), N, D, generator=torch.Generator().manual_seed(bins)) * 2
-    codes = rvq_triton.encode(x, tables, stages)
+    codes = rvq_triton.encode(x, tables, stages, block, tiles)
     assert codes.shape == (N, sum(stages)) and codes.dtype == torch.long
     col = 0
     for g, n in enumerate(stages):
@@ -44,7 +50,8 @@ def test_codes_are_nearest_up_to_rounding(D, bins, N, stages):
         col += n
 
 
-def test_planted_codes_are_recovered_exactly():
+@pytest.mark.parametrize("block,tiles", SLICINGS)
+def test_planted_codes_are_recovered_exactly(block, tiles):
     # Well-separated codebooks (each stage 10x smaller than the last) and x = sum of planted
     # centroids + noise: every stage's nearest centroid is the planted one, so the residual
     # update must be right for later stages to come out right.
@@ -53,19 +60,31 @@ def test_planted_codes_are_recovered_exactly():
     cents = torch.stack([torch.randn(bins, D, generator=g) * 10.0 ** -s for s in range(n)])
     planted = torch.randint(0, bins, (N, n), generator=g)
     x = sum(cents[s][planted[:, s]] for s in range(n)) + 1e-5 * torch.randn(N, D, generator=g)
-    got = rvq_triton.encode(x[None], [_table(cents)], [n])
+    got = rvq_triton.encode(x[None], [_table(cents)], [n], block, tiles)
     assert torch.equal(got, planted)
 
 
-def test_ties_go_to_the_lowest_index_within_and_across_tiles():
+@pytest.mark.parametrize("block,tiles", SLICINGS)
+def test_ties_go_to_the_lowest_index_within_and_across_tiles_and_slices(block, tiles):
     D, bins = 16, 150
-    assert rvq_triton.block_k(D) < 100  # indices 90 and 140 below sit in another tile than 2
+    # Indices 2, 9 share a tile; 90 and 140 sit in other tiles (and, but for the default's two
+    # slices of 128, in other slices) than 2 and than each other.
+    assert (block or rvq_triton.block_k(D)) < 100
     cents = torch.randn(bins, D, generator=torch.Generator().manual_seed(1)) * 5
-    for low, high in ((2, 9), (2, 140), (90, 140)):
+    for low, high in ((2, 9), (2, 140), (90, 140), (140, 2)):
         c = cents.clone()
         c[high] = c[low]
         x = (c[low] + 0.01).view(1, 1, D)
-        assert rvq_triton.encode(x, [_table(c[None])], [1]).item() == low
+        assert rvq_triton.encode(x, [_table(c[None])], [1], block, tiles).item() == min(low, high)
+
+
+def test_launch_spreads_each_stage_over_slices():
+    # Mimi at 32 sessions: 32 rows, 2048 codes, 1 + 7 stages. One program per (stage, row block,
+    # slice), so a stage of a row block is scored on 32 SMs instead of one.
+    tables = [torch.empty(1, 2048, 258, device="meta"), torch.empty(31, 2048, 258, device="meta")]
+    (launch,), _ = rvq_triton.plan_encode(torch.empty(2, 32, 256, device="meta"), tables, [1, 7])
+    assert launch.consts["SLICES"] == 32 and launch.consts["BLOCK_K"] * launch.consts["TILES"] == 64
+    assert launch.grid == (8 * 2 * 32,)
 
 
 @pytest.mark.parametrize("stages", [[1], [1, 6], [2, 0]])
@@ -99,7 +118,7 @@ def test_split_rvq_module_agrees_between_backends():
     torch.testing.assert_close(q.decode(got_codes), want_pcm, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("bad", ["dtype", "table_shape", "stages", "codes_dtype"])
+@pytest.mark.parametrize("bad", ["dtype", "table_shape", "stages", "codes_dtype", "block"])
 def test_preconditions(bad):
     tables = _tables([2], 20, 16, seed=0)
     x = torch.randn(1, 4, 16)
@@ -110,5 +129,7 @@ def test_preconditions(bad):
             rvq_triton.encode(x, [tables[0][..., :-1].contiguous()], [2])
         elif bad == "stages":
             rvq_triton.encode(x, tables, [5])
+        elif bad == "block":
+            rvq_triton.encode(x, tables, [2], block=24)
         else:
             rvq_triton.decode(torch.zeros(4, 2, dtype=torch.int32), tables, [2])
