@@ -51,8 +51,11 @@ for stage in $stages; do
       # The 7B sweep at full context. KV is preallocated at full context (~1.6 GB a slot in bf16),
       # so the engine alone fits ~38 slots on 80 GB; the reference allocates its own caches beside
       # it, hence its smaller, separate sweep.
-      # The goals' two figures (B=1, B=32) first, should the time limit cut the sweep short.
-      step "${T_TICK:-170}" $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 32 8 16 24 --full-context \
+      # The goals' two figures (B=1, B=32) first, should the time limit cut the sweep short. A card
+      # with more memory than an H100's 80 GB (an H200: 141 GB) also holds 48 and 64 such slots.
+      mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+      more=""; [ "${mib:-0}" -ge 120000 ] 2>/dev/null && more="48 64"
+      step "${T_TICK:-170}" $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 32 8 16 24 $more --full-context \
           --no-reference --warmup 3 --ticks 20 --output "$out/tick-7b-full"
       if $PY -c "import moshi" 2>/dev/null; then
         step "${T_REF:-90}" $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 4 8 --warmup 3 --ticks 20 \
