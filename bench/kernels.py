@@ -33,11 +33,13 @@ RVQ_DIM, RVQ_BINS, RVQ_STAGES = 256, 2048, (1, 7)
 LM_DIM, LM_HIDDEN = 4096, 11264
 LM_DTYPE = torch.bfloat16  # the released checkpoints' LM dtype
 # Representative SEANet layers (Mimi runs fp32): the full-rate first conv, a strided downsampling
-# conv, a dilated residual conv, a decoder upsampling conv, Mimi's upsample.
+# conv, a dilated residual conv, a decoder upsampling conv, Mimi's upsample, and the deepest
+# encoder and decoder convs, whose 33 MB weights serve one or two positions a session.
 # (name, in, out, kernel, stride, groups, input length, transposed)
 CONVS = [("enc-first", 1, 64, 7, 1, 1, 1920, False), ("enc-down", 64, 128, 8, 4, 1, 1920, False),
          ("enc-res", 128, 64, 3, 1, 1, 480, False), ("dec-up", 128, 64, 8, 4, 1, 480, True),
-         ("mimi-up", 512, 512, 4, 2, 512, 1, True)]
+         ("mimi-up", 512, 512, 4, 2, 512, 1, True), ("enc-deep", 512, 1024, 16, 8, 1, 16, False),
+         ("dec-deep-up", 1024, 512, 16, 8, 1, 2, True)]
 
 
 @dataclass

@@ -6,10 +6,12 @@ split counts for attention).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import torch
 
+from engine.graphs import BUCKETS
 from kernels.aot import DTYPES
 from kernels.launch import Launch
 
@@ -19,6 +21,9 @@ LM = dict(heads=32, head_dim=128, capacity=3000, T=1, context=3000)
 DEPTH = dict(heads=16, head_dim=64, capacity=8, T=1, context=None)
 MIMI = dict(heads=8, head_dim=64, capacity=250, T=2, context=250)
 MAX_SESSIONS = 64
+# A conv's tiles follow the batch (columns are rows x positions; channel tiles shrink while the
+# grid is small), so every batch bucket the engine pads to is planned; duplicates fold away.
+CONV_BATCHES = BUCKETS
 
 
 def _qkv(B: int, T: int, H: int, D: int, dtype: torch.dtype):
@@ -85,8 +90,7 @@ def conv_specs() -> Iterator[tuple[str, list[Launch]]]:
     from engine.seanet import StreamingConv1d
     from kernels import conv_triton
     cfg = MimiConfig()
-    B = 8
-    for dtype in DTYPES:
+    for dtype, B in itertools.product(DTYPES, CONV_BATCHES):
         with torch.device(META):
             mimi = Mimi(cfg).to(dtype)
         mimi.init_state(MAX_SESSIONS)

@@ -2,15 +2,17 @@
 
 Conv1d: output tile [BLOCK_CO, BLOCK_T] of ``conv1d([state | act(x)])`` as an implicit GEMM whose
 reduction runs over (input channel, tap); each input column is read from the slot's state row or
-from x depending on where it falls, so the concatenation never exists. Transposed conv: output
-positions are split by phase ``j % stride``, which turns each phase into a dense conv over
+from x depending on where it falls, so the concatenation never exists. A tile's columns are
+(row, position) pairs across the batch: SEANet's deep layers have one or two positions a row and
+the largest weights (33 MB), which a tile per row would read once per session. Transposed conv:
+output positions are split by phase ``j % stride``, which turns each phase into a dense conv over
 ``ceil(K / stride)`` taps; the overlap-add `partial` is added to the first positions and the new
 tail (bias excluded) goes to a scratch buffer.
 
 State is updated in place by a second, tiny launch: conv programs of other output tiles still read
 the old state, and nothing orders programs within one launch. That launch runs one program per
 row, so a row's `first` flag (replicate padding) is read and cleared by the same program.
-Rows whose slot is < 0 are skipped by every kernel. fp32 GEMMs use 3xTF32 on tensor cores
+Rows whose slot is < 0 are skipped (their columns masked). fp32 GEMMs use 3xTF32 on tensor cores
 (about fp32 accuracy; torch's own cuDNN convs default to plain TF32): the FMA path spills heavily.
 """
 from __future__ import annotations
@@ -34,22 +36,22 @@ def _act(x, ACT_ELU: tl.constexpr):
 
 @triton.jit
 def _conv1d_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, first_ptr, slots_ptr, y_ptr,
-                   Cin, Cout, L, L_out, s_xb, s_xc, s_xt, s_ss, s_yb, s_yc,
+                   Cin, Cout, L, L_out, NB, s_xb, s_xc, s_xt, s_ss, s_yb, s_yc,
                    K: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr, CTX: tl.constexpr,
                    HAS_BIAS: tl.constexpr, REPLICATE: tl.constexpr, ACT_ELU: tl.constexpr, F32: tl.constexpr,
                    BLOCK_CO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
-    b = tl.program_id(0)
-    slot = tl.load(slots_ptr + b).to(tl.int64)
-    if slot < 0:
-        return
+    # Columns are (row, output position) pairs, NB = B * L_out of them: a weight tile serves every
+    # row's positions at once, rather than each row re-reading the weights for its few positions.
+    n = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = n // L_out
+    t = n % L_out
+    slot = tl.load(slots_ptr + b, mask=n < NB, other=-1).to(tl.int64)
+    col_ok = (n < NB) & (slot >= 0)
     co_ok = co < Cout
-    t_ok = t < L_out
-    x_row = x_ptr + b * s_xb
-    fresh = False
+    x_col = x_ptr + b * s_xb
     if REPLICATE:
-        fresh = tl.load(first_ptr + slot) != 0
+        fresh = tl.load(first_ptr + slot, mask=col_ok, other=0) != 0
     acc = tl.zeros([BLOCK_CO, BLOCK_T], tl.float32)
     R = Cin * K
     for r0 in range(0, R, BLOCK_R):
@@ -57,15 +59,16 @@ def _conv1d_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, first_ptr, slots_ptr, y_pt
         r_ok = r < R
         ci = r // K
         j = t[None, :] * STRIDE + (r % K)[:, None] * DIL  # column of [state | x]
-        ok = r_ok[:, None] & t_ok[None, :]
+        ok = r_ok[:, None] & col_ok[None, :]
         w = tl.load(w_ptr + co[:, None] * R + r[None, :], mask=co_ok[:, None] & r_ok[None, :], other=0.0)
         past = j < CTX
-        xv = _act(tl.load(x_row + ci[:, None] * s_xc + (j - CTX) * s_xt, mask=ok & ~past, other=0.0), ACT_ELU)
+        xv = _act(tl.load(x_col[None, :] + ci[:, None] * s_xc + (j - CTX) * s_xt, mask=ok & ~past, other=0.0),
+                  ACT_ELU)
         if CTX > 0:
-            sv = tl.load(state_ptr + slot * s_ss + ci[:, None] * CTX + j, mask=ok & past, other=0.0)
+            sv = tl.load(state_ptr + slot[None, :] * s_ss + ci[:, None] * CTX + j, mask=ok & past, other=0.0)
             if REPLICATE:
-                x0 = _act(tl.load(x_row + ci * s_xc, mask=r_ok, other=0.0), ACT_ELU)
-                sv = tl.where(fresh, x0[:, None].to(sv.dtype), sv)
+                x0 = _act(tl.load(x_col[None, :] + ci[:, None] * s_xc, mask=ok, other=0.0), ACT_ELU)
+                sv = tl.where(fresh[None, :], x0.to(sv.dtype), sv)
             xv = tl.where(past, sv.to(xv.dtype), xv)
         if F32:
             acc += tl.dot(w, xv.to(w.dtype), input_precision="tf32x3")
@@ -73,8 +76,8 @@ def _conv1d_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, first_ptr, slots_ptr, y_pt
             acc += tl.dot(w, xv.to(w.dtype))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[:, None]
-    dst = y_ptr + b * s_yb + co[:, None] * s_yc + t[None, :]
-    tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=co_ok[:, None] & t_ok[None, :])
+    dst = y_ptr + b[None, :] * s_yb + co[:, None] * s_yc + t[None, :]
+    tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=co_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -112,19 +115,20 @@ def _conv1d_state_kernel(x_ptr, state_ptr, first_ptr, slots_ptr, Cin, L, s_xb, s
 
 @triton.jit
 def _convtr_kernel(x_ptr, w_ptr, bias_ptr, partial_ptr, slots_ptr, y_ptr, tail_ptr,
-                   Cin, Cout, L, M, m_blocks, s_xb, s_xc, s_xt, s_ps, s_yb, s_yc, s_tb, s_tc,
+                   Cin, Cout, L, M, NB, s_xb, s_xc, s_xt, s_ps, s_yb, s_yc, s_tb, s_tc,
                    K: tl.constexpr, STRIDE: tl.constexpr, TAPS: tl.constexpr, OV: tl.constexpr,
                    DEPTHWISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_ELU: tl.constexpr, F32: tl.constexpr,
                    BLOCK_CO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    b = tl.program_id(0)
-    slot = tl.load(slots_ptr + b).to(tl.int64)
-    if slot < 0:
-        return
+    # Columns are (row, phase position) pairs, NB = B * M of them, as in `_conv1d_kernel`.
+    ph = tl.program_id(0) % STRIDE
+    n = (tl.program_id(0) // STRIDE) * BLOCK_M + tl.arange(0, BLOCK_M)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    ph = tl.program_id(2) % STRIDE
-    m = (tl.program_id(2) // STRIDE) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = n // M
+    m = n % M
+    slot = tl.load(slots_ptr + b, mask=n < NB, other=-1).to(tl.int64)
+    col_ok = (n < NB) & (slot >= 0)
     co_ok = co < Cout
-    x_row = x_ptr + b * s_xb
+    x_col = x_ptr + b * s_xb
     acc = tl.zeros([BLOCK_CO, BLOCK_M], tl.float32)
     # y[co, m * STRIDE + ph] = sum over (ci, i) of w[ci, co, ph + i * STRIDE] * x[ci, m - i]
     if DEPTHWISE:
@@ -133,8 +137,8 @@ def _convtr_kernel(x_ptr, w_ptr, bias_ptr, partial_ptr, slots_ptr, y_ptr, tail_p
             k_ok = (co * 0 + k) < K  # a tap past K when K is not a multiple of STRIDE
             w = tl.load(w_ptr + co * K + k, mask=co_ok & k_ok, other=0.0).to(tl.float32)
             src = m - i
-            xv = tl.load(x_row + co[:, None] * s_xc + src[None, :] * s_xt,
-                         mask=co_ok[:, None] & ((src >= 0) & (src < L))[None, :], other=0.0)
+            xv = tl.load(x_col[None, :] + co[:, None] * s_xc + src[None, :] * s_xt,
+                         mask=co_ok[:, None] & (col_ok & (src >= 0) & (src < L))[None, :], other=0.0)
             acc += w[:, None] * _act(xv.to(tl.float32), ACT_ELU)
     else:
         R = Cin * TAPS
@@ -147,8 +151,8 @@ def _convtr_kernel(x_ptr, w_ptr, bias_ptr, partial_ptr, slots_ptr, y_ptr, tail_p
             w = tl.load(w_ptr + ci[None, :] * (Cout * K) + co[:, None] * K + k[None, :],
                         mask=co_ok[:, None] & r_ok[None, :], other=0.0)
             src = m[None, :] - i[:, None]
-            xv = tl.load(x_row + ci[:, None] * s_xc + src * s_xt, mask=r_ok[:, None] & (src >= 0) & (src < L),
-                         other=0.0)
+            xv = tl.load(x_col[None, :] + ci[:, None] * s_xc + src * s_xt,
+                         mask=r_ok[:, None] & col_ok[None, :] & (src >= 0) & (src < L), other=0.0)
             xv = _act(xv, ACT_ELU).to(w.dtype)
             if F32:
                 acc += tl.dot(w, xv, input_precision="tf32x3")
@@ -156,17 +160,19 @@ def _convtr_kernel(x_ptr, w_ptr, bias_ptr, partial_ptr, slots_ptr, y_ptr, tail_p
                 acc += tl.dot(w, xv)
     j = m * STRIDE + ph
     n_out = L * STRIDE
-    out_ok = co_ok[:, None] & (m < M)[None, :] & (j < n_out)[None, :]
+    out_ok = co_ok[:, None] & (col_ok & (j < n_out))[None, :]
     val = acc
     if HAS_BIAS:
         val += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[:, None]
     if OV > 0:
-        head = co_ok[:, None] & (j < OV)[None, :]
-        val += tl.load(partial_ptr + slot * s_ps + co[:, None] * OV + j[None, :], mask=head, other=0.0).to(tl.float32)
-        tail_ok = co_ok[:, None] & (j >= n_out)[None, :] & (j < n_out + OV)[None, :]
-        tl.store(tail_ptr + b * s_tb + co[:, None] * s_tc + (j - n_out)[None, :],
+        head = co_ok[:, None] & (col_ok & (j < OV))[None, :]
+        val += tl.load(partial_ptr + slot[None, :] * s_ps + co[:, None] * OV + j[None, :], mask=head,
+                       other=0.0).to(tl.float32)
+        tail_ok = co_ok[:, None] & (col_ok & (j >= n_out) & (j < n_out + OV))[None, :]
+        tl.store(tail_ptr + b[None, :] * s_tb + co[:, None] * s_tc + (j - n_out)[None, :],
                  acc.to(tail_ptr.dtype.element_ty), mask=tail_ok)
-    tl.store(y_ptr + b * s_yb + co[:, None] * s_yc + j[None, :], val.to(y_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(y_ptr + b[None, :] * s_yb + co[:, None] * s_yc + j[None, :], val.to(y_ptr.dtype.element_ty),
+             mask=out_ok)
 
 
 @triton.jit
@@ -182,6 +188,19 @@ def _copy_rows_kernel(src_ptr, dst_ptr, slots_ptr, n, s_src, s_dst, BLOCK: tl.co
 
 def _tile(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+_MIN_PROGRAMS = 128  # about one per SM of an H100 (132)
+_BIG_WEIGHT = 1 << 22  # 4 MB: past this, how many SMs stream the weight matters
+
+
+def _channel_tile(Cout: int, column_tiles: int, weight: torch.Tensor) -> int:
+    """Output channels per program: 64, or 16 where a large weight would otherwise be streamed by
+    a handful of programs. SEANet's deepest convs have a column tile or two and up to 33 MB of
+    weights: in 64-channel tiles, 16 programs would stream them while most SMs idle."""
+    block = _tile(Cout)
+    big = weight.numel() * weight.element_size() >= _BIG_WEIGHT
+    return 16 if big and column_tiles * triton.cdiv(Cout, block) < _MIN_PROGRAMS else block
 
 
 def _check_common(x, weight, bias, state, slots):
@@ -216,12 +235,14 @@ def plan_conv1d(x, weight, bias, state, slots, stride, dilation, groups, first=N
     y = torch.empty(B, Cout, L_out, device=x.device, dtype=x.dtype)
     first_arg = first.view(torch.uint8) if replicate and first.dtype == torch.bool else (first if replicate else slots)
     bias_arg = bias if bias is not None else weight
-    block_co, block_t = _tile(Cout), _tile(L_out)
+    NB = B * L_out
+    block_t = _tile(NB)
+    block_co = _channel_tile(Cout, triton.cdiv(NB, block_t), weight)
     consts = dict(K=K, STRIDE=stride, DIL=dilation, CTX=ctx, HAS_BIAS=bias is not None, REPLICATE=replicate,
                   ACT_ELU=act == "elu", F32=x.dtype == torch.float32, BLOCK_CO=block_co, BLOCK_T=block_t,
                   BLOCK_R=32 if Cin * K >= 32 else 16)
-    launches = [Launch(_conv1d_kernel, (B, triton.cdiv(Cout, block_co), triton.cdiv(L_out, block_t)),
-                       [x, weight, bias_arg, state, first_arg, slots, y, Cin, Cout, L, L_out,
+    launches = [Launch(_conv1d_kernel, (triton.cdiv(NB, block_t), triton.cdiv(Cout, block_co)),
+                       [x, weight, bias_arg, state, first_arg, slots, y, Cin, Cout, L, L_out, NB,
                         x.stride(0), x.stride(1), x.stride(2), state.stride(0), y.stride(0), y.stride(1)],
                        consts, _NUM_WARPS)]
     if ctx > 0:
@@ -250,14 +271,15 @@ def plan_conv_transpose1d(x, weight, bias, partial, slots, stride, groups, act=N
     M = L + taps - 1
     y = torch.empty(B, Cout, L * stride, device=x.device, dtype=x.dtype)
     tail = torch.empty(B, Cout, max(ov, 1), device=x.device, dtype=x.dtype)
-    block_co, block_m = _tile(Cout), _tile(M)
-    m_blocks = triton.cdiv(M, block_m)
+    NB = B * M
+    block_m = _tile(NB)
+    block_co = _channel_tile(Cout, stride * triton.cdiv(NB, block_m), weight)
     consts = dict(K=K, STRIDE=stride, TAPS=taps, OV=ov, DEPTHWISE=depthwise, HAS_BIAS=bias is not None,
                   ACT_ELU=act == "elu", F32=x.dtype == torch.float32, BLOCK_CO=block_co, BLOCK_M=block_m,
                   BLOCK_R=32 if Cin * taps >= 32 else 16)
-    launches = [Launch(_convtr_kernel, (B, triton.cdiv(Cout, block_co), stride * m_blocks),
+    launches = [Launch(_convtr_kernel, (stride * triton.cdiv(NB, block_m), triton.cdiv(Cout, block_co)),
                        [x, weight, bias if bias is not None else weight, partial, slots, y, tail, Cin, Cout, L, M,
-                        m_blocks, x.stride(0), x.stride(1), x.stride(2), partial.stride(0), y.stride(0),
+                        NB, x.stride(0), x.stride(1), x.stride(2), partial.stride(0), y.stride(0),
                         y.stride(1), tail.stride(0), tail.stride(1)], consts, _NUM_WARPS)]
     if ov > 0:
         launches.append(Launch(_copy_rows_kernel, (B,), [tail, partial, slots, Cout * ov, tail.stride(0),

@@ -22,6 +22,15 @@ CONV1D = [(1, 8, 7, 1, 1, 24, False, None), (8, 4, 3, 1, 3, 10, False, "elu"), (
 CONVTR = [(8, 4, 4, 2, 1, 3), (6, 6, 4, 2, 6, 1), (4, 2, 10, 5, 1, 2), (3, 5, 7, 3, 1, 2), (66, 70, 4, 2, 1, 2)]
 
 
+@pytest.fixture(params=["64", "16"], ids=["co64", "co16"])
+def channel_tile(request, monkeypatch):
+    """Both output-channel tilings: the usual 64, and the 16 taken for SEANet's large deep weights
+    (forced here by calling every weight large), whose channels then span several programs."""
+    if request.param == "16":
+        monkeypatch.setattr(conv_triton, "_BIG_WEIGHT", 0)
+    return int(request.param)
+
+
 def _rand(g, *shape):
     return torch.randn(*shape, generator=g, dtype=torch.float64)
 
@@ -34,7 +43,7 @@ def _active(rows):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("cfg", CONV1D, ids=lambda c: "Cin{}Cout{}K{}s{}d{}L{}{}{}".format(
     *c[:6], "-rep" if c[6] else "", f"-{c[7]}" if c[7] else ""))
-def test_conv1d_steps_match_float64(cfg, dtype):
+def test_conv1d_steps_match_float64(cfg, dtype, channel_tile):
     Cin, Cout, K, stride, dil, L, replicate, act = cfg
     g = torch.Generator().manual_seed(Cin * 31 + K)
     w, b = _rand(g, Cout, Cin, K) / (Cin * K) ** 0.5, _rand(g, Cout)
@@ -67,7 +76,7 @@ def conv_triton_step(x, w, b, state, slots, stride, dil, first, act):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("act", [None, "elu"])
 @pytest.mark.parametrize("cfg", CONVTR, ids=lambda c: "Cin{}Cout{}K{}s{}g{}L{}".format(*c))
-def test_conv_transpose1d_steps_match_float64(cfg, act, dtype):
+def test_conv_transpose1d_steps_match_float64(cfg, act, dtype, channel_tile):
     Cin, Cout, K, stride, groups, L = cfg
     g = torch.Generator().manual_seed(Cin * 7 + K)
     w, b = _rand(g, Cin, Cout // groups, K) / Cin ** 0.5, _rand(g, Cout)
@@ -89,6 +98,17 @@ def test_conv_transpose1d_steps_match_float64(cfg, act, dtype):
         torch.testing.assert_close(got_partial.double(), ref_partial.to(dtype).double(), **TOL[dtype])
         ref_partial = ref_partial.to(dtype).double()
     assert torch.equal(got_partial[[1, 3]], partial[[1, 3]].to(dtype))
+
+
+def test_batch_and_positions_share_column_tiles():
+    # SEANet's deepest conv at 32 sessions: two positions a row, so the 64 columns of one tile
+    # are every row's; its 33 MB weight is streamed by 64 programs of 16 channels, once.
+    M = torch.device("meta")
+    w, state = torch.empty(1024, 512, 16, device=M), torch.empty(33, 512, 8, device=M)
+    (launch, _), y = conv_triton.plan_conv1d(torch.empty(32, 512, 16, device=M), w, torch.empty(1024, device=M),
+                                             state, torch.arange(32, device=M), 8, 1, 1, None, "elu")
+    assert y.shape == (32, 1024, 2) and launch.grid == (1, 64)
+    assert (launch.consts["BLOCK_T"], launch.consts["BLOCK_CO"]) == (64, 16)
 
 
 def test_non_contiguous_input_as_after_the_transformer():
