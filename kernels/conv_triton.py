@@ -190,6 +190,12 @@ def _tile(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
+def _warps(block_co: int, block_cols: int) -> int:
+    # A 64 x 64 output tile with its operands outgrows 4 warps' registers under Triton 3.6 (the lent
+    # GPU image's compiler spills there since the tiles span the batch; 3.9 just fits).
+    return 8 if block_co * block_cols >= 64 * 64 else _NUM_WARPS
+
+
 _MIN_PROGRAMS = 128  # about one per SM of an H100 (132)
 _BIG_WEIGHT = 1 << 22  # 4 MB: past this, how many SMs stream the weight matters
 
@@ -244,7 +250,7 @@ def plan_conv1d(x, weight, bias, state, slots, stride, dilation, groups, first=N
     launches = [Launch(_conv1d_kernel, (triton.cdiv(NB, block_t), triton.cdiv(Cout, block_co)),
                        [x, weight, bias_arg, state, first_arg, slots, y, Cin, Cout, L, L_out, NB,
                         x.stride(0), x.stride(1), x.stride(2), state.stride(0), y.stride(0), y.stride(1)],
-                       consts, _NUM_WARPS)]
+                       consts, _warps(block_co, block_t))]
     if ctx > 0:
         launches.append(Launch(_conv1d_state_kernel, (B,),
                                [x, state, first_arg, slots, Cin, L, x.stride(0), x.stride(1), x.stride(2),
@@ -280,7 +286,7 @@ def plan_conv_transpose1d(x, weight, bias, partial, slots, stride, groups, act=N
     launches = [Launch(_convtr_kernel, (stride * triton.cdiv(NB, block_m), triton.cdiv(Cout, block_co)),
                        [x, weight, bias if bias is not None else weight, partial, slots, y, tail, Cin, Cout, L, M,
                         NB, x.stride(0), x.stride(1), x.stride(2), partial.stride(0), y.stride(0),
-                        y.stride(1), tail.stride(0), tail.stride(1)], consts, _NUM_WARPS)]
+                        y.stride(1), tail.stride(0), tail.stride(1)], consts, _warps(block_co, block_m))]
     if ov > 0:
         launches.append(Launch(_copy_rows_kernel, (B,), [tail, partial, slots, Cout * ov, tail.stride(0),
                                                           partial.stride(0)], dict(BLOCK=256), _NUM_WARPS))
