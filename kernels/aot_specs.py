@@ -6,7 +6,6 @@ split counts for attention).
 """
 from __future__ import annotations
 
-import itertools
 from typing import Iterator
 
 import torch
@@ -87,34 +86,39 @@ def _stateful_convs(layers, L: int, out: list) -> int:
 def conv_specs() -> Iterator[tuple[str, list[Launch]]]:
     from engine.config import MimiConfig
     from engine.mimi import Mimi
-    from engine.seanet import StreamingConv1d
-    from kernels import conv_triton
     cfg = MimiConfig()
-    for dtype, B in itertools.product(DTYPES, CONV_BATCHES):
+    for dtype in DTYPES:
         with torch.device(META):
             mimi = Mimi(cfg).to(dtype)
-        mimi.init_state(MAX_SESSIONS)
+        mimi.init_state(max(CONV_BATCHES))
         convs: list = []
         L = _stateful_convs(mimi.encoder.model, cfg.frame_size, convs)
         _stateful_convs([mimi.downsample.conv], L, convs)
         _stateful_convs([mimi.upsample.convtr], 1, convs)
         _stateful_convs(mimi.decoder.model, L, convs)
-        slots = torch.empty(B, device=META, dtype=torch.long)
-        for layer, L_in, act in convs:
-            if isinstance(layer, StreamingConv1d):
-                c = layer.conv.conv
-                x = torch.empty(B, c.in_channels, L_in, device=META, dtype=dtype)
-                first = layer.first if layer.pad_mode == "replicate" else None
-                launches, _ = conv_triton.plan_conv1d(x, c.weight, c.bias, layer.previous, slots, layer.stride,
-                                                      c.dilation[0], c.groups, first, act)
-                label = f"conv1d-{c.in_channels}to{c.out_channels}-k{c.kernel_size[0]}s{layer.stride}"
-            else:
-                c = layer.convtr.convtr
-                x = torch.empty(B, c.in_channels, L_in, device=META, dtype=dtype)
-                launches, _ = conv_triton.plan_conv_transpose1d(x, c.weight, c.bias, layer.partial, slots,
-                                                                c.stride[0], c.groups, act)
-                label = f"convtr-{c.in_channels}to{c.out_channels}-k{c.kernel_size[0]}s{c.stride[0]}g{c.groups}"
-            yield f"{label}-L{L_in}-{str(dtype)[6:]}", launches
+        for B in CONV_BATCHES:
+            yield from _conv_launches(convs, B, dtype)
+
+
+def _conv_launches(convs: list, B: int, dtype: torch.dtype) -> Iterator[tuple[str, list[Launch]]]:
+    from engine.seanet import StreamingConv1d
+    from kernels import conv_triton
+    slots = torch.empty(B, device=META, dtype=torch.long)
+    for layer, L_in, act in convs:
+        if isinstance(layer, StreamingConv1d):
+            c = layer.conv.conv
+            x = torch.empty(B, c.in_channels, L_in, device=META, dtype=dtype)
+            first = layer.first if layer.pad_mode == "replicate" else None
+            launches, _ = conv_triton.plan_conv1d(x, c.weight, c.bias, layer.previous, slots, layer.stride,
+                                                  c.dilation[0], c.groups, first, act)
+            label = f"conv1d-{c.in_channels}to{c.out_channels}-k{c.kernel_size[0]}s{layer.stride}"
+        else:
+            c = layer.convtr.convtr
+            x = torch.empty(B, c.in_channels, L_in, device=META, dtype=dtype)
+            launches, _ = conv_triton.plan_conv_transpose1d(x, c.weight, c.bias, layer.partial, slots,
+                                                            c.stride[0], c.groups, act)
+            label = f"convtr-{c.in_channels}to{c.out_channels}-k{c.kernel_size[0]}s{c.stride[0]}g{c.groups}"
+        yield f"{label}-L{L_in}-{str(dtype)[6:]}", launches
 
 
 def norm_specs() -> Iterator[tuple[str, list[Launch]]]:
