@@ -89,7 +89,7 @@ def weight_bytes(module, dtype: torch.dtype | None = None) -> int:
 
 def check_weights_fit(lm, mimi, lm_dtype: torch.dtype, device, lm_file_bytes: int) -> None:
     """Raises ConfigError when the weights would not fit in what `device` has free, before any is
-    read: the LM in `lm_dtype` and Mimi in fp32 (on CPU twice, for its oneDNN-packed copies, and
+    read: the LM in `lm_dtype` and Mimi in fp32 (on CPU twice, for its packed copies, and
     the LM file's tensors while they are converted). A 7B LM in fp32 on a 24 GB machine would
     otherwise end start-up in the kernel's OOM killer, which names no flag."""
     device = torch.device(device)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kernels import conv as conv_kernels
+from kernels import linear as linear_kernels
 
 from .config import SeanetConfig
 
@@ -40,7 +41,7 @@ class StreamingConv1d(nn.Module):
     """Causal Conv1d; `previous` holds the last ``effective_kernel - stride`` input samples per slot."""
 
     kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
-    packed: torch.Tensor | None = None  # set by kernels.linear.prepack
+    packed: linear_kernels.Packed | None = None  # set by kernels.linear.prepack
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  dilation: int = 1, groups: int = 1, bias: bool = True, pad_mode: str = "constant"):
@@ -95,7 +96,7 @@ class StreamingConvTranspose1d(nn.Module):
     """Causal ConvTranspose1d; `partial` holds the ``kernel - stride`` overlap-add tail per slot."""
 
     kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
-    packed: torch.Tensor | None = None  # set by kernels.linear.prepack
+    packed: linear_kernels.Packed | None = None  # set by kernels.linear.prepack
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  groups: int = 1, bias: bool = True):

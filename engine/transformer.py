@@ -80,7 +80,7 @@ class LayerScale(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear whose product runs on a prepacked weight where `kernels.linear.prepack` made one."""
 
-    packed: torch.Tensor | None = None
+    packed: linear_kernels.Packed | None = None
 
     def gemm_weight(self) -> torch.Tensor:
         return self.weight

@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from kernels import conv_cpu
+from kernels import linear as linear_kernels
 
 
 def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int,
@@ -67,7 +68,7 @@ def alloc_state(slots: int, channels: int, length: int, dtype: torch.dtype, devi
 def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
                 slots: torch.Tensor, stride: int, dilation: int, groups: int,
                 first: torch.Tensor | None = None, act: str | None = None, backend: str = "torch",
-                packed: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                packed: linear_kernels.Packed | None = None, residual: torch.Tensor | None = None,
                 dense: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """x [B, Cin, L] -> [B, Cout, L / stride] (+ `residual`); state [S, Cin, context] updated for
     `slots`. For the CPU path: `packed` is `kernels.linear.pack` of `gemm_weight(weight, ...)`,
@@ -105,7 +106,7 @@ def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def conv_transpose1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           partial: torch.Tensor, slots: torch.Tensor, stride: int, groups: int,
                           act: str | None = None, backend: str = "torch",
-                          packed: torch.Tensor | None = None,
+                          packed: linear_kernels.Packed | None = None,
                           dense: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """x [B, Cin, L] -> [B, Cout, L * stride]; partial [S, Cout, K - stride] updated for `slots`.
     `packed` and `dense` as for `conv1d_step`."""

@@ -74,7 +74,7 @@ def alloc_state(slots: int, channels: int, length: int, dtype: torch.dtype, devi
     return torch.zeros(slots, length, channels, dtype=dtype, device=device).transpose(1, 2)
 
 
-def _product(rows: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None,
+def _product(rows: torch.Tensor, bias: torch.Tensor | None, packed: linear_kernels.Packed | None,
              dense: Callable[[], torch.Tensor]) -> torch.Tensor:
     weight = None if linear_kernels.uses_packed(rows, packed) else dense()
     return linear_kernels.linear(rows, weight, bias, packed)
@@ -82,7 +82,7 @@ def _product(rows: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor
 
 def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
                 slots: torch.Tensor, stride: int, dilation: int, first: torch.Tensor | None,
-                elu: Callable | None, packed: torch.Tensor | None, dense: Callable[[], torch.Tensor] | None,
+                elu: Callable | None, packed: linear_kernels.Packed | None, dense: Callable[[], torch.Tensor] | None,
                 residual: torch.Tensor | None) -> torch.Tensor:
     """`kernels.conv.conv1d_step` for groups == 1; `elu(x, out=...)` is applied to x first when
     given; `dense()` returns `conv_weight(weight, ...)` (cached by the caller)."""
@@ -133,7 +133,7 @@ def conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-                     packed: torch.Tensor | None, dense: Callable[[], torch.Tensor] | None) -> torch.Tensor:
+                     packed: linear_kernels.Packed | None, dense: Callable[[], torch.Tensor] | None) -> torch.Tensor:
     """The whole transposed conv of x [B, Cin, n] (groups == 1, no padding): [B, Cout, (n - 1) *
     stride + K], channels-last in memory; `dense()` returns `transpose_weight(weight, stride)`."""
     B, c_in, n = x.shape

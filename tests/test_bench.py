@@ -126,3 +126,14 @@ def test_kernel_benchmark_runs_every_case_on_cpu(tmp_path, monkeypatch, capsys):
         assert {b for _, b, _ in cases} == {1, 3}
     assert all(r["ms"] > 0 and r["bytes"] > 0 for r in rows)
     assert "under Triton's interpreter" in capsys.readouterr().out
+
+
+def test_cpu_gemm_benchmark_checks_and_reports_every_route(tmp_path, capsys):
+    from bench.cpu_gemm import main
+    from kernels import gemm_cpu
+    assert main(["--rows", "1", "13", "--shapes", "96x40", "--megabytes", "0.1", "--repeats", "1",
+                 "--json", str(tmp_path / "g.json")]) == 0
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert [r["rows"] for r in rows] == [1, 13]
+    assert all(r["mkl"] > 0 and ("lockstep" in r) == (gemm_cpu.library() is not None) for r in rows)
+    assert "weight GB/s" in capsys.readouterr().out

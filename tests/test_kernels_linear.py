@@ -1,4 +1,5 @@
-"""CPU products on oneDNN-prepacked weights against float64, and the fallbacks around them."""
+"""CPU products on packed weights (lockstep's kernel, oneDNN) against float64, which route each
+product takes, and the fallbacks around them."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +8,21 @@ from torch import nn
 from engine.transformer import Linear
 from kernels import linear as lin
 
-pytestmark = pytest.mark.skipif(not lin.packable(torch.zeros(2, 2)), reason="torch built without oneDNN")
+needs_onednn = pytest.mark.skipif(not lin.onednn_available(), reason="torch built without oneDNN")
+needs_native = pytest.mark.skipif(not lin.native_available(), reason="lockstep's CPU kernel is not built here")
+
+
+@pytest.fixture(params=["native", "onednn"])
+def packed_route(request, monkeypatch):
+    """Runs a test once with lockstep's kernel and once with oneDNN alone (as where the kernel is
+    missing: no AVX-512 or no compiler)."""
+    if request.param == "native" and not lin.native_available():
+        pytest.skip("lockstep's CPU kernel is not built here")
+    if request.param == "onednn":
+        if not lin.onednn_available():
+            pytest.skip("torch built without oneDNN")
+        monkeypatch.setattr(lin, "native_available", lambda: False)
+    return request.param
 
 
 # (leading shape of x, in, out, bias): a single row, a 3-d batch, hundreds of rows (which take the
@@ -16,7 +31,7 @@ CASES = [((1,), 5, 7, False), ((3, 2), 64, 129, True), ((300,), 33, 17, True), (
 
 
 @pytest.mark.parametrize("lead,n_in,n_out,bias", CASES)
-def test_packed_product_matches_float64(lead, n_in, n_out, bias, monkeypatch):
+def test_packed_product_matches_float64(lead, n_in, n_out, bias, packed_route, monkeypatch):
     monkeypatch.setattr(lin, "mkl_max_rows", lambda: 0)  # every row count on oneDNN, as off Intel
     g = torch.Generator().manual_seed(n_in)
     w = torch.randn(n_out, n_in, generator=g)
@@ -28,13 +43,13 @@ def test_packed_product_matches_float64(lead, n_in, n_out, bias, monkeypatch):
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
 
 
-def test_non_contiguous_rows():
+def test_non_contiguous_rows(packed_route):
     w = torch.randn(300, 400)
     x = torch.randn(400, 6).t()  # rows with a stride
     torch.testing.assert_close(lin.linear(x, w, None, lin.pack(w)), x @ w.t(), atol=1e-4, rtol=1e-5)
 
 
-def test_autograd_and_missing_pack_fall_back_to_aten():
+def test_autograd_and_missing_pack_fall_back_to_aten(packed_route):
     w = torch.randn(400, 400, requires_grad=True)
     x = torch.randn(3, 400)
     with torch.enable_grad():  # the oneDNN op has no backward: ATen must run
@@ -52,7 +67,7 @@ def test_pack_rejects_what_it_cannot_pack(bad):
         lin.pack(bad)
 
 
-def test_prepack_gives_each_gemm_module_its_weight():
+def test_prepack_gives_each_gemm_module_its_weight(packed_route):
     model = nn.Sequential(Linear(600, 300, bias=False), nn.ReLU(), Linear(300, 5))
     x = torch.randn(2, 600)
     before = model(x)
@@ -64,9 +79,11 @@ def test_prepack_gives_each_gemm_module_its_weight():
 
 
 @pytest.mark.parametrize("vendor,ranges", [("GenuineIntel", (3, 4)), ("AuthenticAMD", (0, 1))])
+@needs_onednn
 def test_few_rows_stay_on_mkl_only_on_intel(vendor, ranges, monkeypatch):
-    """On Intel CPUs products of up to 3 rows take ATen's (MKL) route, more rows oneDNN's; elsewhere
-    oneDNN takes every row count."""
+    """Without lockstep's kernel, on Intel CPUs products of up to 3 rows take ATen's (MKL) route,
+    more rows oneDNN's; elsewhere oneDNN takes every row count."""
+    monkeypatch.setattr(lin, "native_available", lambda: False)
     monkeypatch.setattr(lin.host, "cpuinfo", lambda field: vendor if field == "vendor_id" else "")
     lin.mkl_max_rows.cache_clear()
     try:
@@ -82,3 +99,32 @@ def test_few_rows_stay_on_mkl_only_on_intel(vendor, ranges, monkeypatch):
     finally:
         lin.mkl_max_rows.cache_clear()
 
+
+
+# (weight out x in, rows) -> route, with lockstep's kernel built: big weights on it at any row
+# count, mid-sized ones handing hundreds of rows to oneDNN, small ones as without it.
+ROUTES = [((600, 300), 1, "native"), ((600, 300), 64, "native"), ((600, 300), 2000, "native"),
+          ((256, 256), 8, "native"), ((256, 256), 255, "native"), ((256, 256), 256, "onednn"),
+          ((64, 64), 8, "aten"), ((64, 64), 300, "onednn")]
+
+
+@needs_native
+@needs_onednn
+@pytest.mark.parametrize("shape,rows,where", ROUTES)
+def test_routes_with_the_native_kernel(shape, rows, where):
+    w = torch.randn(*shape)
+    packed = lin.pack(w)
+    big = w.numel() >= lin._MIN_PACKED_ELEMENTS
+    assert (packed.panels is None) == (w.numel() < lin._MIN_PANEL_ELEMENTS)
+    assert (packed.onednn is None) == big  # one packed copy for a big weight, not two
+    x = torch.randn(rows, shape[1])
+    assert lin.route(x, packed) == where
+    torch.testing.assert_close(lin.linear(x, w, None, packed), F.linear(x, w), atol=1e-4, rtol=1e-5)
+
+
+def test_start_up_line_names_the_route(monkeypatch):
+    if lin.native_available():
+        assert lin.describe() == "lockstep's AVX-512 kernel"
+    monkeypatch.setattr(lin, "native_available", lambda: False)
+    monkeypatch.setattr(lin.gemm_cpu, "reason", lambda: "the CPU has no AVX-512F")
+    assert lin.describe() == "oneDNN/MKL (the CPU has no AVX-512F)"
