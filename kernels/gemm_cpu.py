@@ -1,106 +1,42 @@
-"""lockstep's own fp32 CPU product (`gemm_cpu.c`): its build, weight packing and launcher.
+"""lockstep's own fp32 CPU product (`gemm_cpu.c`, built by `kernels.native`): packing, launcher.
 
 On the engine's CPU shapes (1-64 rows against Mimi's 1-33 MB weights, read from memory every
 tick) oneDNN and MKL ran at 50-80% of this machine's memory speed from 4 rows up; this kernel
 streams the weight at memory speed to ~12 rows and stays ahead of both to 64 (bench/RESULTS.md).
-It is built on first use with the system's C compiler (`$CC`, else `cc`) into lockstep's cache
-directory (`$LOCKSTEP_CACHE/kernels`, keyed by the source, compiler and flags), and is used only
-where the CPU has AVX-512F and torch runs on GNU OpenMP; otherwise `library()` is None, `reason()`
-says why, and `kernels.linear` keeps oneDNN and MKL. Threads are torch's own: the library links
-libgomp, which resolves to the copy torch has loaded, so both share one OpenMP pool, and a call
-takes `torch.get_num_threads()` of them.
+Where it cannot be built `library()` is None, `reason()` says why, and `kernels.linear` keeps
+oneDNN and MKL.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from engine import host
+from kernels import native
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("gemm_cpu.c")
-FLAGS = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
 PANEL = 16
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep")) / "kernels"
-
-
 def library() -> ctypes.CDLL | None:
-    """The built kernel, compiled the first time on this machine (a fraction of a second), or None."""
-    return _build()[0]
+    return _bound()[0]
 
 
 def reason() -> str:
     """Why `library()` is None ('' when it is not)."""
-    return _build()[1]
+    return _bound()[1]
 
 
 @functools.cache
-def _build() -> tuple[ctypes.CDLL | None, str]:
-    lib, why = _compile_and_load()
-    if lib is None:
-        log.info("CPU products stay on oneDNN/MKL: %s", why)
+def _bound() -> tuple[ctypes.CDLL | None, str]:
+    lib, why = native.load("gemm_cpu")
+    if lib is not None:
+        fn = lib.lockstep_linear_f32
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int]
+        fn.restype = None
     return lib, why
-
-
-def _gnu_openmp_loaded(maps: str = "/proc/self/maps") -> bool:
-    """Whether this process already runs GNU OpenMP (torch's PyPI builds bring their libgomp): the
-    kernel's libgomp must resolve to it, or the process would hold two OpenMP runtimes whose
-    worker pools take the same cores."""
-    try:
-        with open(maps) as f:
-            return any("libgomp" in line for line in f)
-    except OSError:
-        return False
-
-
-def _compile_and_load() -> tuple[ctypes.CDLL | None, str]:
-    if "avx512f" not in host.cpuinfo("flags").split():
-        return None, "the CPU has no AVX-512F"
-    if not _gnu_openmp_loaded():
-        return None, "torch does not run on GNU OpenMP in this process"
-    name = os.environ.get("CC", "cc")
-    cc = shutil.which(name)
-    if cc is None:
-        return None, f"no C compiler ({name!r} is not on PATH; set CC)"
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *FLAGS]).encode()).hexdigest()[:16]
-        target = cache_dir() / f"gemm_cpu-{key}.so"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Built beside the target and renamed: processes starting together never load half a file.
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            try:
-                done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
-                if done.returncode != 0:
-                    return None, f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-400:]}"
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"building {SOURCE.name} failed: {e}"
-    fn = lib.lockstep_linear_f32
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int]
-    fn.restype = None
-    return lib, ""
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
