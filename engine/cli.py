@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from engine import host
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, EngineConfig, SamplingConfig, ServeConfig
 
@@ -90,7 +91,7 @@ def _from_args(cls, args: argparse.Namespace):
 def builtin_checkpoint() -> Path:
     """The random-weight checkpoint used when no weights are named, made once and cached."""
     from engine.make_checkpoint import make_checkpoint
-    root = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep")) / f"builtin-{BUILTIN_PRESET}"
+    root = host.cache_root() / f"builtin-{BUILTIN_PRESET}"
     if not (root / "config.json").exists():
         print(f"lockstep: no --model-dir/--hf-repo given; making a random-weight checkpoint in {root}",
               file=sys.stderr)

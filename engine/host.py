@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import platform
+from pathlib import Path
 
 # mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -22,6 +24,12 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD = 32 << 20
 # Free memory at the heap's top is returned to the kernel only past this much.
 _TRIM_THRESHOLD = 1 << 30
+
+
+def cache_root() -> Path:
+    """Where lockstep keeps what it makes once per machine (the built-in checkpoint, built C
+    kernels): `$LOCKSTEP_CACHE`, else ~/.cache/lockstep."""
+    return Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep"))
 
 
 def cpuinfo(field: str, path: str = "/proc/cpuinfo") -> str:

@@ -27,10 +27,6 @@ FLAGS = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
 KERNELS = Path(__file__).parent
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep")) / "kernels"
-
-
 @functools.cache
 def load(name: str) -> tuple[ctypes.CDLL | None, str]:
     """(the library built from `kernels/<name>.c`, '') or (None, why it cannot run here)."""
@@ -63,7 +59,7 @@ def build(source: Path) -> tuple[ctypes.CDLL | None, str]:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256("\0".join([source.read_text(), cc, version, *FLAGS]).encode()).hexdigest()[:16]
-        target = cache_dir() / f"{source.stem}-{key}.so"
+        target = host.cache_root() / "kernels" / f"{source.stem}-{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             # Built beside the target and renamed: processes starting together never load half a file.
