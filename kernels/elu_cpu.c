@@ -1,5 +1,5 @@
 /* ELU (alpha 1) for SEANet's activations on AVX-512, in one pass: out = max(x, e^min(x, 0) - 1),
- * the formula of the torch path (`kernels.conv.elu`, four passes), so the two differ only by the
+ * the formula of the torch path (`kernels.conv.elu_torch`, four passes), so the two differ only by the
  * exponentials' rounding (within one float32 ulp of 1). e^x - 1 >= x everywhere, so the max is
  * exactly x where x > 0 and never below x.
  */

@@ -128,12 +128,16 @@ def test_kernel_benchmark_runs_every_case_on_cpu(tmp_path, monkeypatch, capsys):
     assert "under Triton's interpreter" in capsys.readouterr().out
 
 
-def test_cpu_gemm_benchmark_checks_and_reports_every_route(tmp_path, capsys):
-    from bench.cpu_gemm import main
+def test_cpu_kernels_benchmark_checks_and_reports_every_route(tmp_path, capsys):
+    from bench.cpu_kernels import main
     from kernels import gemm_cpu
     assert main(["--rows", "1", "13", "--shapes", "96x40", "--megabytes", "0.1", "--repeats", "1",
-                 "--json", str(tmp_path / "g.json")]) == 0
-    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
-    assert [r["rows"] for r in rows] == [1, 13]
-    assert all(r["mkl"] > 0 and ("lockstep" in r) == (gemm_cpu.library() is not None) for r in rows)
-    assert "weight GB/s" in capsys.readouterr().out
+                 "--sessions", "2", "--json", str(tmp_path / "k.json")]) == 0
+    doc = json.loads((tmp_path / "k.json").read_text())
+    built = gemm_cpu.library() is not None
+    assert [r["rows"] for r in doc["gemm"]] == [1, 13]
+    assert all(r["mkl"] > 0 and ("lockstep" in r) == built for r in doc["gemm"])
+    assert [r["sessions"] for r in doc["elu"]] == [2] * 4
+    assert all(r["torch"] > 0 and ("lockstep" in r) == built for r in doc["elu"])
+    out = capsys.readouterr().out
+    assert "weight GB/s" in out and "ELU, us a call" in out

@@ -1,0 +1,123 @@
+"""lockstep's CPU kernels at the engine's shapes: the product against oneDNN and MKL, ELU against torch.
+
+    python -m bench.cpu_kernels                    # or: lockstep bench cpu_kernels ...
+    python -m bench.cpu_kernels --only gemm --rows 1 8 16 --megabytes 400
+
+Each product case cycles through enough copies of its weight to fill `--megabytes` (past the
+caches: in a tick Mimi's ~290 MB of fp32 weights stream from memory), so the figure is the speed a
+product gets inside a tick, as weight bytes per second. ELU runs on SEANet's activations
+([sessions, positions, channels], channels-last) and reports microseconds a call. Every result is
+checked against float64.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kernels import conv, elu_cpu, gemm_cpu
+from kernels import linear as lin
+
+# (in, out) of Mimi's transformer layers (in_proj, out_proj, linear1, linear2) and of SEANet's
+# deepest convs as products (the encoder's 512 -> 1024 downsampling, the decoder's first
+# transposed conv), which run a few rows a session.
+SHAPES = [(512, 1536), (512, 512), (512, 2048), (2048, 512), (1024, 8192), (4096, 2048)]
+
+
+def timed(fn, calls: int, repeats: int) -> float:
+    """Seconds per call of fn(i) over i in range(calls), after one untimed pass."""
+    for i in range(calls):
+        fn(i)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for i in range(calls):
+            fn(i)
+    return (time.perf_counter() - start) / (repeats * calls)
+
+
+def case(n_in: int, n_out: int, rows: int, megabytes: float, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(n_in * n_out + rows)
+    copies = max(2, int(megabytes * 1e6 / (n_in * n_out * 4)))
+    weights = [torch.randn(n_out, n_in, generator=g) / n_in ** 0.5 for _ in range(copies)]
+    x = torch.randn(rows, n_in, generator=g)
+    want = F.linear(x.double(), weights[0].double())
+    routes = {"mkl": lambda i: F.linear(x, weights[i])}
+    if lin.onednn_available():
+        onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in weights]
+        routes["onednn"] = lambda i: torch.ops.mkldnn._linear_pointwise(x, onednn[i], None, "none", [], "")
+    if gemm_cpu.library() is not None:
+        panels = [gemm_cpu.pack(w) for w in weights]
+        routes["lockstep"] = lambda i: gemm_cpu.linear(x, panels[i], n_out)
+    row = {"in": n_in, "out": n_out, "rows": rows, "weight_mb": n_in * n_out * 4 / 1e6}
+    for name, fn in routes.items():
+        err = (fn(0).double() - want).abs().max().item()
+        if err > 1e-3:
+            raise AssertionError(f"{name} differs from float64 by {err:.2e} at {rows} x {n_in} -> {n_out}")
+        row[name] = n_in * n_out * 4 / timed(fn, copies, repeats) / 1e9
+    return row
+
+
+# SEANet activations an ELU runs on per session: (positions, channels) from the first layers'
+# 1920 x 64 down to the deepest 2 x 1024.
+ACTIVATIONS = [(1920, 64), (480, 128), (60, 512), (2, 1024)]
+
+
+def elu_case(sessions: int, positions: int, channels: int, repeats: int) -> dict:
+    x = torch.randn(sessions, positions, channels, generator=torch.Generator().manual_seed(positions)) * 3
+    out = torch.empty_like(x)
+    row = {"sessions": sessions, "positions": positions, "channels": channels}
+    routes = {"torch": lambda i: conv.elu_torch(x, out)}
+    if elu_cpu.library() is not None:
+        routes["lockstep"] = lambda i: elu_cpu.elu(x, out)
+    want = F.elu(x.double())
+    for name, fn in routes.items():
+        err = (fn(0).double() - want).abs().max().item()
+        if err > 1e-6:
+            raise AssertionError(f"ELU ({name}) differs from float64 by {err:.2e} on {tuple(x.shape)}")
+        row[name] = timed(fn, 50, repeats) * 1e6
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lockstep bench cpu_kernels", description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", choices=["gemm", "elu"], default=["gemm", "elu"])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32, 64])
+    ap.add_argument("--sessions", type=int, nargs="+", default=[1, 8], help="batch sizes of the ELU cases")
+    ap.add_argument("--shapes", nargs="+", default=[f"{i}x{o}" for i, o in SHAPES], help="IN x OUT, e.g. 512x2048")
+    ap.add_argument("--megabytes", type=float, default=200, help="weight bytes cycled through per case")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args(argv)
+    doc = {"threads": torch.get_num_threads(), "gemm": [], "elu": []}
+    built = "built" if gemm_cpu.library() is not None else gemm_cpu.reason()
+    print(f"lockstep's CPU kernels: {built} ({torch.get_num_threads()} threads)")
+    if "gemm" in args.only:
+        routes = ["mkl", "onednn", "lockstep"]
+        print("products, weight GB/s")
+        print(f"{'in x out':>12} {'rows':>5} " + " ".join(f"{r:>9}" for r in routes))
+        for shape in args.shapes:
+            n_in, n_out = (int(v) for v in shape.lower().split("x"))
+            for m in args.rows:
+                row = case(n_in, n_out, m, args.megabytes, args.repeats)
+                doc["gemm"].append(row)
+                cells = " ".join(f"{row[r]:9.1f}" if r in row else f"{'-':>9}" for r in routes)
+                print(f"{shape:>12} {m:5d} {cells}", flush=True)
+    if "elu" in args.only:
+        print("ELU, us a call")
+        print(f"{'sessions x positions x channels':>32} {'torch':>9} {'lockstep':>9}")
+        for b in args.sessions:
+            for positions, channels in ACTIVATIONS:
+                row = elu_case(b, positions, channels, args.repeats)
+                doc["elu"].append(row)
+                mine = f"{row['lockstep']:9.1f}" if "lockstep" in row else f"{'-':>9}"
+                print(f"{f'{b} x {positions} x {channels}':>32} {row['torch']:9.1f} {mine}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    return 0
+
+if __name__ == "__main__":
+    raise SystemExit(main())
