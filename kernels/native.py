@@ -37,12 +37,13 @@ def load(name: str) -> tuple[ctypes.CDLL | None, str]:
 
 
 def gnu_openmp_loaded(maps: str = "/proc/self/maps") -> bool:
-    """Whether this process already runs GNU OpenMP (torch's PyPI builds bring their libgomp): a
-    kernel's libgomp must resolve to it, or the process would hold two OpenMP runtimes whose
-    worker pools take the same cores."""
+    """Whether this process already runs a GNU OpenMP named libgomp.so.1 (torch's CPU wheels bring
+    one): a kernel's dependency on that name then resolves to it. Under any other runtime (Intel's,
+    or a libgomp renamed by a wheel's repair tool) the kernel would load a second OpenMP, whose
+    worker pool would take the same cores as torch's."""
     try:
         with open(maps) as f:
-            return any("libgomp" in line for line in f)
+            return any(line.rstrip().endswith("/libgomp.so.1") for line in f)
     except OSError:
         return False
 

@@ -35,6 +35,8 @@ def test_gnu_openmp_is_read_from_the_process_maps(tmp_path):
     assert native.gnu_openmp_loaded(str(maps))
     maps.write_text("7f00-7f01 r-xp 0 08:01 1 /x/libiomp5.so\n")
     assert not native.gnu_openmp_loaded(str(maps))
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /x/torch.libs/libgomp-a34b3233.so.1\n")  # renamed: no
+    assert not native.gnu_openmp_loaded(str(maps))
     assert not native.gnu_openmp_loaded(str(tmp_path / "missing"))
 
 
