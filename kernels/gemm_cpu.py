@@ -56,14 +56,17 @@ def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch
     lib = library()
     if lib is None:
         raise RuntimeError(f"the CPU product is not available: {reason()}")
+    if not (panels.dim() == 3 and panels.dtype == torch.float32 and panels.device.type == "cpu"
+            and panels.is_contiguous() and panels.shape[2] == PANEL and panels.shape[0] % 2 == 0
+            and panels.shape[0] * PANEL >= out_features > panels.shape[0] * PANEL - 2 * PANEL):
+        raise ValueError(f"panels {tuple(panels.shape)} are not `pack` of a weight with {out_features} outputs")
     k = panels.shape[1]
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != k:
         raise ValueError(f"x must be float32 on CPU with {k} features, got {x.dtype} {tuple(x.shape)} on {x.device}")
-    if not (panels.is_contiguous() and panels.dim() == 3 and panels.shape[2] == PANEL and panels.shape[0] % 2 == 0
-            and panels.shape[0] * PANEL >= out_features > panels.shape[0] * PANEL - 2 * PANEL):
-        raise ValueError(f"panels {tuple(panels.shape)} are not `pack` of a weight with {out_features} outputs")
-    if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (out_features,)):
-        raise ValueError(f"bias must be a contiguous float32 [{out_features}], got {bias.dtype} {tuple(bias.shape)}")
+    if bias is not None and not (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.is_contiguous()
+                                 and bias.shape == (out_features,)):
+        raise ValueError(f"bias must be a contiguous float32 CPU [{out_features}], got {bias.dtype} "
+                         f"{tuple(bias.shape)} on {bias.device}")
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()

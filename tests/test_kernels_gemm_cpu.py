@@ -69,6 +69,8 @@ def test_preconditions_are_checked_before_launch():
         gemm_cpu.linear(x[:, :63], panels, 40, b)
     with pytest.raises(ValueError, match="not `pack` of a weight with 70 outputs"):
         gemm_cpu.linear(x, panels, 70, None)
+    with pytest.raises(ValueError, match="not `pack` of a weight"):
+        gemm_cpu.linear(x, w, 40, None)  # the weight itself, unpacked
     with pytest.raises(ValueError, match="bias must be"):
         gemm_cpu.linear(x, panels, 40, b[:20])
     with pytest.raises(ValueError, match="cannot pack"):
