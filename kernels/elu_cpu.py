@@ -1,7 +1,8 @@
 """SEANet's ELU in one pass on AVX-512 CPUs (`elu_cpu.c`, built by `kernels.native`): launcher.
 
-Against the torch path's four passes (`kernels.conv.elu_torch`) it took 163 against 428 us on the
-encoder's widest activation at 8 sessions ([8, 1920, 64] fp32), 6 against 18 us on [8, 2, 1024].
+Against the torch path's four passes (`kernels.conv.elu_torch`) it took 159 against 417 us on the
+encoder's widest activation at 8 sessions ([8, 1920, 64] fp32), 9 against 19 us on [8, 2, 1024]
+(`lockstep bench cpu_kernels --only elu`).
 """
 from __future__ import annotations
 
