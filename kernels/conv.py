@@ -47,9 +47,9 @@ def elu(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     layouts allow, else `elu_torch`; the two take one formula and differ by the exponentials'
     rounding."""
     if x.device.type == "cpu" and x.numel() >= _ELU_CPU_MIN_ELEMENTS and elu_cpu.library() is not None:
-        target = torch.empty_like(x) if out is None else out
-        if elu_cpu.runs(x, target):
-            return elu_cpu.elu(x, target)
+        out = torch.empty_like(x) if out is None else out
+        if elu_cpu.runs(x, out):
+            return elu_cpu.elu(x, out)
     return elu_torch(x, out)
 
 
