@@ -3,31 +3,12 @@
  * exponentials' rounding (within one float32 ulp of 1). e^x - 1 >= x everywhere, so the max is
  * exactly x where x > 0 and never below x.
  */
-#include <immintrin.h>
 #include <stdint.h>
+
+#include "avx512_math.h"
 
 /* Elements per work item: small activations run on the calling thread alone. */
 #define CHUNK 4096
-
-/* e^x for x <= 0: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact n ln2), e^r by
- * its degree-7 Taylor polynomial (truncation below 3e-8 relative), times 2^n by scalef. Below -104
- * the result is 0, as e^x is in float32. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* `rows` runs of `n` contiguous floats, x's at stride ldx and out's at ldo (out may be x). */
 void lockstep_elu_f32(const float *x, int64_t ldx, float *out, int64_t ldo, int64_t rows, int64_t n,

@@ -1,9 +1,9 @@
 """lockstep's C kernels for the CPU path (`kernels/*.c`): built on first use, loaded with ctypes.
 
 Each source is compiled with the system's C compiler (`$CC`, else `cc`) into lockstep's cache
-directory (`$LOCKSTEP_CACHE/kernels`, keyed by the source, compiler and flags; a fraction of a
-second), and only where the CPU has AVX-512F and torch runs on GNU OpenMP; otherwise `load` says
-why and the callers keep their ATen/oneDNN paths. Threads are torch's own: a library links libgomp,
+directory (`$LOCKSTEP_CACHE/kernels`, keyed by the source, the headers beside it, the compiler and
+the flags; a fraction of a second), and only where the CPU has AVX-512F and torch runs on GNU
+OpenMP; otherwise `load` says why and the callers keep their ATen/oneDNN paths. Threads are torch's own: a library links libgomp,
 which resolves to the copy torch has loaded, so both share one OpenMP pool, and a call takes
 `torch.get_num_threads()` of them. ctypes releases the GIL for the call.
 """
@@ -24,6 +24,7 @@ from engine import host
 log = logging.getLogger(__name__)
 
 FLAGS = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
+LIBS = ["-lm"]
 KERNELS = Path(__file__).parent
 
 
@@ -59,7 +60,9 @@ def build(source: Path) -> tuple[ctypes.CDLL | None, str]:
         return None, f"no C compiler ({name!r} is not on PATH; set CC)"
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([source.read_text(), cc, version, *FLAGS]).encode()).hexdigest()[:16]
+        headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
+        key = hashlib.sha256("\0".join([source.read_text(), *headers, cc, version, *FLAGS, *LIBS]).encode()
+                             ).hexdigest()[:16]
         target = host.cache_root() / "kernels" / f"{source.stem}-{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +70,8 @@ def build(source: Path) -> tuple[ctypes.CDLL | None, str]:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
             try:
-                done = subprocess.run([cc, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
+                done = subprocess.run([cc, *FLAGS, str(source), *LIBS, "-o", tmp], capture_output=True, text=True,
+                                      timeout=120)
                 if done.returncode != 0:
                     return None, f"{cc} failed on {source.name}: {done.stderr.strip()[-400:]}"
                 os.replace(tmp, target)
