@@ -1,4 +1,5 @@
-"""lockstep's CPU kernels at the engine's shapes: the product against oneDNN and MKL, ELU against torch.
+"""lockstep's CPU kernels at the engine's shapes: the product against oneDNN and MKL, ELU and the
+fused transformer step against the torch path.
 
     python -m bench.cpu_kernels                    # or: lockstep bench cpu_kernels ...
     python -m bench.cpu_kernels --only gemm --rows 1 8 16 --megabytes 400
@@ -6,8 +7,10 @@
 Each product case cycles through enough copies of its weight to fill `--megabytes` (past the
 caches: in a tick Mimi's ~290 MB of fp32 weights stream from memory), so the figure is the speed a
 product gets inside a tick, as weight bytes per second. ELU runs on SEANet's activations
-([sessions, positions, channels], channels-last) and reports microseconds a call. Every result is
-checked against float64.
+([sessions, positions, channels], channels-last) and reports microseconds a call. The fused step
+runs Mimi's transformer and the `small` checkpoint's LM stacks with `--history` positions in every
+ring, against the same module's torch path, in milliseconds a step. Every result is checked
+against float64 (the step's against the torch path).
 """
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import conv, elu_cpu, gemm_cpu
+from engine.config import MimiConfig
+from engine.make_checkpoint import SMALL_LM
+from engine.transformer import StreamingTransformer
+from kernels import conv, elu_cpu, gemm_cpu, stack_cpu
 from kernels import linear as lin
 
 # (in, out) of Mimi's transformer layers (in_proj, out_proj, linear1, linear2) and of SEANet's
@@ -81,17 +87,70 @@ def elu_case(sessions: int, positions: int, channels: int, repeats: int) -> dict
     return row
 
 
+def stacks() -> dict[str, tuple[StreamingTransformer, int]]:
+    """name -> (transformer, new positions a step) at Mimi's and the `small` LM's shapes."""
+    t, lm = MimiConfig().transformer, SMALL_LM
+    torch.manual_seed(0)
+    return {
+        "mimi": (StreamingTransformer(t.d_model, t.num_heads, t.num_layers, t.dim_feedforward, t.norm, t.gating,
+                                      t.layer_scale, t.context, t.max_period), 2),
+        "small temporal": (StreamingTransformer(lm.dim, lm.num_heads, lm.num_layers, int(lm.hidden_scale * lm.dim),
+                                                lm.norm, lm.gating, lm.layer_scale, lm.context, lm.max_period), 1),
+        "small depth": (StreamingTransformer(lm.depformer_dim, lm.depformer_num_heads, lm.depformer_num_layers,
+                                             lm.depformer_dim_feedforward, lm.norm, lm.depformer_gating,
+                                             lm.depformer_layer_scale, None, None, weights_per_step=lm.dep_q), 1),
+    }
+
+
+@torch.no_grad()
+def stack_case(name: str, module: StreamingTransformer, T: int, sessions: int, history: int, repeats: int) -> dict:
+    """ms a step of `module` on the torch path and on the fused kernel, every ring `history` deep."""
+    module.init_state(sessions)
+    lin.prepack(module)
+    stack_cpu.attach(module)
+    kernel = module.cpu_stack
+    slots = torch.arange(sessions)
+    depth = module.weights_per_step > 0
+    start = torch.full((sessions,), 0 if depth else history, dtype=torch.long)
+    x = torch.randn(sessions, T, module.num_heads * module.head_dim)
+    for _ in range(1 if depth else 3):  # fill the rings with something to attend over
+        module.k_cache.normal_()
+        module.v_cache.normal_()
+
+    def step(use_kernel: bool):
+        def run(i):
+            module.offsets.copy_(start)
+            module.cpu_stack = kernel if use_kernel else None
+            return module(x, slots, step=min(i, max(0, module.weights_per_step - 1)),
+                          position=0 if depth else None)
+        return run
+
+    row = {"stack": name, "sessions": sessions, "positions": T, "history": 0 if depth else history}
+    routes = {"torch": step(False)}
+    if kernel is not None:
+        routes["lockstep"] = step(True)
+    want = routes["torch"](0).double()
+    for route, fn in routes.items():
+        err = (fn(0).double() - want).abs().max().item()
+        if err > 1e-3:
+            raise AssertionError(f"the {name} step ({route}) differs from the torch path by {err:.2e}")
+        row[route] = timed(fn, 10, repeats) * 1e3
+    module.cpu_stack = kernel
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lockstep bench cpu_kernels", description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="+", choices=["gemm", "elu"], default=["gemm", "elu"])
+    ap.add_argument("--only", nargs="+", choices=["gemm", "elu", "stack"], default=["gemm", "elu", "stack"])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32, 64])
-    ap.add_argument("--sessions", type=int, nargs="+", default=[1, 8], help="batch sizes of the ELU cases")
+    ap.add_argument("--sessions", type=int, nargs="+", default=[1, 8], help="batch sizes of the ELU and step cases")
+    ap.add_argument("--history", type=int, default=200, help="positions in each ring for the step cases")
     ap.add_argument("--shapes", nargs="+", default=[f"{i}x{o}" for i, o in SHAPES], help="IN x OUT, e.g. 512x2048")
     ap.add_argument("--megabytes", type=float, default=200, help="weight bytes cycled through per case")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
-    doc = {"threads": torch.get_num_threads(), "gemm": [], "elu": []}
+    doc = {"threads": torch.get_num_threads(), "gemm": [], "elu": [], "stack": []}
     built = "built" if gemm_cpu.library() is not None else gemm_cpu.reason()
     print(f"lockstep's CPU kernels: {built} ({torch.get_num_threads()} threads)")
     if "gemm" in args.only:
@@ -114,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
                 doc["elu"].append(row)
                 mine = f"{row['lockstep']:9.1f}" if "lockstep" in row else f"{'-':>9}"
                 print(f"{f'{b} x {positions} x {channels}':>32} {row['torch']:9.1f} {mine}", flush=True)
+    if "stack" in args.only:
+        print(f"transformer steps, ms a step ({args.history} positions in each ring; the depth one: its first step)")
+        print(f"{'stack':>16} {'sessions x positions':>21} {'torch':>9} {'lockstep':>9}")
+        for name, (module, T) in stacks().items():
+            for b in args.sessions:
+                row = stack_case(name, module, T, b, args.history, args.repeats)
+                doc["stack"].append(row)
+                mine = f"{row['lockstep']:9.2f}" if "lockstep" in row else f"{'-':>9}"
+                print(f"{name:>16} {f'{b} x {T}':>21} {row['torch']:9.2f} {mine}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)

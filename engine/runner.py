@@ -17,6 +17,7 @@ from engine.slots import SlotTable
 from engine.tokenizer import TextTokenizer
 from kernels.dispatch import apply_backend, resolve_backend
 from kernels.linear import prepack
+from kernels.stack_cpu import attach as attach_cpu_stacks
 
 
 @dataclass
@@ -38,6 +39,8 @@ class ModelRunner:
         apply_backend(mimi, self.kernel_backend)
         prepack(lm)
         prepack(mimi)
+        attach_cpu_stacks(lm)
+        attach_cpu_stacks(mimi)
         self.tokenizer = tokenizer
         self.device = next(lm.parameters()).device
         # 0: as many as fit, sized once the weights (and on CPU their packed copies) are in place.

@@ -181,6 +181,8 @@ class StreamingTransformer(nn.Module):
     # Attend over every ring entry on the torch path, not only those the batch's longest history
     # has written (whose count, and so the rounding, depends on the neighbours): batch-invariant mode.
     whole_ring = False
+    # The whole step as one C call on CPU (`kernels.stack_cpu.StackKernel`), set by `kernels.stack_cpu.attach`.
+    cpu_stack = None
 
     def __init__(self, dim: int, num_heads: int, num_layers: int, dim_feedforward: int, norm: str,
                  gating: str, layer_scale: float | None, context: int | None, rope_max_period: float | None,
@@ -223,6 +225,8 @@ class StreamingTransformer(nn.Module):
         """x: [B, T, dim] for the slots `slots` ([B]); returns [B, T, dim] and advances them by T.
         `position`: every slot's offset, when the caller knows it is the same for all (the depth
         transformer, restarted each frame, is at its step), sparing the per-slot ring bookkeeping."""
+        if self.cpu_stack is not None and self.cpu_stack.runs(x):
+            return self.cpu_stack(x, slots, step)
         B, T, _ = x.shape
         dtype_in = x.dtype
         offsets = self.offsets.index_select(0, slots)

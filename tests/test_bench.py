@@ -139,5 +139,8 @@ def test_cpu_kernels_benchmark_checks_and_reports_every_route(tmp_path, capsys):
     assert all(r["mkl"] > 0 and ("lockstep" in r) == built for r in doc["gemm"])
     assert [r["sessions"] for r in doc["elu"]] == [2] * 4
     assert all(r["torch"] > 0 and ("lockstep" in r) == built for r in doc["elu"])
+    assert [(r["stack"], r["sessions"]) for r in doc["stack"]] == [
+        ("mimi", 2), ("small temporal", 2), ("small depth", 2)]
+    assert all(r["torch"] > 0 and ("lockstep" in r) == built for r in doc["stack"])
     out = capsys.readouterr().out
-    assert "weight GB/s" in out and "ELU, us a call" in out
+    assert "weight GB/s" in out and "ELU, us a call" in out and "transformer steps, ms a step" in out

@@ -1,0 +1,234 @@
+/* One streaming step of a whole transformer stack in fp32 on AVX-512, for the CPU engine: every
+ * layer's norms, products, RoPE, ring-KV write, attention, feed-forward and residuals in one call
+ * and one OpenMP region. On CPU a Mimi transformer step of one session was ~530 ATen ops, half its
+ * time; here what is left is the weights' streaming (gemm_tiles.h) and a barrier per phase.
+ *
+ * Semantics are `StreamingTransformer.forward`'s torch path (kernels/attention.py, rope.py, norm.py):
+ * the T new keys of a row are written into its slot's ring first, then query t (absolute position
+ * p = offset + t) attends over the positions the ring holds that are <= p. (A context is the ring's
+ * capacity: the ring holds the last `capacity` positions, so the limit needs no test of its own.)
+ * Every row is computed on its own, so a row's result does not depend on its batch.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "avx512_math.h"
+#include "gemm_tiles.h"
+
+enum { FF_GELU = 0, FF_SILU_GATE = 1, FF_GELU_GATE = 2 };
+
+typedef struct {
+    const float *norm1_w, *norm1_b, *norm2_w, *norm2_b; /* biases NULL for RMSNorm */
+    const float *in_proj, *out_proj, *ff_in, *ff_out;   /* packed panels (gemm_tiles.h) */
+    const float *scale1, *scale2;                       /* layer scales, or NULL */
+} StackLayer;
+
+typedef struct {
+    int64_t dim, heads, head_dim, layers, capacity;
+    int64_t hidden, ff_kind, rms, sessions;                  /* sessions: rows of caches and offsets */
+    float eps, rope_max_period;                              /* period 0: no RoPE */
+} StackShape;
+
+static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+static int64_t ff_in_width(const StackShape *s) { return s->ff_kind == FF_GELU ? s->hidden : 2 * s->hidden; }
+
+/* Floats of scratch a call over `rows` rows needs. */
+int64_t lockstep_stack_scratch(const StackShape *s, int64_t rows, int nthreads) {
+    int64_t C = s->dim, gated = s->ff_kind == FF_GELU ? 0 : s->hidden;
+    return rows * (6 * C + ff_in_width(s) + gated + s->head_dim) + (int64_t)nthreads * s->capacity;
+}
+
+/* y = norm(x) over C features, in the torch path's order of operations. */
+static void norm_row(const StackShape *s, const float *x, const float *w, const float *b, float *y) {
+    int64_t C = s->dim;
+    __m512 acc = _mm512_setzero_ps();
+    if (s->rms) {
+        for (int64_t i = 0; i < C; i += 16) {
+            __m512 v = _mm512_maskz_loadu_ps(tail_mask(C - i), x + i);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        float r = 1.0f / sqrtf(hsum(acc) / (float)C + s->eps);
+        for (int64_t i = 0; i < C; i += 16) {
+            __mmask16 m = tail_mask(C - i);
+            __m512 wr = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i), _mm512_set1_ps(r));
+            _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), wr));
+        }
+        return;
+    }
+    for (int64_t i = 0; i < C; i += 16) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(tail_mask(C - i), x + i));
+    float mean = hsum(acc) / (float)C;
+    __m512 mv = _mm512_set1_ps(mean);
+    acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < C; i += 16) {
+        __mmask16 m = tail_mask(C - i);
+        __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + i), mv);
+        acc = _mm512_fmadd_ps(d, d, acc);
+    }
+    __m512 r = _mm512_set1_ps(1.0f / sqrtf(hsum(acc) / (float)C + s->eps));
+    for (int64_t i = 0; i < C; i += 16) {
+        __mmask16 m = tail_mask(C - i);
+        __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), mv), r);
+        __m512 v = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, w + i), _mm512_maskz_loadu_ps(m, b + i));
+        _mm512_mask_storeu_ps(y + i, m, v);
+    }
+}
+
+/* x += scale * u (scale NULL: 1), then y = norm(x) when w is given. */
+static void residual_row(const StackShape *s, float *x, const float *u, const float *scale, const float *w,
+                         const float *b, float *y) {
+    int64_t C = s->dim;
+    for (int64_t i = 0; i < C; i += 16) {
+        __mmask16 m = tail_mask(C - i);
+        __m512 v = _mm512_maskz_loadu_ps(m, u + i);
+        if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, scale + i));
+        _mm512_mask_storeu_ps(x + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + i), v));
+    }
+    if (w) norm_row(s, x, w, b, y);
+}
+
+/* Interleaved pairs (a, b) -> (a cos - b sin, b cos + a sin), cs = (cos, sin) per pair. */
+static void rope_head(float *v, const float *cs, int64_t D) {
+    for (int64_t i = 0; i < D / 2; i++) {
+        float a = v[2 * i], b = v[2 * i + 1], c = cs[2 * i], sn = cs[2 * i + 1];
+        v[2 * i] = a * c - b * sn;
+        v[2 * i + 1] = b * c + a * sn;
+    }
+}
+
+/* Query q at absolute position `pos` against ring `kc`/`vc` whose newest position is `last`. */
+static void attend(const StackShape *s, const float *q, const float *kc, const float *vc, int64_t pos,
+                   int64_t last, float *probs, float *out) {
+    int64_t D = s->head_dim, cap = s->capacity;
+    int64_t lo = last - cap + 1 > 0 ? last - cap + 1 : 0;
+    float scale = (float)(1.0 / sqrt((double)D)), top = -INFINITY;
+    for (int64_t p = lo; p <= pos; p++) {
+        const float *k = kc + (p % cap) * D;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < D; i += 16) {
+            __mmask16 m = tail_mask(D - i);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), _mm512_maskz_loadu_ps(m, k + i), acc);
+        }
+        float score = hsum(acc) * scale;
+        probs[p - lo] = score;
+        if (score > top) top = score;
+    }
+    int64_t n = pos - lo + 1;
+    __m512 tv = _mm512_set1_ps(top), total = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, probs + i), tv)));
+        _mm512_mask_storeu_ps(probs + i, m, e);
+        total = _mm512_add_ps(total, e);
+    }
+    float inv = 1.0f / hsum(total);
+    for (int64_t i = 0; i < D; i += 16) {
+        __mmask16 m = tail_mask(D - i);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t p = lo; p <= pos; p++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(probs[p - lo]), _mm512_maskz_loadu_ps(m, vc + (p % cap) * D + i), acc);
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+    }
+}
+
+/* The feed-forward's activation over one row: in place for FF_GELU, else into `gated`. */
+static void activate_row(const StackShape *s, float *h, float *gated) {
+    int64_t H = s->hidden;
+    for (int64_t i = 0; i < H; i += 16) {
+        __mmask16 m = tail_mask(H - i);
+        __m512 a = _mm512_maskz_loadu_ps(m, h + i);
+        if (s->ff_kind == FF_GELU) {
+            _mm512_mask_storeu_ps(h + i, m, gelu_erf(a));
+            continue;
+        }
+        __m512 g = _mm512_maskz_loadu_ps(m, h + H + i), act;
+        if (s->ff_kind == FF_SILU_GATE)
+            act = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_clamped(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+        else
+            act = gelu_erf(a);
+        _mm512_mask_storeu_ps(gated + i, m, _mm512_mul_ps(act, g));
+    }
+}
+
+/* x: B x T rows of `dim` at strides (sb, st, sc); out: [B*T, dim]; slots: B rows of the caches
+ * ([layers, sessions, heads, capacity, head_dim]) and of `offsets`, which advance by T. A slot may
+ * repeat (the engine's padded rows share one scratch slot): those rows then race on its ring, which
+ * nothing reads. Returns 0, or -1 (nothing written) for a slot outside [0, sessions). */
+int lockstep_stack_f32(const StackShape *s, const StackLayer *layers, const float *x, int64_t sb, int64_t st,
+                       int64_t sc, int64_t B, int64_t T, const int64_t *slots, int64_t *offsets, float *k_cache,
+                       float *v_cache, float *out, float *scratch, int nthreads) {
+    for (int64_t b = 0; b < B; b++)
+        if (slots[b] < 0 || slots[b] >= s->sessions) return -1;
+    const int64_t C = s->dim, H = s->heads, D = s->head_dim, N = B * T, cap = s->capacity;
+    const int64_t FF = ff_in_width(s), gated_w = s->ff_kind == FF_GELU ? 0 : s->hidden;
+    float *h = scratch, *qkv = h + N * C, *att = qkv + N * 3 * C, *upd = att + N * C, *ff = upd + N * C;
+    float *gated = ff + N * FF, *rope = gated + N * gated_w, *probs = rope + N * D;
+    float *ff_act = s->ff_kind == FF_GELU ? ff : gated;
+    const int64_t layer_stride = s->sessions * H * cap * D;
+
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *my_probs = probs + (int64_t)omp_get_thread_num() * cap;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < N; r++) {
+            const float *src = x + (r / T) * sb + (r % T) * st;
+            if (sc == 1)
+                memcpy(out + r * C, src, C * sizeof(float));
+            else
+                for (int64_t i = 0; i < C; i++) out[r * C + i] = src[i * sc];
+            norm_row(s, out + r * C, layers[0].norm1_w, layers[0].norm1_b, h + r * C);
+            if (s->rope_max_period > 0) {
+                /* The torch path's tables: freq_i = e^(i * -2 ln(period) / D), angle = freq_i * position, in fp32. */
+                float step = (float)(-log((double)s->rope_max_period) * 2 / (double)D);
+                float position = (float)(offsets[slots[r / T]] + r % T);
+                for (int64_t i = 0; i < D / 2; i++) {
+                    float angle = expf((float)i * step) * position;
+                    rope[r * D + 2 * i] = cosf(angle);
+                    rope[r * D + 2 * i + 1] = sinf(angle);
+                }
+            }
+        }
+        for (int64_t l = 0; l < s->layers; l++) {
+            const StackLayer *L = layers + l;
+            linear_rows(h, N, C, C, L->in_proj, 3 * C, 0, qkv, 3 * C);
+#pragma omp for schedule(static) collapse(2)
+            for (int64_t b = 0; b < B; b++) {
+                for (int64_t hd = 0; hd < H; hd++) {
+                    int64_t slot = slots[b], off = offsets[slot], last = off + T - 1;
+                    float *kc = k_cache + l * layer_stride + (slot * H + hd) * cap * D;
+                    float *vc = v_cache + l * layer_stride + (slot * H + hd) * cap * D;
+                    for (int64_t t = 0; t < T; t++) {
+                        float *q = qkv + (b * T + t) * 3 * C + hd * D;
+                        if (s->rope_max_period > 0) {
+                            rope_head(q, rope + (b * T + t) * D, D);
+                            rope_head(q + C, rope + (b * T + t) * D, D);
+                        }
+                        memcpy(kc + ((off + t) % cap) * D, q + C, D * sizeof(float));
+                        memcpy(vc + ((off + t) % cap) * D, q + 2 * C, D * sizeof(float));
+                    }
+                    for (int64_t t = 0; t < T; t++)
+                        attend(s, qkv + (b * T + t) * 3 * C + hd * D, kc, vc, off + t, last, my_probs,
+                               att + (b * T + t) * C + hd * D);
+                }
+            }
+            linear_rows(att, N, C, C, L->out_proj, C, 0, upd, C);
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < N; r++)
+                residual_row(s, out + r * C, upd + r * C, L->scale1, L->norm2_w, L->norm2_b, h + r * C);
+            linear_rows(h, N, C, C, L->ff_in, FF, 0, ff, FF);
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < N; r++) activate_row(s, ff + r * FF, gated + r * gated_w);
+            linear_rows(ff_act, N, s->hidden, s->hidden, L->ff_out, C, 0, upd, C);
+            const StackLayer *next = l + 1 < s->layers ? L + 1 : 0;
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < N; r++)
+                residual_row(s, out + r * C, upd + r * C, L->scale2, next ? next->norm1_w : 0,
+                             next ? next->norm1_b : 0, h + r * C);
+        }
+    }
+    for (int64_t b = 0; b < B; b++) offsets[slots[b]] += T;
+    return 0;
+}

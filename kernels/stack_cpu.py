@@ -1,0 +1,190 @@
+"""A whole streaming-transformer step in one C call on AVX-512 CPUs (`stack_cpu.c`): plan, launcher.
+
+On CPU a step's ATen ops cost ~3-5 us each whatever their size: a Mimi transformer step of one
+session was ~530 of them, half its 7.5 ms, and the tiny LM's stacks nearly all. `attach(module)`
+gives every `StreamingTransformer` below it whose layers the kernel covers (fp32 on CPU; RMSNorm or
+LayerNorm; GELU, or SiLU/GELU gating; optional layer scales and RoPE; no biases) a `StackKernel`,
+which `StreamingTransformer.forward` runs in place of its layers when `runs(x)`: the same step
+(ring-KV semantics, offsets advanced), computed row by row, so a row's result does not depend on
+its batch. Elsewhere (GPU, bf16, autograd, the Triton backend, long offline chunks) the module's
+own path runs.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+from torch import nn
+
+from kernels import gemm_cpu, native
+
+# Rows (sessions x new positions) a call takes; longer chunks are offline work, where the module's
+# batched ATen path has no per-op cost to save.
+MAX_ROWS = 256
+_FF_GELU, _FF_SILU_GATE, _FF_GELU_GATE = 0, 1, 2
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = ([(name, ctypes.c_int64) for name in ("dim", "heads", "head_dim", "layers", "capacity", "hidden",
+                                                     "ff_kind", "rms", "sessions")]
+                + [("eps", ctypes.c_float), ("rope_max_period", ctypes.c_float)])
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("norm1_w", "norm1_b", "norm2_w", "norm2_b", "in_proj",
+                                                     "out_proj", "ff_in", "ff_out", "scale1", "scale2")]
+
+
+@functools.cache
+def _bound() -> tuple[ctypes.CDLL | None, str]:
+    lib, why = native.load("stack_cpu")
+    if lib is not None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.lockstep_stack_scratch.argtypes = [ctypes.POINTER(_Shape), i64, ctypes.c_int]
+        lib.lockstep_stack_scratch.restype = i64
+        lib.lockstep_stack_f32.argtypes = [ctypes.POINTER(_Shape), ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr,
+                                           ptr, ptr, ptr, ptr, ctypes.c_int]
+        lib.lockstep_stack_f32.restype = ctypes.c_int
+    return lib, why
+
+
+def library() -> ctypes.CDLL | None:
+    return _bound()[0]
+
+
+def _ff_kind(layer: nn.Module) -> tuple[int, int] | str:
+    """(kind, hidden width) of a layer's feed-forward, or why the kernel does not cover it."""
+    gating = layer.gating
+    if gating is None:
+        if layer.linear1.bias is not None or layer.linear2.bias is not None:
+            return "feed-forward biases"
+        return _FF_GELU, layer.linear1.out_features
+    for g in gating if isinstance(gating, nn.ModuleList) else [gating]:
+        name = getattr(g.activation, "__name__", "")
+        if name not in ("silu", "gelu"):
+            return f"gating activation {name or g.activation!r}"
+    first = gating[0] if isinstance(gating, nn.ModuleList) else gating
+    return (_FF_SILU_GATE if first.activation.__name__ == "silu" else _FF_GELU_GATE), first.linear_out.in_features
+
+
+def unsupported(module: nn.Module) -> str | None:
+    """Why `module` (a StreamingTransformer) cannot run on the kernel, or None when it can."""
+    if library() is None:
+        return _bound()[1]
+    params = list(module.parameters())
+    if not params or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
+        return "weights are not float32 on CPU"
+    if any(b is not None for layer in module.layers for m in layer.modules() for b in [getattr(m, "bias", None)]
+           if isinstance(m, nn.Linear)):
+        return "projection biases"
+    norms = [n for layer in module.layers for n in (layer.norm1, layer.norm2)]
+    kinds = {(n.params.rms, n.params.eps, n.params.bias is None) for n in norms}
+    if len(kinds) != 1 or (next(iter(kinds))[0] is False and next(iter(kinds))[2]):
+        return "mixed or bias-free layer norms"
+    ff = {_ff_kind(layer) for layer in module.layers}
+    if len(ff) != 1 or isinstance(next(iter(ff)), str):
+        return f"feed-forward: {sorted(map(str, ff))}"
+    if module.num_heads * module.head_dim != module.layers[0].self_attn.in_projs[0].in_features:
+        return "heads x head_dim differs from the width"
+    if module.context is not None and module.context != module.capacity:
+        return "a context other than the ring's capacity"
+    return None
+
+
+def _panels(linear: nn.Module) -> torch.Tensor:
+    """The module's packed panels (`kernels.linear.prepack` made them for big weights), else a new pack."""
+    packed = getattr(linear, "packed", None)
+    if packed is not None and packed.panels is not None:
+        return packed.panels
+    return gemm_cpu.pack(linear.weight)
+
+
+class StackKernel:
+    """A StreamingTransformer's weights laid out for `stack_cpu.c`, one layer table per weight set."""
+
+    def __init__(self, module: nn.Module):
+        why = unsupported(module)
+        if why is not None:
+            raise ValueError(f"the fused CPU step cannot run this transformer: {why}")
+        self.module = module
+        layer0 = module.layers[0]
+        kind, hidden = _ff_kind(layer0)
+        norm = layer0.norm1.params
+        self.shape = _Shape(
+            dim=module.num_heads * module.head_dim, heads=module.num_heads, head_dim=module.head_dim,
+            layers=len(module.layers), capacity=module.capacity, hidden=hidden,
+            ff_kind=kind, rms=int(norm.rms), sessions=0, eps=norm.eps,
+            rope_max_period=module.rope_max_period or 0.0)
+        self._keep: list[torch.Tensor] = []  # every tensor a table points into
+        self.tables = [self._table(step) for step in range(max(1, module.weights_per_step))]
+        self._scratch = torch.empty(0)
+
+    def _ptr(self, t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        t = t.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _table(self, step: int) -> ctypes.Array:
+        rows = []
+        for layer in self.module.layers:
+            attn = layer.self_attn
+            if layer.gating is None:
+                ff_in, ff_out = layer.linear1, layer.linear2
+            else:
+                g = layer.gating[step] if isinstance(layer.gating, nn.ModuleList) else layer.gating
+                ff_in, ff_out = g.linear_in, g.linear_out
+            n1, n2 = layer.norm1.params, layer.norm2.params
+            scale1, scale2 = (getattr(s, "scale", None) for s in (layer.layer_scale_1, layer.layer_scale_2))
+            rows.append(_Layer(*(self._ptr(t) for t in (
+                n1.weight, n1.bias, n2.weight, n2.bias, _panels(attn.in_projs[step]), _panels(attn.out_projs[step]),
+                _panels(ff_in), _panels(ff_out), scale1, scale2))))
+        return (_Layer * len(rows))(*rows)
+
+    def runs(self, x: torch.Tensor) -> bool:
+        """Whether this step of x ([B, T, dim]) runs here."""
+        m = self.module
+        k = getattr(m, "k_cache", None)
+        return (k is not None and m.kernel_backend == "torch" and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.dim() == 3 and x.shape[2] == self.shape.dim and 0 < x.shape[1] <= self.shape.capacity
+                and x.shape[0] * x.shape[1] <= MAX_ROWS and not torch.is_grad_enabled()
+                and k.dtype == m.v_cache.dtype == torch.float32 and k.is_contiguous() and m.v_cache.is_contiguous())
+
+    def __call__(self, x: torch.Tensor, slots: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """The module's step for `slots` ([B]): returns [B, T, dim] and advances their offsets by T."""
+        m = self.module
+        B, T, C = x.shape
+        out = x.new_empty(B, T, C)
+        if B == 0:
+            return out
+        if slots.dtype != torch.long or not slots.is_contiguous():
+            slots = slots.to(torch.long).contiguous()
+        if slots.shape != (B,) or slots.device.type != "cpu":
+            raise ValueError(f"slots must be a CPU [{B}] tensor, got {tuple(slots.shape)} on {slots.device}")
+        lib = library()
+        self.shape.sessions = m.offsets.shape[0]
+        threads = torch.get_num_threads()
+        need = lib.lockstep_stack_scratch(self.shape, B * T, threads)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need)
+        rc = lib.lockstep_stack_f32(self.shape, ctypes.addressof(self.tables[step]), x.data_ptr(), *x.stride(), B, T,
+                                    slots.data_ptr(), m.offsets.data_ptr(), m.k_cache.data_ptr(), m.v_cache.data_ptr(),
+                                    out.data_ptr(), self._scratch.data_ptr(), threads)
+        if rc == -1:
+            raise ValueError(f"slots {slots.tolist()} reach outside the {m.offsets.shape[0]} state rows")
+        return out
+
+
+def attach(root: nn.Module) -> int:
+    """Gives each streaming transformer below `root` (those with a `cpu_stack` attribute) a
+    `StackKernel` where the kernel covers it, None elsewhere; returns how many got one."""
+    count = 0
+    for m in root.modules():
+        if hasattr(m, "cpu_stack") and hasattr(m, "layers"):
+            m.cpu_stack = StackKernel(m) if unsupported(m) is None else None
+            count += m.cpu_stack is not None
+    return count
