@@ -13,7 +13,7 @@ from engine import capacity, host
 from engine.config import FRAME_RATE, ConfigError, EngineConfig, ServeConfig
 from engine.runner import ModelRunner
 from engine.serving import EngineLoop
-from kernels import linear
+from kernels import linear, stack_cpu
 
 log = logging.getLogger("lockstep")
 
@@ -61,7 +61,8 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
     host.settle()
     lm_dtype = str(engine_cfg.torch_dtype).removeprefix("torch.")
     invariant = " (batch-invariant: every tick steps them all)" if runner.batch_invariant else ""
-    products = f", CPU products on {linear.describe()}" if runner.device.type == "cpu" else ""
+    products = (f", CPU products on {linear.describe()}, {stack_cpu.describe(runner.lm, runner.mimi)}"
+                if runner.device.type == "cpu" else "")
     print(f"lockstep: {engine_cfg.model_dir or engine_cfg.hf_repo} on {runner.device} (LM {lm_dtype}, "
           f"kernels {runner.kernel_backend}{products}, CUDA graphs {'on' if runner.graphs else 'off'}), "
           f"{runner.max_sessions} slots{invariant}, http://{serve_cfg.host}:{serve_cfg.port} "

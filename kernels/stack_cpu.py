@@ -188,3 +188,13 @@ def attach(root: nn.Module) -> int:
             m.cpu_stack = StackKernel(m) if unsupported(m) is None else None
             count += m.cpu_stack is not None
     return count
+
+
+def describe(*roots: nn.Module) -> str:
+    """How the streaming transformers below `roots` step, for the start-up line."""
+    stacks = [m for root in roots for m in root.modules() if hasattr(m, "cpu_stack") and hasattr(m, "layers")]
+    fused = [m for m in stacks if m.cpu_stack is not None]
+    if len(fused) == len(stacks):
+        return f"transformer steps fused in C ({len(fused)} stacks)"
+    why = next(unsupported(m) for m in stacks if m.cpu_stack is None)
+    return f"{len(fused)} of {len(stacks)} transformer steps fused in C (the others: {why})"

@@ -184,3 +184,14 @@ def test_the_engine_runs_every_transformer_on_it(tiny_lm_ckpt):
     stacks = [runner.lm.transformer, runner.lm.depformer, runner.mimi.encoder_transformer.transformer,
               runner.mimi.decoder_transformer.transformer]
     assert all(s.cpu_stack is not None for s in stacks)
+
+
+@needs_kernel
+def test_describe_says_how_many_stacks_are_fused_and_why_not():
+    fused, _ = _pair("mimi")
+    other, _ = _pair("helium")
+    assert stack_cpu.describe(fused, other) == "transformer steps fused in C (2 stacks)"
+    other.cpu_stack = None
+    other.double()
+    assert stack_cpu.describe(fused, other) == (
+        "1 of 2 transformer steps fused in C (the others: weights are not float32 on CPU)")
