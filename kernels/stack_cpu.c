@@ -30,6 +30,9 @@ typedef struct {
     float eps, rope_max_period;                              /* period 0: no RoPE */
 } StackShape;
 
+/* Head sizes up to MAX_CHUNKS x 16 (Moshi's are 64 and 128). */
+#define MAX_CHUNKS 8
+
 static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
 
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
@@ -99,39 +102,76 @@ static void rope_head(float *v, const float *cs, int64_t D) {
     }
 }
 
-/* Query q at absolute position `pos` against ring `kc`/`vc` whose newest position is `last`. */
+/* Scores of one query against ring entries: q and each key in NCH chunks of 16 (the last masked
+ * by `tail`), q held in registers. Keys are ring entries first, first + 1, ... (mod cap). */
+#define SCORES(NCH)                                                                                     \
+    static void scores_##NCH(const float *q, const float *kc, int64_t first, int64_t n, int64_t cap,    \
+                             int64_t D, __mmask16 tail, float scale, float *out) {                      \
+        __m512 qv[NCH];                                                                                 \
+        for (int i = 0; i < NCH; i++) qv[i] = _mm512_maskz_loadu_ps(i + 1 < NCH ? 0xFFFF : tail, q + 16 * i); \
+        int64_t idx = first;                                                                            \
+        for (int64_t j = 0; j < n; j++) {                                                               \
+            const float *k = kc + idx * D;                                                              \
+            __m512 acc = _mm512_mul_ps(qv[0], _mm512_maskz_loadu_ps(NCH > 1 ? 0xFFFF : tail, k));       \
+            for (int i = 1; i < NCH; i++)                                                               \
+                acc = _mm512_fmadd_ps(qv[i], _mm512_maskz_loadu_ps(i + 1 < NCH ? 0xFFFF : tail, k + 16 * i), acc); \
+            out[j] = hsum(acc) * scale;                                                                 \
+            if (++idx == cap) idx = 0;                                                                  \
+        }                                                                                               \
+    }
+
+/* out = sum_j w[j] v_j over the same entries, NCH accumulators in registers. */
+#define WEIGHTED(NCH)                                                                                   \
+    static void weighted_##NCH(const float *w, const float *vc, int64_t first, int64_t n, int64_t cap,  \
+                               int64_t D, __mmask16 tail, float *out) {                                 \
+        __m512 acc[NCH];                                                                                \
+        for (int i = 0; i < NCH; i++) acc[i] = _mm512_setzero_ps();                                     \
+        int64_t idx = first;                                                                            \
+        for (int64_t j = 0; j < n; j++) {                                                               \
+            const float *v = vc + idx * D;                                                              \
+            __m512 wj = _mm512_set1_ps(w[j]);                                                           \
+            for (int i = 0; i < NCH; i++)                                                               \
+                acc[i] = _mm512_fmadd_ps(wj, _mm512_maskz_loadu_ps(i + 1 < NCH ? 0xFFFF : tail, v + 16 * i), acc[i]); \
+            if (++idx == cap) idx = 0;                                                                  \
+        }                                                                                               \
+        for (int i = 0; i < NCH; i++) _mm512_mask_storeu_ps(out + 16 * i, i + 1 < NCH ? 0xFFFF : tail, acc[i]); \
+    }
+
+SCORES(1) SCORES(2) SCORES(3) SCORES(4) SCORES(5) SCORES(6) SCORES(7) SCORES(8)
+WEIGHTED(1) WEIGHTED(2) WEIGHTED(3) WEIGHTED(4) WEIGHTED(5) WEIGHTED(6) WEIGHTED(7) WEIGHTED(8)
+
+typedef void (*scores_fn)(const float *, const float *, int64_t, int64_t, int64_t, int64_t, __mmask16, float,
+                          float *);
+typedef void (*weighted_fn)(const float *, const float *, int64_t, int64_t, int64_t, int64_t, __mmask16,
+                            float *);
+static const scores_fn SCORES_FOR[MAX_CHUNKS + 1] = {0, scores_1, scores_2, scores_3, scores_4,
+                                                     scores_5, scores_6, scores_7, scores_8};
+static const weighted_fn WEIGHTED_FOR[MAX_CHUNKS + 1] = {0, weighted_1, weighted_2, weighted_3, weighted_4,
+                                                         weighted_5, weighted_6, weighted_7, weighted_8};
+
+/* Query q at absolute position `pos` against ring `kc`/`vc` whose newest position is `last`: the
+ * positions max(0, last - cap + 1) .. pos. */
 static void attend(const StackShape *s, const float *q, const float *kc, const float *vc, int64_t pos,
                    int64_t last, float *probs, float *out) {
-    int64_t D = s->head_dim, cap = s->capacity;
-    int64_t lo = last - cap + 1 > 0 ? last - cap + 1 : 0;
-    float scale = (float)(1.0 / sqrt((double)D)), top = -INFINITY;
-    for (int64_t p = lo; p <= pos; p++) {
-        const float *k = kc + (p % cap) * D;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t i = 0; i < D; i += 16) {
-            __mmask16 m = tail_mask(D - i);
-            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), _mm512_maskz_loadu_ps(m, k + i), acc);
-        }
-        float score = hsum(acc) * scale;
-        probs[p - lo] = score;
-        if (score > top) top = score;
-    }
-    int64_t n = pos - lo + 1;
-    __m512 tv = _mm512_set1_ps(top), total = _mm512_setzero_ps();
+    int64_t D = s->head_dim, cap = s->capacity, nch = (D + 15) / 16;
+    int64_t lo = last - cap + 1 > 0 ? last - cap + 1 : 0, n = pos - lo + 1;
+    __mmask16 tail = tail_mask(D - 16 * (nch - 1));
+    SCORES_FOR[nch](q, kc, lo % cap, n, cap, D, tail, (float)(1.0 / sqrt((double)D)), probs);
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < n; i += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, tail_mask(n - i), probs + i));
+    __m512 tv = _mm512_set1_ps(_mm512_reduce_max_ps(top)), total = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 m = tail_mask(n - i);
         __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, probs + i), tv)));
         _mm512_mask_storeu_ps(probs + i, m, e);
         total = _mm512_add_ps(total, e);
     }
-    float inv = 1.0f / hsum(total);
-    for (int64_t i = 0; i < D; i += 16) {
-        __mmask16 m = tail_mask(D - i);
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t p = lo; p <= pos; p++)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(probs[p - lo]), _mm512_maskz_loadu_ps(m, vc + (p % cap) * D + i), acc);
-        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+    __m512 inv = _mm512_set1_ps(1.0f / hsum(total));
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        _mm512_mask_storeu_ps(probs + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, probs + i), inv));
     }
+    WEIGHTED_FOR[nch](probs, vc, lo % cap, n, cap, D, tail, out);
 }
 
 /* The feed-forward's activation over one row: in place for FF_GELU, else into `gated`. */
