@@ -20,6 +20,9 @@ KINDS = {
     # the depth transformer's: a weight set per step, no RoPE, no context
     "depth": (32, 2, 2, 50, "rms_norm", "silu", None, None, None, 3),
     "gelu_gate": (36, 3, 2, 60, "layer_norm", "gelu", 0.5, 5, 100.0, 0),
+    # the widest heads the kernel takes (8 chunks of 16, Helium's 128), and 7 chunks with a tail
+    "wide_heads": (256, 2, 1, 64, "rms_norm", "silu", None, 6, 10000.0, 0),
+    "tail_heads": (200, 2, 1, 64, "rms_norm", "silu", None, 6, 10000.0, 0),
 }
 SESSIONS = 5
 
@@ -165,6 +168,7 @@ def test_stacks_the_kernel_does_not_cover():
 
     assert stack_cpu.unsupported(stack()) is None
     assert "gating activation 'relu'" in stack_cpu.unsupported(stack(gating="relu"))
+    assert "head_dim 144" in stack_cpu.unsupported(stack(dim=288, num_heads=2))
     assert "float32" in stack_cpu.unsupported(stack().to(torch.bfloat16))
     m = stack()
     m.layers[0].self_attn.in_projs[0].bias = torch.nn.Parameter(torch.zeros(48))
