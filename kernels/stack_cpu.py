@@ -70,11 +70,11 @@ def _ff_kind(layer: nn.Module) -> tuple[int, int] | str:
 
 def unsupported(module: nn.Module) -> str | None:
     """Why `module` (a StreamingTransformer) cannot run on the kernel, or None when it can."""
-    if library() is None:
-        return _bound()[1]
     params = list(module.parameters())
     if not params or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
         return "weights are not float32 on CPU"
+    if library() is None:  # built only here, so a GPU engine never compiles it
+        return _bound()[1]
     if any(b is not None for layer in module.layers for m in layer.modules() for b in [getattr(m, "bias", None)]
            if isinstance(m, nn.Linear)):
         return "projection biases"
