@@ -87,6 +87,8 @@ def unsupported(module: nn.Module) -> str | None:
         return f"feed-forward: {sorted(map(str, ff))}"
     if module.num_heads * module.head_dim != module.layers[0].self_attn.in_projs[0].in_features:
         return "heads x head_dim differs from the width"
+    if module.rope_max_period is not None and module.head_dim % 2:
+        return f"RoPE over an odd head_dim ({module.head_dim})"
     if module.head_dim > 128:
         return f"head_dim {module.head_dim} (the kernel takes up to 128)"
     if module.context is not None and module.context != module.capacity:

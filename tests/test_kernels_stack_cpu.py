@@ -169,6 +169,7 @@ def test_stacks_the_kernel_does_not_cover():
     assert stack_cpu.unsupported(stack()) is None
     assert "gating activation 'relu'" in stack_cpu.unsupported(stack(gating="relu"))
     assert "head_dim 144" in stack_cpu.unsupported(stack(dim=288, num_heads=2))
+    assert "odd head_dim (7)" in stack_cpu.unsupported(stack(dim=14, num_heads=2, rope_max_period=100.0))
     assert "float32" in stack_cpu.unsupported(stack().to(torch.bfloat16))
     m = stack()
     m.layers[0].self_attn.in_projs[0].bias = torch.nn.Parameter(torch.zeros(48))
