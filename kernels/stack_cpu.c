@@ -174,6 +174,14 @@ static void attend(const StackShape *s, const float *q, const float *kc, const f
     WEIGHTED_FOR[nch](probs, vc, lo % cap, n, cap, D, tail, out);
 }
 
+/* The feed-forward's GELU over n floats, exported so the tests can hold it to its stated accuracy. */
+void lockstep_gelu_f32(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        _mm512_mask_storeu_ps(y + i, m, gelu_erf(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
 /* The feed-forward's activation over one row: in place for FF_GELU, else into `gated`. */
 static void activate_row(const StackShape *s, float *h, float *gated) {
     int64_t H = s->hidden;

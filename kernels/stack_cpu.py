@@ -46,11 +46,22 @@ def _bound() -> tuple[ctypes.CDLL | None, str]:
         lib.lockstep_stack_f32.argtypes = [ctypes.POINTER(_Shape), ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr,
                                            ptr, ptr, ptr, ptr, ctypes.c_int]
         lib.lockstep_stack_f32.restype = ctypes.c_int
+        lib.lockstep_gelu_f32.argtypes = [ptr, ptr, i64]
+        lib.lockstep_gelu_f32.restype = None
     return lib, why
 
 
 def library() -> ctypes.CDLL | None:
     return _bound()[0]
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's GELU (exact-erf form) on a contiguous float32 CPU tensor."""
+    if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()):
+        raise ValueError(f"gelu takes a contiguous float32 CPU tensor, got {x.dtype} on {x.device}")
+    y = torch.empty_like(x)
+    library().lockstep_gelu_f32(x.data_ptr(), y.data_ptr(), x.numel())
+    return y
 
 
 def _ff_kind(layer: nn.Module) -> tuple[int, int] | str:

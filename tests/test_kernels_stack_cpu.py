@@ -2,6 +2,7 @@
 float64, over Mimi-, Helium- and depth-transformer-like stacks of odd sizes."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -92,6 +93,20 @@ def test_steps_match_the_torch_path_in_float64(kind):
         torch.testing.assert_close(getattr(m, name).double(), getattr(ref, name), atol=2e-5, rtol=2e-5)
     for slot in set(range(SESSIONS)) - used:
         assert not m.k_cache[:, slot].any() and m.offsets[slot] == 0
+
+
+@needs_kernel
+def test_gelu_is_within_six_ulps_of_exact():
+    x = torch.cat([torch.linspace(-14, 12, 400_003), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0])])
+    got = stack_cpu.gelu(x).double()
+    xd = x.double()
+    exact = 0.5 * xd * torch.erfc(-xd / math.sqrt(2))
+    spacing = (torch.nextafter(exact.float().abs(), torch.tensor(float("inf"))).double()
+               - exact.float().abs().double())
+    normal = exact.abs() >= torch.finfo(torch.float32).tiny
+    assert ((got - exact).abs() / spacing)[normal].max() <= 6
+    assert (got - exact)[~normal].abs().max() <= 2.0 ** -140  # the subnormal tail below x = -13
+    assert got[-6:-4].eq(0).all() and got[-2] == 30.0 and got[-1] == 0.0
 
 
 @needs_kernel
