@@ -5,10 +5,13 @@
 #   bash bench/gpu_checks.sh [tests] [kernels] [tick]      # default: all three
 #   bash bench/gpu_checks.sh soak                          # when time is left (~2.5 min): churn under graphs
 #
-# One call runs all three within ~9 minutes: each step has a time limit (seconds, overridable:
-# T_TESTS T_KERNELS T_TICK T_REF, 540 in all), and a step cut short keeps what it measured (pytest
-# prints its summary, bench.kernels its rows as they come, bench.tick its JSON after each batch
-# size). A lent GPU has 15 minutes of device time for the whole task, machine start included, so
+# One call runs all three within ~9.5 minutes: each step has a time limit (seconds, overridable:
+# T_TESTS T_KERNELS T_TICK T_REF, 540 in all), shortened where needed so that the whole call ends
+# within DEADLINE seconds (570: the device tool stops a command at 600), and a step cut short keeps
+# what it measured (pytest prints its summary, bench.kernels writes each row as it comes,
+# bench.tick its JSON after each batch size). The side-by-side runs kyutai's package with its CUDA
+# graphs but without its torch.compile (NO_TORCH_COMPILE=1: its compiles would not fit the step;
+# REF_COMPILE=1 keeps them), which its JSON records. A lent GPU has 15 minutes of device time for the whole task, machine start included, so
 # plan on one call, and rerun a single stage only if time is left. Works in a checkout with
 # `make install` done (uses .venv) and on the device tool's bare image, whose python3 already has
 # torch, triton, numpy, safetensors, sentencepiece, tqdm, pytest, einops, huggingface_hub and
@@ -33,10 +36,14 @@ mkdir -p "$out"
 stages=${*:-tests kernels tick}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$out/log.txt"
 failed=0
+deadline=$((SECONDS + ${DEADLINE:-570}))
 step() {  # step SECONDS CMD...: runs CMD under a time limit (SIGINT, so it reports what it has),
           # logs it, and records a failure without stopping the rest
   local limit=$1; shift
-  timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$out/log.txt"
+  local left=$((deadline - SECONDS - 10))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -le 0 ]; then echo "SKIPPED (no time left): $*" | tee -a "$out/log.txt"; failed=1; return; fi
+  timeout --signal=INT --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$out/log.txt"
   local status=${PIPESTATUS[0]}
   [ "$status" -ne 124 ] || echo "TIME LIMIT (${limit}s): $*" | tee -a "$out/log.txt"
   [ "$status" -eq 0 ] || { echo "FAILED ($status): $*" | tee -a "$out/log.txt"; failed=1; }
@@ -52,14 +59,16 @@ for stage in $stages; do
       # so the engine alone fits ~38 slots on 80 GB; the reference allocates its own caches beside
       # it, hence its smaller, separate sweep.
       # The goals' two figures (B=1, B=32) first, should the time limit cut the sweep short. A card
-      # with more memory than an H100's 80 GB (an H200: 141 GB) also holds 48 and 64 such slots.
+      # with more memory than an H100's 80 GB (an H200: 141 GB) also holds 64 and 48 such slots:
+      # 64, its capacity, right after them.
       mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-      more=""; [ "${mib:-0}" -ge 120000 ] 2>/dev/null && more="48 64"
-      step "${T_TICK:-170}" $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 32 8 16 24 $more --full-context \
-          --no-reference --warmup 3 --ticks 20 --output "$out/tick-7b-full"
+      big=""; more=""; [ "${mib:-0}" -ge 120000 ] 2>/dev/null && { big=64; more=48; }
+      step "${T_TICK:-170}" $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 32 $big 8 16 24 $more \
+          --full-context --no-reference --warmup 3 --ticks 20 --output "$out/tick-7b-full"
       if $PY -c "import moshi" 2>/dev/null; then
-        step "${T_REF:-90}" $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 4 8 --warmup 3 --ticks 20 \
-            --output "$out/tick-7b-vs-reference"
+        compile=1; [ "${REF_COMPILE:-0}" = 1 ] && compile=""
+        step "${T_REF:-90}" env ${compile:+NO_TORCH_COMPILE=1} $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 \
+            --batch 1 4 8 --warmup 3 --ticks 20 --output "$out/tick-7b-vs-reference"
       else
         echo "moshi is not importable: skipping the side-by-side (carry its wheel, see the header)" | tee -a "$out/log.txt"
       fi ;;

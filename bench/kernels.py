@@ -2,11 +2,13 @@
 
     python -m bench.kernels [--batch 1 8 32 64] [--only attention rvq conv norm rope noise] [--json OUT]
 
-For every case it prints the time per call (median of CUDA-event timings), the bytes the operation
-must move (its minimal traffic: each valid KV entry, codebook, weight and activation read once and
+For every case it prints the time per call (median of CUDA-event timings, each call after a write
+of 256 MB that evicts the GPU's L2, as the rest of a tick would: a B=1 ring or a codebook otherwise
+stays cached from the previous call and reads above HBM speed), the bytes the operation must move (its minimal traffic: each valid KV entry, codebook, weight and activation read once and
 each output written once), the achieved GB/s on that basis and the fraction of the device's copy
 bandwidth, measured first with a large device-to-device copy. Decode kernels are memory bound,
-so that fraction is the figure of merit. Needs a CUDA device; elsewhere it says so and exits 0.
+so that fraction is the figure of merit. The calls are timed eagerly: a torch path of many small
+ops can be bound by their launches there, which a tick's CUDA graph does not pay. Needs a CUDA device; elsewhere it says so and exits 0.
 `--device cpu` under TRITON_INTERPRET=1 runs every case on the CPU (wall-clock timings that say
 nothing about a GPU): the test suite does so at shrunken shapes, so a lent GPU's short lease is not
 lost to a bug in the benchmark itself.
@@ -19,7 +21,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -58,52 +60,54 @@ class Row:
 
 @dataclass(frozen=True)
 class Clock:
-    """Times a call on `device`: the median of CUDA-event timings on a GPU, of wall-clock ones on CPU."""
+    """Times a call on `device`: the median of CUDA-event timings on a GPU (cold L2), of wall-clock
+    ones on CPU."""
     device: torch.device
     warmup: int = 5
     iters: int = 25
+    flush_bytes: int = 256 << 20  # past any GPU's L2 (an H100's is 50 MB, an H200's 60)
 
-    def ms(self, fn: Callable[[], object], warmup: int | None = None, iters: int | None = None) -> float:
+    def ms(self, fn: Callable[[], object], warmup: int | None = None, iters: int | None = None,
+           flush: bool = True) -> float:
         warmup, iters = self.warmup if warmup is None else warmup, self.iters if iters is None else iters
-        cuda = self.device.type == "cuda"
         for _ in range(warmup):  # includes the Triton JIT compile on first use
             fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
+        if self.device.type != "cuda":
+            times = []
+            for _ in range(iters):
                 start_s = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - start_s) * 1e3)
-        return statistics.median(times)
+            return statistics.median(times)
+        scrub = torch.empty(self.flush_bytes if flush else 0, dtype=torch.uint8, device=self.device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        torch.cuda.synchronize()
+        # All queued, one sync at the end; each scrub also keeps the GPU busy while the next call is
+        # being launched, so its start event is not recorded long before its first kernel.
+        for start, end in events:
+            scrub.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events)
 
     def peak_bandwidth_gbps(self, nbytes: int) -> float:
         """Copy bandwidth on the device (read + write counted), best of several copies of nbytes."""
         src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         dst = torch.empty_like(src)
-        ms = min(self.ms(lambda: dst.copy_(src), warmup=min(3, self.warmup), iters=max(1, min(self.iters, 10)))
-                 for _ in range(3))
+        ms = min(self.ms(lambda: dst.copy_(src), warmup=min(3, self.warmup), iters=max(1, min(self.iters, 10)),
+                         flush=False) for _ in range(3))
         return 2 * nbytes / ms / 1e6
 
 
-def _both(family, case, batch, nbytes, make_call, clock: Clock) -> list[Row]:
-    rows = []
+def _both(family, case, batch, nbytes, make_call, clock: Clock) -> Iterator[Row]:
     for backend in ("torch", "triton"):
-        rows.append(Row(family, case, batch, backend, clock.ms(make_call(backend)), nbytes))
-    return rows
+        yield Row(family, case, batch, backend, clock.ms(make_call(backend)), nbytes)
 
 
-def bench_attention(clock: Clock, batches) -> list[Row]:
+def bench_attention(clock: Clock, batches) -> Iterator[Row]:
     device = clock.device
-    rows = []
     shapes = [("lm", LM_HEADS, LM_HEAD_DIM, LM_CONTEXT, LM_CONTEXT, 1, LM_DTYPE),
               ("depth", DEPTH_HEADS, DEPTH_HEAD_DIM, DEPTH_STEPS, None, 1, LM_DTYPE),
               ("mimi", MIMI_HEADS, MIMI_HEAD_DIM, MIMI_CONTEXT, MIMI_CONTEXT, 2, torch.float32)]
@@ -124,14 +128,12 @@ def bench_attention(clock: Clock, batches) -> list[Row]:
 
                 def call(backend, q=q, k=k, v=v, slots=slots, offsets=offsets, kc=k_cache, vc=v_cache):
                     return lambda: attention.ring_attention(q, k, v, kc, vc, slots, offsets, ctx, backend)
-                rows += _both("attention", f"{name}-{label}-ctx{valid}", B, nbytes, call, clock)
+                yield from _both("attention", f"{name}-{label}-ctx{valid}", B, nbytes, call, clock)
         del k_cache, v_cache
-    return rows
 
 
-def bench_rvq(clock: Clock, batches) -> list[Row]:
+def bench_rvq(clock: Clock, batches) -> Iterator[Row]:
     device = clock.device
-    rows = []
     g = torch.Generator(device=device).manual_seed(0)
     tables = []
     for n in RVQ_STAGES:
@@ -144,17 +146,15 @@ def bench_rvq(clock: Clock, batches) -> list[Row]:
         x = torch.randn(len(stages), B, RVQ_DIM, device=device, generator=g)
         codes = torch.randint(0, RVQ_BINS, (B, sum(stages)), device=device, generator=g)
         enc_bytes = table_bytes + x.numel() * 4 + codes.numel() * 8
-        rows += _both("rvq", "encode-1+7", B, enc_bytes,
+        yield from _both("rvq", "encode-1+7", B, enc_bytes,
                       lambda be, x=x: (lambda: rvq.encode(x, tables, stages, be)), clock)
         dec_bytes = B * sum(stages) * (RVQ_DIM * 4 + 8) + len(stages) * B * RVQ_DIM * 4
-        rows += _both("rvq", "decode-1+7", B, dec_bytes,
+        yield from _both("rvq", "decode-1+7", B, dec_bytes,
                       lambda be, codes=codes: (lambda: rvq.decode(codes, tables, stages, be)), clock)
-    return rows
 
 
-def bench_conv(clock: Clock, batches) -> list[Row]:
+def bench_conv(clock: Clock, batches) -> Iterator[Row]:
     device = clock.device
-    rows = []
     S = max(batches)
     for name, cin, cout, K, stride, groups, L, transposed in CONVS:
         if transposed:
@@ -176,32 +176,28 @@ def bench_conv(clock: Clock, batches) -> list[Row]:
                     return lambda: conv.conv_transpose1d_step(x, w, bias, state, slots, stride, groups, "elu", be)
                 return lambda: conv.conv1d_step(x, w, bias, state, slots, stride, 1, 1, None,
                                                 "elu" if name != "enc-first" else None, be)
-            rows += _both("conv", f"{name}-{cin}to{cout}-k{K}s{stride}-L{L}", B, nbytes, call, clock)
-    return rows
+            yield from _both("conv", f"{name}-{cin}to{cout}-k{K}s{stride}-L{L}", B, nbytes, call, clock)
 
 
-def bench_norm(clock: Clock, batches) -> list[Row]:
+def bench_norm(clock: Clock, batches) -> Iterator[Row]:
     device = clock.device
-    rows = []
     dtype = LM_DTYPE
     p = NormParams(True, torch.ones(LM_DIM, device=device, dtype=dtype), None, 1e-8, True)
     for B in batches:
         x = torch.randn(B, 1, LM_DIM, device=device, dtype=dtype)
         u = torch.randn_like(x)
         esize = x.element_size()
-        rows += _both("norm", "rms4096", B, 2 * x.numel() * esize + LM_DIM * esize,
+        yield from _both("norm", "rms4096", B, 2 * x.numel() * esize + LM_DIM * esize,
                       lambda be, x=x: (lambda: norm.norm(x, p, be)), clock)
-        rows += _both("norm", "add+rms4096", B, 4 * x.numel() * esize + LM_DIM * esize,
+        yield from _both("norm", "add+rms4096", B, 4 * x.numel() * esize + LM_DIM * esize,
                       lambda be, x=x, u=u: (lambda: norm.add_norm(x, u, None, p, be)), clock)
         h = torch.randn(B, 1, 2 * LM_HIDDEN, device=device, dtype=dtype)
-        rows += _both("norm", f"silu-gate{LM_HIDDEN}", B, 3 * B * LM_HIDDEN * esize,
+        yield from _both("norm", f"silu-gate{LM_HIDDEN}", B, 3 * B * LM_HIDDEN * esize,
                       lambda be, h=h: (lambda: norm.silu_gate(h, be)), clock)
-    return rows
 
 
-def bench_rope(clock: Clock, batches) -> list[Row]:
+def bench_rope(clock: Clock, batches) -> Iterator[Row]:
     device = clock.device
-    rows = []
     for name, H, D, T, dtype in (("lm", LM_HEADS, LM_HEAD_DIM, 1, LM_DTYPE),
                                  ("mimi", MIMI_HEADS, MIMI_HEAD_DIM, 2, torch.float32)):
         for B in batches:
@@ -209,21 +205,18 @@ def bench_rope(clock: Clock, batches) -> list[Row]:
             tables = rope.rope_tables(torch.randint(0, 3000, (B,), device=device), T, D, 10000.0)
             # q and k read and written once, plus the fp32 tables.
             nbytes = 4 * q.numel() * q.element_size() + 2 * tables[0].numel() * 4
-            rows += _both("rope", f"{name}-{H}x{D}-T{T}", B, nbytes,
+            yield from _both("rope", f"{name}-{H}x{D}-T{T}", B, nbytes,
                           lambda be, q=q, k=k, tables=tables: (lambda: rope.apply_rope(q, k, tables, be)), clock)
-    return rows
 
 
-def bench_noise(clock: Clock, batches) -> list[Row]:
+def bench_noise(clock: Clock, batches) -> Iterator[Row]:
     device = clock.device
     # Launch-bound rather than bandwidth-bound: the torch path is ~80 small integer ops.
-    rows = []
     for B in batches:
         seeds = torch.randint(0, 2**62, (B,), device=device)
         counters = torch.randint(0, 3000, (B,), device=device)
-        rows += _both("noise", "audio-k250x8", B, B * 8 * 250 * 4,
+        yield from _both("noise", "audio-k250x8", B, B * 8 * 250 * 4,
                       lambda be, s=seeds, c=counters: (lambda: noise.uniform_noise(s, c, 1, 250, 8, be)), clock)
-    return rows
 
 
 FAMILIES = {"attention": bench_attention, "rvq": bench_rvq, "conv": bench_conv, "norm": bench_norm,
@@ -260,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}: measured copy bandwidth {peak:.0f} GB/s")
     print(f"{'family':<10} {'case':<34} {'B':>3} {'backend':<7} {'ms':>9} {'MB':>9} {'GB/s':>8} {'peak':>6}")
     rows: list[Row] = []
+
+    def save() -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": name, "peak_gbps": peak,
+                           "rows": [asdict(r) | {"gbps": r.gbps} for r in rows]}, f, indent=1)
+
     status = 0
     try:
         with torch.no_grad():
@@ -268,15 +268,13 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(r)
                     print(f"{r.family:<10} {r.case:<34} {r.batch:>3} {r.backend:<7} {r.ms:9.4f} "
                           f"{r.bytes / 1e6:9.2f} {r.gbps:8.0f} {r.gbps / peak:6.1%}", flush=True)
+                    save()  # each row as it comes: a time limit loses none of them
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     except KeyboardInterrupt:  # a time limit: keep the rows measured so far
         print(f"interrupted after {len(rows)} rows", flush=True)
         status = 130
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "peak_gbps": peak,
-                       "rows": [asdict(r) | {"gbps": r.gbps} for r in rows]}, f, indent=1)
+    save()
     return status
 
 

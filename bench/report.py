@@ -44,9 +44,21 @@ _BANDWIDTH: dict[str, float] = {}
 
 
 def tick_bytes(runner, batch: int, full_context: bool) -> int:
-    """Bytes a tick must read at least: every weight once (LM and Mimi), plus each slot's valid KV
-    in the LM's and Mimi's transformers."""
-    weight_bytes = sum(p.numel() * p.element_size() for m in (runner.lm, runner.mimi) for p in m.parameters())
+    """Bytes a tick must read at least: every weight once (LM and Mimi), but of an embedding table
+    only the rows its slots look up (the LM's 0.6 GB of tables give each slot one row a tick), the
+    RVQ's codebooks once (the encoder scores every code), plus each slot's valid KV in the LM's and
+    Mimi's transformers."""
+    from torch import nn
+
+    from engine.quantizer import Codebook
+    modules = [m for root in (runner.lm, runner.mimi) for m in root.modules()]
+    tables = {id(m.weight) for m in modules if isinstance(m, nn.Embedding)}
+    weight_bytes = sum(p.numel() * p.element_size() for m in (runner.lm, runner.mimi) for p in m.parameters()
+                       if id(p) not in tables)
+    weight_bytes += sum(min(batch, m.num_embeddings) * m.embedding_dim * m.weight.element_size()
+                        for m in modules if isinstance(m, nn.Embedding))
+    codebook = next(m for m in runner.mimi.modules() if isinstance(m, Codebook))  # all of one size
+    weight_bytes += runner.mimi.quantizer.num_codebooks * codebook.bins * (codebook.dim + 2) * 4
     mimi = (runner.mimi.encoder_transformer.transformer, runner.mimi.decoder_transformer.transformer)
     kv_bytes = sum(t.kv_bytes(t.capacity if full_context else 1) for t in (runner.lm.transformer, *mimi))
     return weight_bytes + kv_bytes * batch

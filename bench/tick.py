@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import resource
 import statistics
 import sys
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"device": torch.cuda.get_device_name() if runner.device.type == "cuda" else f"cpu ({cpu})",
             "dtype": str(dtype), "lm": runner.lm.cfg.to_dict(), "full_context": args.full_context,
             "batch_invariant": args.batch_invariant, "threads": torch.get_num_threads()}
+    if ref is not None:  # kyutai's package compiles its hot functions unless told not to
+        meta["reference_torch_compile"] = not os.environ.get("NO_TORCH_COMPILE")
     # As `lockstep serve` does, for both engines alike: no full GC pass over the long-lived objects
     # and no heap trimming lands in a timed tick.
     host.settle()

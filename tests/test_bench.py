@@ -86,6 +86,19 @@ def test_gpu_checks_script_gets_every_stage_to_the_gpu(tmp_path):
     assert "Traceback" not in log and soak.returncode == 1, log
 
 
+def test_gpu_checks_script_keeps_within_its_deadline(tmp_path):
+    """Step limits shrink to what is left of DEADLINE (the device tool stops a command at 600 s),
+    and a step with no time left is skipped and counted as a failure, not started."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(tmp_path), PY=sys.executable, DEADLINE="5")
+    proc = subprocess.run(["bash", "bench/gpu_checks.sh", "kernels", "tick"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)
+    log = (tmp_path / "log.txt").read_text()
+    assert "SKIPPED (no time left):" in log and "bench.kernels" in log and proc.returncode == 1, log
+    assert "Traceback" not in log
+
+
 def test_random_models_are_made_in_the_benchmark_dtype():
     from bench.tick import random_models
     from engine.make_checkpoint import PRESETS
@@ -144,3 +157,41 @@ def test_cpu_kernels_benchmark_checks_and_reports_every_route(tmp_path, capsys):
     assert all(r["torch"] > 0 and ("lockstep" in r) == built for r in doc["stack"])
     out = capsys.readouterr().out
     assert "weight GB/s" in out and "ELU, us a call" in out and "transformer steps, ms a step" in out
+
+
+def test_kernel_benchmark_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """A time limit (SIGINT) in the middle of a family: the JSON holds every row timed before it."""
+    import bench.kernels as bk
+    calls = []
+
+    def fake_ms(self, fn, warmup=None, iters=None, flush=True):
+        calls.append(fn)
+        if len(calls) == 6:  # three for the peak copy, torch and triton of the first norm case, then...
+            raise KeyboardInterrupt
+        return 1.0
+
+    monkeypatch.setattr(bk.Clock, "ms", fake_ms)
+    monkeypatch.setattr(bk, "LM_DIM", 64)
+    monkeypatch.setattr(bk, "LM_HIDDEN", 96)
+    out = tmp_path / "kernels.json"
+    assert bk.main(["--device", "cpu", "--only", "norm", "--batch", "1", "--json", str(out)]) == 130
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["case"], r["backend"]) for r in rows] == [("rms4096", "torch"), ("rms4096", "triton")]
+
+
+def test_the_floor_reads_each_weight_once_but_only_the_looked_up_rows_of_a_table(tiny_lm_ckpt):
+    from torch import nn
+
+    from bench.report import tick_bytes
+    from engine.config import EngineConfig
+    from engine.runner import ModelRunner
+    runner = ModelRunner.load(EngineConfig(model_dir=str(tiny_lm_ckpt), device="cpu", max_sessions=2))
+    tables = [m for m in runner.lm.modules() if isinstance(m, nn.Embedding)]
+    mimi = (runner.mimi.encoder_transformer.transformer, runner.mimi.decoder_transformer.transformer)
+    per_slot = (sum(m.embedding_dim * m.weight.element_size() for m in tables)
+                + sum(t.kv_bytes(1) for t in (runner.lm.transformer, *mimi)))
+    assert tick_bytes(runner, 2, False) - tick_bytes(runner, 1, False) == per_slot
+    weights = sum(p.numel() * p.element_size() for m in (runner.lm, runner.mimi) for p in m.parameters())
+    table_bytes = sum(m.weight.numel() * m.weight.element_size() for m in tables)
+    codebooks = 8 * 2048 * 258 * 4  # the 8 codebooks in use, scored in full by the encoder
+    assert tick_bytes(runner, 1, False) == weights - table_bytes + per_slot + codebooks
