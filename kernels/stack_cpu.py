@@ -194,20 +194,25 @@ class StackKernel:
         return out
 
 
+def _stacks(*roots: nn.Module) -> list[nn.Module]:
+    """The streaming transformers below `roots`: the modules with a `cpu_stack` slot."""
+    return [m for root in roots for m in root.modules() if hasattr(m, "cpu_stack") and hasattr(m, "layers")]
+
+
 def attach(root: nn.Module) -> int:
-    """Gives each streaming transformer below `root` (those with a `cpu_stack` attribute) a
-    `StackKernel` where the kernel covers it, None elsewhere; returns how many got one."""
+    """Gives each streaming transformer below `root` a `StackKernel` where the kernel covers it,
+    None elsewhere; returns how many got one. Call it once the weights are loaded and packed
+    (`kernels.linear.prepack`): the kernel reads the packed copies they have then."""
     count = 0
-    for m in root.modules():
-        if hasattr(m, "cpu_stack") and hasattr(m, "layers"):
-            m.cpu_stack = StackKernel(m) if unsupported(m) is None else None
-            count += m.cpu_stack is not None
+    for m in _stacks(root):
+        m.cpu_stack = StackKernel(m) if unsupported(m) is None else None
+        count += m.cpu_stack is not None
     return count
 
 
 def describe(*roots: nn.Module) -> str:
     """How the streaming transformers below `roots` step, for the start-up line."""
-    stacks = [m for root in roots for m in root.modules() if hasattr(m, "cpu_stack") and hasattr(m, "layers")]
+    stacks = _stacks(*roots)
     fused = [m for m in stacks if m.cpu_stack is not None]
     if len(fused) == len(stacks):
         return f"transformer steps fused in C ({len(fused)} stacks)"
