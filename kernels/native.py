@@ -3,9 +3,10 @@
 Each source is compiled with the system's C compiler (`$CC`, else `cc`) into lockstep's cache
 directory (`$LOCKSTEP_CACHE/kernels`, keyed by the source, the headers beside it, the compiler and
 the flags; a fraction of a second), and only where the CPU has AVX-512F and torch runs on GNU
-OpenMP; otherwise `load` says why and the callers keep their ATen/oneDNN paths. Threads are torch's own: a library links libgomp,
-which resolves to the copy torch has loaded, so both share one OpenMP pool, and a call takes
-`torch.get_num_threads()` of them. ctypes releases the GIL for the call.
+OpenMP, and unless LOCKSTEP_NATIVE=0 (for comparisons, or to rule the kernels out); otherwise
+`load` says why and the callers keep their ATen/oneDNN paths. Threads are torch's own: a library
+links libgomp, which resolves to the copy torch has loaded, so both share one OpenMP pool, and a
+call takes `torch.get_num_threads()` of them. ctypes releases the GIL for the call.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def gnu_openmp_loaded(maps: str = "/proc/self/maps") -> bool:
 
 
 def build(source: Path) -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("LOCKSTEP_NATIVE", "1") == "0":
+        return None, "LOCKSTEP_NATIVE=0 keeps the ATen/oneDNN paths"
     if "avx512f" not in host.cpuinfo("flags").split():
         return None, "the CPU has no AVX-512F"
     if not gnu_openmp_loaded():

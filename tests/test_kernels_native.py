@@ -11,6 +11,9 @@ needs_build = pytest.mark.skipif(native.load("gemm_cpu")[0] is None, reason=nati
 def test_build_failures_say_why(monkeypatch, tmp_path):
     source = native.KERNELS / "elu_cpu.c"
     monkeypatch.setenv("LOCKSTEP_CACHE", str(tmp_path))
+    monkeypatch.setenv("LOCKSTEP_NATIVE", "0")
+    assert native.build(source) == (None, "LOCKSTEP_NATIVE=0 keeps the ATen/oneDNN paths")
+    monkeypatch.delenv("LOCKSTEP_NATIVE")
     monkeypatch.setattr(native.host, "cpuinfo", lambda field: "fpu sse avx2")
     assert native.build(source) == (None, "the CPU has no AVX-512F")
     monkeypatch.setattr(native.host, "cpuinfo", lambda field: "fpu avx512f")
