@@ -11,8 +11,9 @@
 # what it measured (pytest prints its summary, bench.kernels writes each row as it comes,
 # bench.tick its JSON after each batch size). The side-by-side runs kyutai's package with its CUDA
 # graphs but without its torch.compile (NO_TORCH_COMPILE=1: its compiles would not fit the step;
-# REF_COMPILE=1 keeps them), which its JSON records. A lent GPU has 15 minutes of device time for the whole task, machine start included, so
-# plan on one call, and rerun a single stage only if time is left. Works in a checkout with
+# REF_COMPILE=1 keeps them), which its JSON records. A lent GPU has 15 minutes of device time for
+# the whole task, machine start included, so plan on one call, and rerun a single stage only if
+# time is left. Works in a checkout with
 # `make install` done (uses .venv) and on the device tool's bare image, whose python3 already has
 # torch, triton, numpy, safetensors, sentencepiece, tqdm, pytest, einops, huggingface_hub and
 # matplotlib but no network (this script ran on CPU in a venv of that image's versions: Python

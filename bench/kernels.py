@@ -4,11 +4,13 @@
 
 For every case it prints the time per call (median of CUDA-event timings, each call after a write
 of 256 MB that evicts the GPU's L2, as the rest of a tick would: a B=1 ring or a codebook otherwise
-stays cached from the previous call and reads above HBM speed), the bytes the operation must move (its minimal traffic: each valid KV entry, codebook, weight and activation read once and
-each output written once), the achieved GB/s on that basis and the fraction of the device's copy
+stays cached from the previous call and reads above HBM speed), the bytes the operation must move
+(its minimal traffic: each valid KV entry, codebook, weight and activation read once and each
+output written once), the achieved GB/s on that basis and the fraction of the device's copy
 bandwidth, measured first with a large device-to-device copy. Decode kernels are memory bound,
 so that fraction is the figure of merit. The calls are timed eagerly: a torch path of many small
-ops can be bound by their launches there, which a tick's CUDA graph does not pay. Needs a CUDA device; elsewhere it says so and exits 0.
+ops can be bound by their launches there, which a tick's CUDA graph does not pay. Needs a CUDA
+device; elsewhere it says so and exits 0.
 `--device cpu` under TRITON_INTERPRET=1 runs every case on the CPU (wall-clock timings that say
 nothing about a GPU): the test suite does so at shrunken shapes, so a lent GPU's short lease is not
 lost to a bug in the benchmark itself.
@@ -147,10 +149,10 @@ def bench_rvq(clock: Clock, batches) -> Iterator[Row]:
         codes = torch.randint(0, RVQ_BINS, (B, sum(stages)), device=device, generator=g)
         enc_bytes = table_bytes + x.numel() * 4 + codes.numel() * 8
         yield from _both("rvq", "encode-1+7", B, enc_bytes,
-                      lambda be, x=x: (lambda: rvq.encode(x, tables, stages, be)), clock)
+                         lambda be, x=x: (lambda: rvq.encode(x, tables, stages, be)), clock)
         dec_bytes = B * sum(stages) * (RVQ_DIM * 4 + 8) + len(stages) * B * RVQ_DIM * 4
         yield from _both("rvq", "decode-1+7", B, dec_bytes,
-                      lambda be, codes=codes: (lambda: rvq.decode(codes, tables, stages, be)), clock)
+                         lambda be, codes=codes: (lambda: rvq.decode(codes, tables, stages, be)), clock)
 
 
 def bench_conv(clock: Clock, batches) -> Iterator[Row]:
@@ -188,12 +190,12 @@ def bench_norm(clock: Clock, batches) -> Iterator[Row]:
         u = torch.randn_like(x)
         esize = x.element_size()
         yield from _both("norm", "rms4096", B, 2 * x.numel() * esize + LM_DIM * esize,
-                      lambda be, x=x: (lambda: norm.norm(x, p, be)), clock)
+                         lambda be, x=x: (lambda: norm.norm(x, p, be)), clock)
         yield from _both("norm", "add+rms4096", B, 4 * x.numel() * esize + LM_DIM * esize,
-                      lambda be, x=x, u=u: (lambda: norm.add_norm(x, u, None, p, be)), clock)
+                         lambda be, x=x, u=u: (lambda: norm.add_norm(x, u, None, p, be)), clock)
         h = torch.randn(B, 1, 2 * LM_HIDDEN, device=device, dtype=dtype)
         yield from _both("norm", f"silu-gate{LM_HIDDEN}", B, 3 * B * LM_HIDDEN * esize,
-                      lambda be, h=h: (lambda: norm.silu_gate(h, be)), clock)
+                         lambda be, h=h: (lambda: norm.silu_gate(h, be)), clock)
 
 
 def bench_rope(clock: Clock, batches) -> Iterator[Row]:
@@ -206,7 +208,7 @@ def bench_rope(clock: Clock, batches) -> Iterator[Row]:
             # q and k read and written once, plus the fp32 tables.
             nbytes = 4 * q.numel() * q.element_size() + 2 * tables[0].numel() * 4
             yield from _both("rope", f"{name}-{H}x{D}-T{T}", B, nbytes,
-                          lambda be, q=q, k=k, tables=tables: (lambda: rope.apply_rope(q, k, tables, be)), clock)
+                             lambda be, q=q, k=k, tables=tables: (lambda: rope.apply_rope(q, k, tables, be)), clock)
 
 
 def bench_noise(clock: Clock, batches) -> Iterator[Row]:
@@ -216,7 +218,7 @@ def bench_noise(clock: Clock, batches) -> Iterator[Row]:
         seeds = torch.randint(0, 2**62, (B,), device=device)
         counters = torch.randint(0, 3000, (B,), device=device)
         yield from _both("noise", "audio-k250x8", B, B * 8 * 250 * 4,
-                      lambda be, s=seeds, c=counters: (lambda: noise.uniform_noise(s, c, 1, 250, 8, be)), clock)
+                         lambda be, s=seeds, c=counters: (lambda: noise.uniform_noise(s, c, 1, 250, 8, be)), clock)
 
 
 FAMILIES = {"attention": bench_attention, "rvq": bench_rvq, "conv": bench_conv, "norm": bench_norm,

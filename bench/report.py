@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from engine.quantizer import Codebook
 
 FRAME_MS = 80.0
 
@@ -48,9 +51,6 @@ def tick_bytes(runner, batch: int, full_context: bool) -> int:
     only the rows its slots look up (the LM's 0.6 GB of tables give each slot one row a tick), the
     RVQ's codebooks once (the encoder scores every code), plus each slot's valid KV in the LM's and
     Mimi's transformers."""
-    from torch import nn
-
-    from engine.quantizer import Codebook
     modules = [m for root in (runner.lm, runner.mimi) for m in root.modules()]
     tables = {id(m.weight) for m in modules if isinstance(m, nn.Embedding)}
     weight_bytes = sum(p.numel() * p.element_size() for m in (runner.lm, runner.mimi) for p in m.parameters()
