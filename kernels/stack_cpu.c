@@ -204,12 +204,20 @@ static void activate_row(const StackShape *s, float *h, float *gated) {
 /* x: B x T rows of `dim` at strides (sb, st, sc); out: [B*T, dim]; slots: B rows of the caches
  * ([layers, sessions, heads, capacity, head_dim]) and of `offsets`, which advance by T. A slot may
  * repeat (the engine's padded rows share one scratch slot): those rows then race on its ring, which
- * nothing reads. Returns 0, or -1 (nothing written) for a slot outside [0, sessions). */
+ * nothing reads, and its offset advances once per row. Returns 0; or, with nothing written, -1 for
+ * a slot outside [0, sessions), -2 for a negative offset, -3 for a shape the kernel does not take. */
 int lockstep_stack_f32(const StackShape *s, const StackLayer *layers, const float *x, int64_t sb, int64_t st,
                        int64_t sc, int64_t B, int64_t T, const int64_t *slots, int64_t *offsets, float *k_cache,
                        float *v_cache, float *out, float *scratch, int nthreads) {
-    for (int64_t b = 0; b < B; b++)
+    if (s->head_dim < 1 || s->head_dim > 16 * MAX_CHUNKS || s->dim != s->heads * s->head_dim || s->capacity < 1 ||
+        T < 1 || T > s->capacity || nthreads < 1 || s->hidden < 1)
+        return -3;
+    for (int64_t l = 0; l < s->layers; l++)
+        if (!s->rms && !(layers[l].norm1_b && layers[l].norm2_b)) return -3;
+    for (int64_t b = 0; b < B; b++) {
         if (slots[b] < 0 || slots[b] >= s->sessions) return -1;
+        if (offsets[slots[b]] < 0) return -2;
+    }
     const int64_t C = s->dim, H = s->heads, D = s->head_dim, N = B * T, cap = s->capacity;
     const int64_t FF = ff_in_width(s), gated_w = s->ff_kind == FF_GELU ? 0 : s->hidden;
     float *h = scratch, *qkv = h + N * C, *att = qkv + N * 3 * C, *upd = att + N * C, *ff = upd + N * C;

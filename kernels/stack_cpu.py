@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import torch
 from torch import nn
@@ -133,7 +134,8 @@ class StackKernel:
             rope_max_period=module.rope_max_period or 0.0)
         self._keep: list[torch.Tensor] = []  # every tensor a table points into
         self.tables = [self._table(step) for step in range(max(1, module.weights_per_step))]
-        self._scratch = torch.empty(0)
+        self._scratch = torch.empty(0, dtype=torch.float32, device="cpu")
+        self._lock = threading.Lock()  # a call owns the scratch and the shape's session count
 
     def _ptr(self, t: torch.Tensor | None) -> int | None:
         if t is None:
@@ -161,13 +163,20 @@ class StackKernel:
         return (_Layer * len(rows))(*rows)
 
     def runs(self, x: torch.Tensor) -> bool:
-        """Whether this step of x ([B, T, dim]) runs here."""
+        """Whether this step of x ([B, T, dim]) runs here: on the torch backend, in fp32 on CPU, with the
+        module's state laid out as the kernel reads it (anything else takes the module's own path)."""
         m = self.module
-        k = getattr(m, "k_cache", None)
-        return (k is not None and m.kernel_backend == "torch" and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.dim() == 3 and x.shape[2] == self.shape.dim and 0 < x.shape[1] <= self.shape.capacity
-                and x.shape[0] * x.shape[1] <= MAX_ROWS and not torch.is_grad_enabled()
-                and k.dtype == m.v_cache.dtype == torch.float32 and k.is_contiguous() and m.v_cache.is_contiguous())
+        k, v, offsets = getattr(m, "k_cache", None), getattr(m, "v_cache", None), getattr(m, "offsets", None)
+        if k is None or v is None or offsets is None or m.kernel_backend != "torch" or torch.is_grad_enabled():
+            return False
+        s = self.shape
+        state = (s.layers, offsets.shape[0], s.heads, s.capacity, s.head_dim)
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 3 and x.shape[2] == s.dim
+                and 0 < x.shape[1] <= s.capacity and x.shape[0] * x.shape[1] <= MAX_ROWS
+                and offsets.dtype == torch.long and offsets.dim() == 1 and offsets.is_contiguous()
+                and offsets.device.type == "cpu"
+                and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                        and tuple(t.shape) == state for t in (k, v)))
 
     def __call__(self, x: torch.Tensor, slots: torch.Tensor, step: int = 0) -> torch.Tensor:
         """The module's step for `slots` ([B]): returns [B, T, dim] and advances their offsets by T."""
@@ -180,17 +189,24 @@ class StackKernel:
             slots = slots.to(torch.long).contiguous()
         if slots.shape != (B,) or slots.device.type != "cpu":
             raise ValueError(f"slots must be a CPU [{B}] tensor, got {tuple(slots.shape)} on {slots.device}")
+        if not 0 <= step < len(self.tables):
+            raise ValueError(f"step {step} outside the {len(self.tables)} weight set(s)")
         lib = library()
-        self.shape.sessions = m.offsets.shape[0]
         threads = torch.get_num_threads()
-        need = lib.lockstep_stack_scratch(self.shape, B * T, threads)
-        if self._scratch.numel() < need:
-            self._scratch = torch.empty(need)
-        rc = lib.lockstep_stack_f32(self.shape, ctypes.addressof(self.tables[step]), x.data_ptr(), *x.stride(), B, T,
-                                    slots.data_ptr(), m.offsets.data_ptr(), m.k_cache.data_ptr(), m.v_cache.data_ptr(),
-                                    out.data_ptr(), self._scratch.data_ptr(), threads)
+        with self._lock:
+            self.shape.sessions = m.offsets.shape[0]
+            need = lib.lockstep_stack_scratch(self.shape, B * T, threads)
+            if self._scratch.numel() < need:
+                self._scratch = torch.empty(need, dtype=torch.float32, device="cpu")
+            rc = lib.lockstep_stack_f32(self.shape, ctypes.addressof(self.tables[step]), x.data_ptr(), *x.stride(),
+                                        B, T, slots.data_ptr(), m.offsets.data_ptr(), m.k_cache.data_ptr(),
+                                        m.v_cache.data_ptr(), out.data_ptr(), self._scratch.data_ptr(), threads)
         if rc == -1:
             raise ValueError(f"slots {slots.tolist()} reach outside the {m.offsets.shape[0]} state rows")
+        if rc == -2:
+            raise ValueError(f"slots {slots.tolist()} have a negative offset: {m.offsets[slots].tolist()}")
+        if rc != 0:
+            raise ValueError(f"the fused CPU step does not take this shape ({B} x {T} rows, {self.shape.dim} wide)")
         return out
 
 

@@ -158,6 +158,43 @@ def test_a_bad_slot_is_an_error_and_writes_nothing():
 
 
 @needs_kernel
+def test_a_negative_offset_is_an_error_and_writes_nothing():
+    m, _ = _pair("mimi")
+    m.offsets[1] = -1
+    before = {k: v.clone() for k, v in m.named_buffers()}
+    with pytest.raises(ValueError, match="negative offset"):
+        m(torch.randn(2, 1, 40), torch.tensor([0, 1]))
+    assert all(torch.equal(v, before[k]) for k, v in m.named_buffers())
+
+
+@needs_kernel
+def test_state_the_kernel_cannot_read_goes_to_the_module_path():
+    m, _ = _pair("mimi")
+    k = m.cpu_stack
+    x = torch.zeros(2, 1, 40)
+    assert k.runs(x)
+    cache = m.k_cache
+    m.k_cache = cache[:, :3].clone()  # fewer state rows than offsets
+    assert not k.runs(x)
+    m.k_cache = cache
+    m.offsets = m.offsets.int()
+    assert not k.runs(x)
+
+
+@needs_kernel
+def test_scratch_is_float32_whatever_the_default_dtype():
+    m, ref = _pair("helium")
+    x = torch.randn(3, 2, 48)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        got = m(x, torch.tensor([0, 1, 2]))
+    finally:
+        torch.set_default_dtype(default)
+    torch.testing.assert_close(got.double(), ref(x.double(), torch.tensor([0, 1, 2])), atol=2e-5, rtol=2e-5)
+
+
+@needs_kernel
 def test_what_the_kernel_leaves_to_the_module():
     m, _ = _pair("mimi")
     k = m.cpu_stack
