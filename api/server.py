@@ -63,7 +63,8 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
     invariant = " (batch-invariant: every tick steps them all)" if runner.batch_invariant else ""
     products = (f", CPU products on {linear.describe()}, {stack_cpu.describe(runner.lm, runner.mimi)}"
                 if runner.device.type == "cpu" else "")
-    print(f"lockstep: {engine_cfg.model_dir or engine_cfg.hf_repo} on {runner.device} (LM {lm_dtype}, "
+    adapter = f" + LoRA {runner.lora.path.name} (scaling {runner.lora.scaling:g}, folded in)" if runner.lora else ""
+    print(f"lockstep: {engine_cfg.model_dir or engine_cfg.hf_repo}{adapter} on {runner.device} (LM {lm_dtype}, "
           f"kernels {runner.kernel_backend}{products}, CUDA graphs {'on' if runner.graphs else 'off'}), "
           f"{runner.max_sessions} slots{invariant}, http://{serve_cfg.host}:{serve_cfg.port} "
           "(v1 API, /v1/chat, ws /api/chat, /metrics)", flush=True)

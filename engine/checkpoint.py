@@ -10,12 +10,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from engine.config import (MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, ConfigError, EngineConfig, LMConfig,
-                           MimiConfig)
+from engine.config import (MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, CheckpointError, ConfigError, EngineConfig,
+                           LMConfig, MimiConfig)
+from engine.lora import LoraSpec, fold, lora_spec, read_adapter
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not match the model."""
+__all__ = ["CheckpointError", "CheckpointFiles", "load_weights", "normalize_keys", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +24,7 @@ class CheckpointFiles:
     tokenizer: Path
     lm: LMConfig
     mimi: MimiConfig
+    lora: LoraSpec | None = None  # a fine-tune's adapter, folded into the LM weights at load
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -81,7 +81,7 @@ def resolve(cfg: EngineConfig) -> CheckpointFiles:
         moshi_weights=Path(cfg.moshi_weight) if cfg.moshi_weight else fetch(raw.get("moshi_name", MOSHI_NAME)),
         mimi_weights=Path(cfg.mimi_weight) if cfg.mimi_weight else fetch(raw.get("mimi_name", MIMI_NAME)),
         tokenizer=Path(cfg.tokenizer) if cfg.tokenizer else fetch(raw.get("tokenizer_name", TOKENIZER_NAME)),
-        lm=lm, mimi=mimi)
+        lm=lm, mimi=mimi, lora=lora_spec(raw, cfg.lora_weight, fetch))
     for what, path in (("Moshi weights", files.moshi_weights), ("Mimi weights", files.mimi_weights),
                        ("text tokenizer", files.tokenizer)):
         if not path.is_file():
@@ -116,9 +116,10 @@ def normalize_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     return out
 
 
-def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None, device: torch.device | str) -> None:
-    """Strictly loads a safetensors file into `model`; one error names every missing, unexpected and
-    mis-shaped tensor."""
+def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None, device: torch.device | str,
+                 lora: LoraSpec | None = None) -> None:
+    """Strictly loads a safetensors file into `model`, with `lora`'s adapter folded in; one error names
+    every missing, unexpected and mis-shaped tensor."""
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:
@@ -136,6 +137,10 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None, device
             problems.append(f"{title}: {shown}")
     if problems:
         raise CheckpointError(f"{path} does not match the model configuration; " + "; ".join(problems))
+    adapter = {} if lora is None else read_adapter(
+        lora, state, {name for name, m in model.named_modules() if isinstance(m, nn.Linear)})
     for k, v in state.items():
+        if k in adapter:
+            v = fold(v, *adapter[k], lora.scaling)
         state[k] = v.to(device=device, dtype=(dtype or expected[k].dtype) if v.is_floating_point() else v.dtype)
     model.load_state_dict(state, strict=True, assign=True)

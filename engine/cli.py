@@ -20,6 +20,8 @@ _ENGINE_HELP = {
     "mimi_weight": "override the Mimi safetensors file",
     "tokenizer": "override the sentencepiece text tokenizer",
     "config_path": "override config.json",
+    "lora_weight": "a LoRA fine-tune's adapter (safetensors, kyutai's moshi-finetune layout), folded into the LM "
+                   "weights at load; config.json's lora_scaling applies (default 2.0)",
     "device": "auto (cuda when torch sees a GPU, else cpu), cpu or cuda[:N]",
     "dtype": "LM weights/activations dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or "
              "float32 (Mimi always runs in float32)",
@@ -112,7 +114,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> None:
     from engine.make_checkpoint import make_checkpoint
-    out = make_checkpoint(args.dir, args.preset, args.seed, args.context, args.mimi_context)
+    out = make_checkpoint(args.dir, args.preset, args.seed, args.context, args.mimi_context, args.lora_rank)
     print(f"wrote {args.preset} checkpoint to {out}")
 
 
@@ -191,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--context", type=int, default=None, help="override the LM context (tokens)")
     mk.add_argument("--mimi-context", type=int, default=None, help="override the Mimi transformers' context")
+    mk.add_argument("--lora-rank", type=int, default=None,
+                    help="also write a random LoRA adapter of this rank on every linear layer of the LM, as a "
+                         "moshi-finetune checkpoint holds one (lora.safetensors, named in config.json)")
     mk.set_defaults(func=cmd_make_checkpoint)
 
     gen = sub.add_parser("generate", help="run audio files as concurrent sessions, offline")

@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message says what to change."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not match the model."""
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -177,10 +181,11 @@ _FIXED_LM_KEYS: dict[str, Any] = {
     "demux_second_stream": False, "demux_second_text_stream": False, "text_card_out": None,
     "norm_emb": False, "bias_proj": False, "depformer_norm": None, "depformer_low_rank_embeddings": None,
     "depformer_weights_per_step_schedule": None, "cross_attention": False, "kv_repeat": 1,
-    "conditioners": None, "fuser": None, "extra_heads_num_heads": 0, "lora": False, "quantize": False,
+    "conditioners": None, "fuser": None, "extra_heads_num_heads": 0, "quantize": False,
 }
-# Keys that name files or describe uses outside the LM.
-_META_KEYS = {"moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name", "lora_name", "model_type",
+# Keys that name files or describe uses outside the LM (a LoRA adapter is folded in at load: engine/lora.py).
+_META_KEYS = {"moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name", "model_type",
+              "lora", "lora_name", "lora_rank", "lora_scaling",
               "lm_gen_config", "tts_config", "stt_config", "model_id", "depformer_causal",
               "existing_text_end_padding_id", "extra_heads_dim"}
 
@@ -307,6 +312,7 @@ class EngineConfig:
     mimi_weight: str | None = None
     tokenizer: str | None = None
     config_path: str | None = None
+    lora_weight: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     max_sessions: int = 8

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from engine.config import (MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, LMConfig, MimiConfig,
                            MimiTransformerConfig, QuantizerConfig, SeanetConfig)
 from engine.lm import MoshiLM
+from engine.lora import DEFAULT_SCALING
 from engine.mimi import Mimi
 from engine.tokenizer import train_tokenizer
 
@@ -37,6 +38,7 @@ PRESETS: dict[str, tuple[LMConfig, MimiConfig]] = {
     "7b": (LMConfig(), MimiConfig()),      # real shapes, random weights (needs ~16 GB)
 }
 MIMI_CONFIG_NAME = "mimi_config.json"
+LORA_NAME = "lora.safetensors"
 
 
 def _randomize_lm(lm: MoshiLM, gen: torch.Generator) -> None:
@@ -87,8 +89,19 @@ def _fuse_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _random_lora(lm: MoshiLM, rank: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """An adapter on every linear layer, as moshi-finetune trains one, large enough to change
+    greedy choices (a trained adapter starts from B = 0 and moves away from it)."""
+    out = {}
+    for name, m in lm.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            out[f"{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=gen) / math.sqrt(m.in_features)
+            out[f"{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=gen) * (0.5 / math.sqrt(rank))
+    return out
+
+
 def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, context: int | None = None,
-                    mimi_context: int | None = None) -> Path:
+                    mimi_context: int | None = None, lora_rank: int | None = None) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     lm_cfg, mimi_cfg = PRESETS[preset]
@@ -99,6 +112,8 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, co
                                                                                    context=mimi_context))
     lm_cfg.validate()
     mimi_cfg.validate()
+    if lora_rank is not None and lora_rank < 1:
+        raise ValueError(f"lora_rank must be a positive integer, got {lora_rank}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -107,6 +122,9 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, co
     _randomize_lm(lm, gen)
     lm_state = {k: v.to(torch.bfloat16).contiguous() for k, v in _fuse_attention(lm.state_dict()).items()}
     save_file(lm_state, str(out / MOSHI_NAME))
+    if lora_rank is not None:  # its own generator: the base files are the same with an adapter or without
+        lora = _random_lora(lm, lora_rank, torch.Generator().manual_seed(seed + 1))
+        save_file({k: v.to(torch.bfloat16) for k, v in lora.items()}, str(out / LORA_NAME))
     del lm, lm_state
 
     mimi = Mimi(mimi_cfg)
@@ -120,5 +138,7 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, co
     if mimi_cfg != MimiConfig():
         (out / MIMI_CONFIG_NAME).write_text(json.dumps(mimi_cfg.to_dict(), indent=2))
         config["mimi_config_name"] = MIMI_CONFIG_NAME
+    if lora_rank is not None:
+        config.update(lora=True, lora_rank=lora_rank, lora_scaling=DEFAULT_SCALING, lora_name=LORA_NAME)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out

@@ -11,6 +11,7 @@ from engine.config import EngineConfig, SamplingConfig
 from engine.graphs import GraphedStep, buckets_for
 from engine.lm import MoshiLM
 from engine.lm_gen import LMGen
+from engine.lora import LoraSpec
 from engine.mimi import Mimi
 from engine.profiling import StageTimer
 from engine.slots import SlotTable
@@ -31,8 +32,10 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, lm: MoshiLM, mimi: Mimi, tokenizer: TextTokenizer, max_sessions: int,
-                 kernels: str = "auto", use_cuda_graphs: bool = True, batch_invariant: bool = False):
+                 kernels: str = "auto", use_cuda_graphs: bool = True, batch_invariant: bool = False,
+                 lora: LoraSpec | None = None):
         self.lm = lm.eval()
+        self.lora = lora  # the adapter folded into `lm`'s weights at load, for the start-up line
         self.mimi = mimi.eval()
         self.kernel_backend = resolve_backend(kernels, next(lm.parameters()).device)
         apply_backend(lm, self.kernel_backend)
@@ -77,11 +80,11 @@ class ModelRunner:
             lm = MoshiLM(files.lm)
             mimi = Mimi(files.mimi)
         check_weights_fit(lm, mimi, cfg.torch_dtype, cfg.device, files.moshi_weights.stat().st_size)
-        load_weights(lm, files.moshi_weights, cfg.torch_dtype, cfg.device)
+        load_weights(lm, files.moshi_weights, cfg.torch_dtype, cfg.device, files.lora)
         # Mimi stays in fp32 whatever the LM dtype, as in kyutai's server.
         load_weights(mimi, files.mimi_weights, torch.float32, cfg.device)
         return ModelRunner(lm, mimi, TextTokenizer(files.tokenizer), cfg.max_sessions, cfg.kernels,
-                           batch_invariant=cfg.batch_invariant)
+                           batch_invariant=cfg.batch_invariant, lora=files.lora)
 
     def rings(self) -> tuple:
         """The streaming transformers whose ring spans a call's history (not restarted each frame,
