@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.config import (MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, CheckpointError, ConfigError, EngineConfig,
                            LMConfig, MimiConfig)
-from engine.lora import LoraSpec, fold, lora_spec, read_adapter
+from engine.lora import LoraSpec, fold, lora_pairs, lora_spec, read_adapter
 
 __all__ = ["CheckpointError", "CheckpointFiles", "load_weights", "normalize_keys", "resolve"]
 
@@ -91,12 +91,20 @@ def resolve(cfg: EngineConfig) -> CheckpointFiles:
 
 _LEGACY_CODEBOOK = {"inited": "_initialized", "cluster_size": "cluster_usage", "embed_avg": "embedding_sum",
                     "embed_sum": "embedding_sum"}
-_FUSED_ATTN = {"in_proj_weight": "in_projs", "in_proj.weight": "in_projs", "out_proj.weight": "out_projs"}
+# kyutai's fused attention projections (weights, their q8 scales, their LoRA factors), all steps'
+# parts stacked on dim 0: name -> (module list, leaf).
+_FUSED_ATTN = re.compile(r"(.*self_attn\.)(in_proj_weight|in_proj\.weight|out_proj\.weight|"
+                         r"(?:in|out)_proj\.lora_[AB]\.weight)(_scb)?$")
+
+
+def _split_name(fused: str) -> tuple[str, str]:
+    proj, _, leaf = fused.replace("in_proj_weight", "in_proj.weight").partition(".")
+    return proj + "s", leaf
 
 
 def normalize_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Maps kyutai's stored names onto the module tree: fused per-step attention projections are
-    split, and legacy codebook buffer names renamed."""
+    """Maps kyutai's stored names onto the module tree: fused per-step attention projections (and
+    their q8 scales and LoRA factors) are split, and legacy codebook buffer names renamed."""
     expected = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -104,27 +112,52 @@ def normalize_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
         if head and leaf in _LEGACY_CODEBOOK:
             out[f"{head}._codebook.{_LEGACY_CODEBOOK[leaf]}"] = value
             continue
-        m = re.match(r"(.*self_attn\.)(in_proj_weight|in_proj\.weight|out_proj\.weight)$", key)
+        m = _FUSED_ATTN.match(key)
         if m:
-            split = _FUSED_ATTN[m.group(2)]
+            split, leaf = _split_name(m.group(2))
             n = sum(1 for k in expected if re.fullmatch(re.escape(m.group(1) + split) + r"\.\d+\.weight", k))
             if n and value.shape[0] % n == 0:
                 for i, part in enumerate(value.view(n, -1, *value.shape[1:])):
-                    out[f"{m.group(1)}{split}.{i}.weight"] = part
+                    out[f"{m.group(1)}{split}.{i}.{leaf}{m.group(3) or ''}"] = part
                 continue
         out[key] = value
     return out
 
 
+def q8_scales(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pops the row scales of kyutai's q8 checkpoints (`kyutai/moshiko-pytorch-q8`: each linear
+    weight stored as int8 rows `X.weight` with their absolute maxima `X.weight_scb`, bitsandbytes'
+    row-wise layout) out of `state`: {weight key: scales}."""
+    scales, problems = {}, []
+    for key in [k for k in state if k.endswith("_scb")]:
+        weight, scb = key.removesuffix("_scb"), state.pop(key)
+        w = state.get(weight)
+        if w is None or w.dtype != torch.int8 or w.dim() != 2 or scb.shape != (w.shape[0],):
+            problems.append(f"{key} {tuple(scb.shape)} has no int8 weight of as many rows")
+        else:
+            scales[weight] = scb
+    problems += [f"{k}: int8 without {k}_scb" for k, v in state.items() if v.dtype == torch.int8 and k not in scales]
+    if problems:
+        raise CheckpointError("bad q8 weights: " + "; ".join(problems[:8]))
+    return scales
+
+
+def dequantize(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """A q8 weight in float32: its int8 rows times each row's absolute maximum over 127."""
+    return weight.float() * (scb.float() / 127).unsqueeze(1)
+
+
 def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None, device: torch.device | str,
                  lora: LoraSpec | None = None) -> None:
-    """Strictly loads a safetensors file into `model`, with `lora`'s adapter folded in; one error names
-    every missing, unexpected and mis-shaped tensor."""
+    """Strictly loads a safetensors file into `model` (q8 weights dequantized, `lora`'s adapter folded
+    in, one weight at a time: a 7B LM in float32 at once would need 28 GB of host memory); one error
+    names every missing, unexpected and mis-shaped tensor."""
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
     state = normalize_keys(state, model)
+    scales = q8_scales(state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -137,9 +170,12 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None, device
             problems.append(f"{title}: {shown}")
     if problems:
         raise CheckpointError(f"{path} does not match the model configuration; " + "; ".join(problems))
-    adapter = {} if lora is None else read_adapter(
-        lora, state, {name for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    adapter = {} if lora is None else lora_pairs(
+        lora, normalize_keys(read_adapter(lora), model), state,
+        {name for name, m in model.named_modules() if isinstance(m, nn.Linear)})
     for k, v in state.items():
+        if k in scales:
+            v = dequantize(v, scales[k])
         if k in adapter:
             v = fold(v, *adapter[k], lora.scaling)
         state[k] = v.to(device=device, dtype=(dtype or expected[k].dtype) if v.is_floating_point() else v.dtype)

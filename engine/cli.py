@@ -114,7 +114,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> None:
     from engine.make_checkpoint import make_checkpoint
-    out = make_checkpoint(args.dir, args.preset, args.seed, args.context, args.mimi_context, args.lora_rank)
+    out = make_checkpoint(args.dir, args.preset, args.seed, args.context, args.mimi_context, args.lora_rank, args.q8)
     print(f"wrote {args.preset} checkpoint to {out}")
 
 
@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--lora-rank", type=int, default=None,
                     help="also write a random LoRA adapter of this rank on every linear layer of the LM, as a "
                          "moshi-finetune checkpoint holds one (lora.safetensors, named in config.json)")
+    mk.add_argument("--q8", action="store_true",
+                    help="store the LM's linear weights in int8 with row scales, as kyutai's -q8 repositories do "
+                         "(model.q8.safetensors, quantize: true)")
     mk.set_defaults(func=cmd_make_checkpoint)
 
     gen = sub.add_parser("generate", help="run audio files as concurrent sessions, offline")

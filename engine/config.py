@@ -181,11 +181,12 @@ _FIXED_LM_KEYS: dict[str, Any] = {
     "demux_second_stream": False, "demux_second_text_stream": False, "text_card_out": None,
     "norm_emb": False, "bias_proj": False, "depformer_norm": None, "depformer_low_rank_embeddings": None,
     "depformer_weights_per_step_schedule": None, "cross_attention": False, "kv_repeat": 1,
-    "conditioners": None, "fuser": None, "extra_heads_num_heads": 0, "quantize": False,
+    "conditioners": None, "fuser": None, "extra_heads_num_heads": 0,
 }
-# Keys that name files or describe uses outside the LM (a LoRA adapter is folded in at load: engine/lora.py).
+# Keys that name files or describe uses outside the LM, or how its weights are stored (a LoRA adapter
+# is folded in and q8 weights dequantized at load: engine/lora.py, engine/checkpoint.py).
 _META_KEYS = {"moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name", "model_type",
-              "lora", "lora_name", "lora_rank", "lora_scaling",
+              "lora", "lora_name", "lora_rank", "lora_scaling", "quantize",
               "lm_gen_config", "tts_config", "stt_config", "model_id", "depformer_causal",
               "existing_text_end_padding_id", "extra_heads_dim"}
 

@@ -52,14 +52,18 @@ def lora_spec(raw: dict[str, Any], lora_weight: str | None, fetch: Callable[[str
     return LoraSpec(path, float(scaling), rank)
 
 
-def read_adapter(spec: LoraSpec, state: dict[str, torch.Tensor], linears: set[str]) -> dict[str, tuple]:
-    """The adapter's (A, B) pairs by the base weight's key in `state`, checked against `linears` (the
-    LM's linear layers by module name) and the base shapes; one error names every key that does
-    not fit."""
+def read_adapter(spec: LoraSpec) -> dict[str, torch.Tensor]:
     try:
-        adapter = load_file(str(spec.path), device="cpu")
+        return load_file(str(spec.path), device="cpu")
     except Exception as e:
         raise CheckpointError(f"cannot read LoRA safetensors file {spec.path}: {e}") from None
+
+
+def lora_pairs(spec: LoraSpec, adapter: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+               linears: set[str]) -> dict[str, tuple]:
+    """The adapter's (A, B) pairs by the base weight's key in `state`, checked against `linears` (the
+    LM's linear layers by module name) and the base shapes; one error names every key that does
+    not fit. `adapter` is named as the module tree names it (fused projections split)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     problems: list[str] = []
     for key, value in adapter.items():
@@ -88,6 +92,5 @@ def read_adapter(spec: LoraSpec, state: dict[str, torch.Tensor], linears: set[st
 
 def fold(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """W + scaling · (B @ A) in float32 whatever the stored dtypes, so that a bf16 server rounds the
-    folded weight once rather than its product and sum apart (the caller casts it, one weight at a
-    time: a 7B LM in float32 at once would need 28 GB of host memory)."""
+    folded weight once rather than its product and sum apart."""
     return weight.float() + scaling * (b.float() @ a.float())

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.config import (MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, LMConfig, MimiConfig,
+from engine.config import (MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, ConfigError, LMConfig, MimiConfig,
                            MimiTransformerConfig, QuantizerConfig, SeanetConfig)
 from engine.lm import MoshiLM
 from engine.lora import DEFAULT_SCALING
@@ -39,6 +39,7 @@ PRESETS: dict[str, tuple[LMConfig, MimiConfig]] = {
 }
 MIMI_CONFIG_NAME = "mimi_config.json"
 LORA_NAME = "lora.safetensors"
+Q8_NAME = "model.q8.safetensors"  # kyutai's name in its -q8 repositories
 
 
 def _randomize_lm(lm: MoshiLM, gen: torch.Generator) -> None:
@@ -72,7 +73,7 @@ def _randomize_mimi(mimi: Mimi, gen: torch.Generator) -> None:
 
 
 def _fuse_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Stores per-step attention projections fused, as kyutai's released files do."""
+    """Stores per-step attention projections (and q8 scales) fused, as kyutai's released files do."""
     out: dict[str, torch.Tensor] = {}
     groups: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for key, value in state.items():
@@ -80,7 +81,8 @@ def _fuse_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                              (".self_attn.out_projs.", ".self_attn.out_proj.weight")):
             if split in key:
                 prefix, rest = key.split(split)
-                groups.setdefault(prefix + fused, []).append((int(rest.split(".")[0]), value))
+                suffix = "_scb" if rest.endswith("_scb") else ""
+                groups.setdefault(prefix + fused + suffix, []).append((int(rest.split(".")[0]), value))
                 break
         else:
             out[key] = value
@@ -100,8 +102,22 @@ def _random_lora(lm: MoshiLM, rank: int, gen: torch.Generator) -> dict[str, torc
     return out
 
 
+def _q8(state: dict[str, torch.Tensor], lm: MoshiLM) -> dict[str, torch.Tensor]:
+    """Every linear weight as kyutai's -q8 files store it (bitsandbytes' row-wise int8 of the bf16
+    weights): int8 rows `X.weight` and each row's absolute maximum `X.weight_scb` (float32); other
+    tensors in bf16."""
+    out = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    for name, m in lm.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            w = m.weight.detach().to(torch.bfloat16).float()  # kyutai quantized its bf16 release
+            scb = w.abs().amax(dim=1)
+            out[f"{name}.weight"] = (w * (127 / scb.clamp_min(1e-30)).unsqueeze(1)).round().to(torch.int8)
+            out[f"{name}.weight_scb"] = scb
+    return out
+
+
 def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, context: int | None = None,
-                    mimi_context: int | None = None, lora_rank: int | None = None) -> Path:
+                    mimi_context: int | None = None, lora_rank: int | None = None, q8: bool = False) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     lm_cfg, mimi_cfg = PRESETS[preset]
@@ -113,15 +129,16 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, co
     lm_cfg.validate()
     mimi_cfg.validate()
     if lora_rank is not None and lora_rank < 1:
-        raise ValueError(f"lora_rank must be a positive integer, got {lora_rank}")
+        raise ConfigError(f"--lora-rank must be a positive integer, got {lora_rank}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
 
     lm = MoshiLM(lm_cfg)
     _randomize_lm(lm, gen)
-    lm_state = {k: v.to(torch.bfloat16).contiguous() for k, v in _fuse_attention(lm.state_dict()).items()}
-    save_file(lm_state, str(out / MOSHI_NAME))
+    lm_state = _q8(lm.state_dict(), lm) if q8 else {k: v.to(torch.bfloat16) for k, v in lm.state_dict().items()}
+    moshi_name = Q8_NAME if q8 else MOSHI_NAME
+    save_file({k: v.contiguous() for k, v in _fuse_attention(lm_state).items()}, str(out / moshi_name))
     if lora_rank is not None:  # its own generator: the base files are the same with an adapter or without
         lora = _random_lora(lm, lora_rank, torch.Generator().manual_seed(seed + 1))
         save_file({k: v.to(torch.bfloat16) for k, v in lora.items()}, str(out / LORA_NAME))
@@ -133,12 +150,14 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, co
 
     # The built-in corpus supports up to 1000 pieces; larger text vocabularies keep ids past it unused.
     train_tokenizer(out / TOKENIZER_NAME, min(lm_cfg.text_card, 1000))
-    config = {**lm_cfg.to_dict(), "moshi_name": MOSHI_NAME, "mimi_name": MIMI_NAME,
+    config = {**lm_cfg.to_dict(), "moshi_name": moshi_name, "mimi_name": MIMI_NAME,
               "tokenizer_name": TOKENIZER_NAME, "model_type": "moshi"}
     if mimi_cfg != MimiConfig():
         (out / MIMI_CONFIG_NAME).write_text(json.dumps(mimi_cfg.to_dict(), indent=2))
         config["mimi_config_name"] = MIMI_CONFIG_NAME
     if lora_rank is not None:
         config.update(lora=True, lora_rank=lora_rank, lora_scaling=DEFAULT_SCALING, lora_name=LORA_NAME)
+    if q8:
+        config["quantize"] = True
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out

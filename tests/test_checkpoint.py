@@ -103,3 +103,56 @@ def test_kyutai_config_keys_are_understood():
            "hidden_scale": 4.125}
     cfg = LMConfig.from_dict(raw)
     assert cfg.depformer_dim_feedforward == int(4.125 * 512) and cfg.dim == 4096
+
+
+@pytest.fixture(scope="module")
+def q8_ckpt(tmp_path_factory):
+    """The tiny_wrap checkpoint's weights, stored as kyutai's -q8 repositories store them."""
+    from engine.make_checkpoint import make_checkpoint
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-q8"), "tiny", seed=1, context=6, mimi_context=5, q8=True)
+
+
+def test_q8_weights_are_dequantized_at_load(q8_ckpt, tiny_wrap_ckpt):
+    from engine.checkpoint import normalize_keys
+    assert json.loads((q8_ckpt / "config.json").read_text())["quantize"] is True
+    stored = load_file(str(q8_ckpt / "model.q8.safetensors"))
+    # Stored as kyutai stores them: fused per-step projections, their scales fused alike.
+    assert stored["depformer.layers.0.self_attn.in_proj_weight"].dtype == torch.int8
+    assert stored["depformer.layers.0.self_attn.in_proj_weight_scb"].shape == (8 * 3 * 32,)
+    runner, base = load(q8_ckpt), load(tiny_wrap_ckpt)
+    q8 = normalize_keys(stored, runner.lm)
+    for name, m in runner.lm.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            cb, scb = q8[f"{name}.weight"], q8[f"{name}.weight_scb"]
+            assert torch.equal(m.weight, cb.float() * (scb / 127)[:, None]), name
+            # Within half a step of int8 of the bf16 weights it was quantized from.
+            err = (m.weight - base.lm.get_submodule(name).weight).abs()
+            assert (err <= scb[:, None] / 254 * (1 + 1e-3)).all(), name
+    base_state = base.lm.state_dict()
+    for key, value in runner.lm.state_dict().items():
+        if "emb" in key or "norm" in key:
+            assert torch.equal(value, base_state[key]), key
+
+
+def test_q8_model_generates(q8_ckpt, wav_inputs):
+    from engine.audio import frames, read_audio
+    from engine.config import SamplingConfig
+    from engine.generate import run_sessions
+    inputs = {p.stem: frames(read_audio(p)) for p in wav_inputs[:2]}
+    res = run_sessions(load(q8_ckpt, max_sessions=2), inputs, {k: SamplingConfig(greedy=True) for k in inputs})
+    for k, fr in inputs.items():
+        assert len(res[k].text_tokens) == len(fr) - 1 and len(res[k].pcm) == len(fr) - 1
+
+
+def test_bad_q8_weights_are_named(q8_ckpt, tmp_path):
+    dst = tmp_path / "q8"
+    shutil.copytree(q8_ckpt, dst)
+    state = load_file(str(dst / "model.q8.safetensors"))
+    del state["text_linear.weight_scb"]
+    state["linears.0.weight_scb"] = torch.ones(3)
+    save_file(state, str(dst / "model.q8.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        load(dst)
+    msg = str(err.value)
+    assert "linears.0.weight_scb (3,) has no int8 weight of as many rows" in msg
+    assert "text_linear.weight: int8 without text_linear.weight_scb" in msg

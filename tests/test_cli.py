@@ -16,6 +16,19 @@ def test_make_checkpoint_writes_kyutai_layout(tmp_path, capsys):
     for key in ("moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name"):
         assert (tmp_path / "ck" / cfg[key]).is_file()
     assert "wrote tiny checkpoint" in capsys.readouterr().out
+    assert "lora" not in cfg and "quantize" not in cfg
+
+
+def test_make_checkpoint_writes_fine_tunes_and_q8(tmp_path, capsys):
+    main(["make-checkpoint", str(tmp_path / "ck"), "--preset", "tiny", "--lora-rank", "3", "--q8"])
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert (cfg["lora"], cfg["lora_rank"], cfg["lora_scaling"], cfg["quantize"]) == (True, 3, 2.0, True)
+    for key in ("moshi_name", "lora_name"):
+        assert (tmp_path / "ck" / cfg[key]).is_file()
+    assert cfg["moshi_name"] == "model.q8.safetensors"
+    with pytest.raises(SystemExit):
+        main(["make-checkpoint", str(tmp_path / "bad"), "--lora-rank", "0"])
+    assert "error: --lora-rank must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_flags_come_from_the_configs():

@@ -159,3 +159,34 @@ def test_the_server_says_which_adapter_it_folded_in(lora_ckpt, capsys):
         assert f"{lora_ckpt} + LoRA lora.safetensors (scaling 2, folded in) on cpu" in capsys.readouterr().out
     finally:
         gc.unfreeze()
+
+
+def test_fused_attention_factors_split_like_the_weights(lora_ckpt, tmp_path):
+    """kyutai's loader also takes each attention's per-step factors stacked in one tensor."""
+    adapter = load_file(str(lora_ckpt / LORA_NAME))
+    fused = {k: v for k, v in adapter.items() if ".self_attn." not in k}
+    for layer in range(2):
+        for proj in ("in_proj", "out_proj"):
+            for f in ("A", "B"):
+                prefix = f"depformer.layers.{layer}.self_attn."
+                parts = [adapter[f"{prefix}{proj}s.{i}.lora_{f}.weight"] for i in range(8)]
+                fused[f"{prefix}{proj}.lora_{f}.weight"] = torch.cat(parts)
+    fused.update({k: v for k, v in adapter.items() if k.startswith("transformer.") and ".self_attn." in k})
+    save_file(fused, str(tmp_path / "fused.safetensors"))
+    want = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(lora_ckpt), max_sessions=1))
+    got = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(lora_ckpt), max_sessions=1,
+                                        lora_weight=str(tmp_path / "fused.safetensors")))
+    for (name, a), (_, b) in zip(want.lm.state_dict().items(), got.lm.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_an_adapter_on_q8_weights_folds_after_dequantizing(tmp_path):
+    from engine.checkpoint import normalize_keys
+    d = make_checkpoint(tmp_path / "q8", "tiny", seed=3, lora_rank=2, q8=True)
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(d), max_sessions=1))
+    q8 = normalize_keys(load_file(str(d / "model.q8.safetensors")), runner.lm)
+    adapter = load_file(str(d / LORA_NAME))
+    head = "depformer.layers.1.gating.5.linear_out"
+    w = q8[f"{head}.weight"].float() * (q8[f"{head}.weight_scb"] / 127)[:, None]
+    a, b = adapter[f"{head}.lora_A.weight"].float(), adapter[f"{head}.lora_B.weight"].float()
+    assert torch.equal(runner.lm.get_submodule(head).weight, w + 2.0 * (b @ a))
