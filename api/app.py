@@ -76,7 +76,7 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
             req = SessionRequest.model_validate(json.loads(body) if body.strip() else {})
         except (ValueError, ValidationError) as e:
             raise HTTPException(422, f"invalid session request: {e}") from None
-        api_session = await registry.open(req.sampling(), req.end_on_input_end)
+        api_session = await registry.open(req.sampling(registry.defaults), req.end_on_input_end)
         if api_session is None:
             retry = max(1, int(cfg.admission_wait))
             return JSONResponse({"detail": registry.refusal()}, status_code=503,

@@ -38,6 +38,11 @@ class SessionRegistry:
         self.cfg = cfg
         self._by_id: dict[str, ApiSession] = {}
 
+    @property
+    def defaults(self) -> SamplingConfig:
+        """What a session gets for the sampling settings it leaves unset: the checkpoint's."""
+        return self.engine.runner.default_sampling
+
     async def open(self, sampling: SamplingConfig, end_on_input_end: bool) -> ApiSession | None:
         api_session = ApiSession(asyncio.get_running_loop())
 

@@ -50,7 +50,7 @@ async def chat_endpoint(scope, receive, send, registry: SessionRegistry,
         req, tokens = _parse_query(scope)
     except ValidationError as e:
         return await _reply(send, 422, f"invalid query parameters: {e}")
-    api_session = await registry.open(req.sampling(), req.end_on_input_end)
+    api_session = await registry.open(req.sampling(registry.defaults), req.end_on_input_end)
     if api_session is None:
         return await _reply(send, 503, registry.refusal(),
                             [(b"retry-after", str(max(1, int(registry.cfg.admission_wait))).encode())])

@@ -4,6 +4,7 @@ a slot), 0x01 Ogg/Opus pages at 24 kHz mono (both ways), 0x02 UTF-8 text piece (
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -17,18 +18,19 @@ from engine.session import FrameOutput
 KIND_HANDSHAKE, KIND_AUDIO, KIND_TEXT = 0, 1, 2
 
 
-def sampling_from_query(params) -> SamplingConfig:
-    """The query parameters Kyutai's web UI sends, which its own server ignores."""
+def sampling_from_query(params, defaults: SamplingConfig) -> SamplingConfig:
+    """The query parameters Kyutai's web UI sends, which its own server ignores; unset ones take
+    `defaults` (the checkpoint's)."""
     def num(name: str, cast, default):
         value = params.get(name)
         return default if value in (None, "") else cast(value)
 
-    defaults = SamplingConfig()
     text_seed, audio_seed = num("text_seed", int, None), num("audio_seed", int, None)
     seed = audio_seed if audio_seed is not None else text_seed
     if text_seed is not None and audio_seed is not None:
         seed = (audio_seed * 1_000_003 + text_seed) % 2**63
-    return SamplingConfig(
+    return dataclasses.replace(
+        defaults,
         temperature=num("audio_temperature", float, defaults.temperature),
         top_k=num("audio_topk", int, defaults.top_k),
         text_temperature=num("text_temperature", float, defaults.text_temperature),
@@ -45,7 +47,7 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
             await ws.close(code=1008, reason="missing or wrong API key")
             return
         try:
-            sampling = sampling_from_query(ws.query_params)
+            sampling = sampling_from_query(ws.query_params, registry.defaults)
         except (ValueError, TypeError) as e:
             await ws.close(code=1008, reason=f"bad sampling parameters: {e}"[:120])
             return

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,20 +13,20 @@ from engine.session import FrameOutput
 
 
 class SessionRequest(BaseModel):
-    """POST /v1/sessions body; every field optional (the reference's sampling defaults)."""
+    """POST /v1/sessions body; every field optional (an unset sampling field takes the checkpoint's
+    default: its lm_gen_config, else the reference's)."""
     model_config = ConfigDict(extra="forbid")
-    greedy: bool = False
-    temperature: float = Field(0.8, ge=0, le=10)
-    top_k: int = Field(250, ge=0)
-    text_temperature: float = Field(0.7, ge=0, le=10)
-    text_top_k: int = Field(25, ge=0)
+    greedy: bool | None = None
+    temperature: float | None = Field(None, ge=0, le=10)
+    top_k: int | None = Field(None, ge=0)
+    text_temperature: float | None = Field(None, ge=0, le=10)
+    text_top_k: int | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     end_on_input_end: bool = False
 
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(greedy=self.greedy, temperature=self.temperature, top_k=self.top_k,
-                              text_temperature=self.text_temperature, text_top_k=self.text_top_k,
-                              seed=self.seed).validate()
+    def sampling(self, defaults: SamplingConfig) -> SamplingConfig:
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingConfig)}
+        return dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None}).validate()
 
 
 def frame_events(out: FrameOutput, tokens: bool) -> bytes:

@@ -10,12 +10,13 @@ crowded minute.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
 import torch
 
-from engine.config import FRAME_RATE, ConfigError, SamplingConfig
+from engine.config import FRAME_RATE, ConfigError
 
 FRAME_SECONDS = 1.0 / FRAME_RATE
 
@@ -163,7 +164,7 @@ def probe_ticks(runner, repeats: int = 3) -> dict[int, float]:
     for B in sizes:
         slots = list(range(B))
         for s in slots:
-            runner.join(s, SamplingConfig(seed=s))
+            runner.join(s, dataclasses.replace(runner.default_sampling, seed=s))
         runner.fill_context(slots)
         times = []
         for _ in range(repeats + 1):  # the first may still pay for a first use at this size
@@ -172,7 +173,7 @@ def probe_ticks(runner, repeats: int = 3) -> dict[int, float]:
             times.append(time.perf_counter() - start)
         result[B] = statistics.median(times[1:])
     for s in range(max(sizes)):
-        runner.join(s, SamplingConfig())
+        runner.join(s, runner.default_sampling)
     return result
 
 

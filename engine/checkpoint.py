@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from engine.config import (MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, CheckpointError, ConfigError, EngineConfig,
-                           LMConfig, MimiConfig)
+                           LMConfig, MimiConfig, SamplingConfig)
 from engine.lora import LoraSpec, fold, lora_pairs, lora_spec, read_adapter
 
 __all__ = ["CheckpointError", "CheckpointFiles", "load_weights", "normalize_keys", "resolve"]
@@ -25,6 +25,7 @@ class CheckpointFiles:
     lm: LMConfig
     mimi: MimiConfig
     lora: LoraSpec | None = None  # a fine-tune's adapter, folded into the LM weights at load
+    sampling: SamplingConfig = SamplingConfig()  # config.json's lm_gen_config, else the reference's defaults
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -81,7 +82,8 @@ def resolve(cfg: EngineConfig) -> CheckpointFiles:
         moshi_weights=Path(cfg.moshi_weight) if cfg.moshi_weight else fetch(raw.get("moshi_name", MOSHI_NAME)),
         mimi_weights=Path(cfg.mimi_weight) if cfg.mimi_weight else fetch(raw.get("mimi_name", MIMI_NAME)),
         tokenizer=Path(cfg.tokenizer) if cfg.tokenizer else fetch(raw.get("tokenizer_name", TOKENIZER_NAME)),
-        lm=lm, mimi=mimi, lora=lora_spec(raw, cfg.lora_weight, fetch))
+        lm=lm, mimi=mimi, lora=lora_spec(raw, cfg.lora_weight, fetch),
+        sampling=SamplingConfig.from_lm_gen_config(raw.get("lm_gen_config", {})))
     for what, path in (("Moshi weights", files.moshi_weights), ("Mimi weights", files.mimi_weights),
                        ("text tokenizer", files.tokenizer)):
         if not path.is_file():

@@ -41,6 +41,15 @@ _SAMPLING_HELP = {
     "seed": "seed for sampling; each session derives its own seed from it",
 }
 
+# Unset, a sampling flag takes the checkpoint's setting: config.json's lm_gen_config, else the reference's.
+_SAMPLING_UNSET = {
+    "greedy": "off, unless config.json's lm_gen_config sets use_sampling false; --no-greedy samples anyway",
+    "temperature": "config.json's lm_gen_config.temp, else 0.8",
+    "top_k": "lm_gen_config.top_k, else 250",
+    "text_temperature": "lm_gen_config.temp_text, else 0.7",
+    "text_top_k": "lm_gen_config.top_k_text, else 25",
+    "seed": "none: fresh noise each run",
+}
 
 _SERVE_HELP = {
     "host": "address to listen on",
@@ -67,12 +76,19 @@ def _flag(name: str) -> str:
     return "--" + {"config_path": "config", "moshi_weight": "moshi-weight"}.get(name, name.replace("_", "-"))
 
 
-def _add_dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str]) -> None:
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str],
+                         unset: dict[str, str] | None = None) -> None:
+    """One flag per field of `cls`. With `unset` (what each unset flag means, for the help), flags
+    default to None, so that what was given can be told from what was not."""
     defaults = cls()
     for f in dataclasses.fields(cls):
         # The declared default ("auto"), not what construction resolves it to on this machine.
         default = f.default if f.default is not dataclasses.MISSING else getattr(defaults, f.name)
-        if isinstance(default, bool):
+        if unset is not None:
+            kind = None if isinstance(default, bool) else int if f.type in ("int", "int | None") else float
+            p.add_argument(_flag(f.name), dest=f.name, default=None, help=f"{helps[f.name]} (default: {unset[f.name]})",
+                           **({"action": argparse.BooleanOptionalAction} if kind is None else {"type": kind}))
+        elif isinstance(default, bool):
             p.add_argument(_flag(f.name), dest=f.name, action="store_true", help=helps[f.name])
         elif isinstance(default, tuple):
             p.add_argument(_flag(f.name), dest=f.name, action="append", default=None, help=helps[f.name])
@@ -122,7 +138,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from engine.generate import generate
     from engine.runner import ModelRunner
     runner = ModelRunner.load(engine_config(args))
-    sampling = _from_args(SamplingConfig, args)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)}
+    sampling = dataclasses.replace(runner.default_sampling,
+                                   **{k: v for k, v in given.items() if v is not None}).validate()
     results = generate(runner, [Path(p) for p in args.inputs], Path(args.output_dir), sampling)
     failed = [r for r in results.values() if r.error]
     print(f"generated {len(results) - len(failed)} session(s) into {args.output_dir}"
@@ -203,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="run audio files as concurrent sessions, offline")
     _add_dataclass_flags(gen, EngineConfig, _ENGINE_HELP)
-    _add_dataclass_flags(gen, SamplingConfig, _SAMPLING_HELP)
+    _add_dataclass_flags(gen, SamplingConfig, _SAMPLING_HELP, _SAMPLING_UNSET)
     gen.add_argument("--output-dir", required=True)
     gen.add_argument("inputs", nargs="+", help="input audio files (wav), one session each")
     gen.set_defaults(func=cmd_generate)

@@ -300,6 +300,33 @@ class SamplingConfig:
         _check(self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)")
         return self
 
+    @staticmethod
+    def from_lm_gen_config(raw: Any) -> "SamplingConfig":
+        """A checkpoint's own sampling defaults: config.json's `lm_gen_config`, the keyword arguments
+        kyutai's server passes its LMGen. Settings for features lockstep lacks must keep the value
+        that leaves them off."""
+        _check(isinstance(raw, dict), f"config.json's lm_gen_config must be a JSON object, got {raw!r}")
+        names = {"temp": "temperature", "temp_text": "text_temperature", "top_k": "top_k",
+                 "top_k_text": "text_top_k"}
+        off = {"cfg_coef": 1.0, "check": None, "support_out_of_sync": False, "cfg_is_masked_until": None,
+               "cfg_is_no_text": False}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in names:
+                kind = int if key.startswith("top_k") else (int, float)
+                _check(isinstance(value, kind) and not isinstance(value, bool),
+                       f"config.json's lm_gen_config.{key} must be a number, got {value!r}")
+                values[names[key]] = value
+            elif key == "use_sampling":
+                values["greedy"] = not value
+            elif key in off:
+                _check(off[key] is None or value == off[key] or (not off[key] and not value),
+                       f"config.json's lm_gen_config sets {key}={value!r}, which lockstep does not support "
+                       f"(it needs {off[key]!r})")
+            else:
+                raise ConfigError(f"config.json's lm_gen_config has unknown key {key!r}")
+        return SamplingConfig(**values).validate()
+
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

@@ -33,9 +33,11 @@ class StepOutput:
 class ModelRunner:
     def __init__(self, lm: MoshiLM, mimi: Mimi, tokenizer: TextTokenizer, max_sessions: int,
                  kernels: str = "auto", use_cuda_graphs: bool = True, batch_invariant: bool = False,
-                 lora: LoraSpec | None = None):
+                 lora: LoraSpec | None = None, default_sampling: SamplingConfig = SamplingConfig()):
         self.lm = lm.eval()
         self.lora = lora  # the adapter folded into `lm`'s weights at load, for the start-up line
+        # What a session that names no sampling settings gets: the checkpoint's lm_gen_config.
+        self.default_sampling = default_sampling
         self.mimi = mimi.eval()
         self.kernel_backend = resolve_backend(kernels, next(lm.parameters()).device)
         apply_backend(lm, self.kernel_backend)
@@ -84,7 +86,7 @@ class ModelRunner:
         # Mimi stays in fp32 whatever the LM dtype, as in kyutai's server.
         load_weights(mimi, files.mimi_weights, torch.float32, cfg.device)
         return ModelRunner(lm, mimi, TextTokenizer(files.tokenizer), cfg.max_sessions, cfg.kernels,
-                           batch_invariant=cfg.batch_invariant, lora=files.lora)
+                           batch_invariant=cfg.batch_invariant, lora=files.lora, default_sampling=files.sampling)
 
     def rings(self) -> tuple:
         """The streaming transformers whose ring spans a call's history (not restarted each frame,
@@ -132,10 +134,9 @@ class ModelRunner:
         first use costs (CUDA-graph capture, Triton compilation, oneDNN primitives) is paid before
         serving rather than inside a tick that sessions wait on; their slots are untouched.
         `bounds`: the (audio, text) top-k settings to prepare for, rounded as a tick rounds them
-        (default: the default sampling settings'). Returns the batch sizes run."""
+        (default: the checkpoint's default sampling settings'). Returns the batch sizes run."""
         if bounds is None:
-            default = SamplingConfig()
-            bounds = (default.top_k, default.text_top_k)
+            bounds = (self.default_sampling.top_k, self.default_sampling.text_top_k)
         bounds = (0, 0) if self.batch_invariant else self.slots.bounds_of([bounds])
         sizes = self.buckets
         for B in sorted(sizes, reverse=True):  # the largest graph first sizes the shared memory pool

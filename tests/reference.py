@@ -13,7 +13,8 @@ def load_reference(model_dir: Path, fuse_lora: bool = True):
     from moshi.models.loaders import CheckpointInfo
     raw = json.loads((model_dir / "config.json").read_text())
     lm_config = dict(raw)
-    for key in ("moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name", "model_type", "lora_name"):
+    for key in ("moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name", "model_type", "lora_name",
+                "lm_gen_config"):
         lm_config.pop(key, None)
     mimi_config = None
     if "mimi_config_name" in raw:

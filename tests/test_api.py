@@ -443,3 +443,22 @@ def test_unread_output_ends_the_session(server, monkeypatch):
                 assert r.status == 404
 
     asyncio.run(main())
+
+
+def test_unset_sampling_fields_take_the_checkpoints_defaults(tiny_wrap_ckpt):
+    httpx = pytest.importorskip("httpx")
+    from api.moshi_ws import sampling_from_query
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=2))
+    runner.default_sampling = SamplingConfig(temperature=0.5, top_k=9, text_temperature=0.3, text_top_k=4)
+    app = create_app(EngineLoop(runner), ServeConfig())
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            plain = (await c.post("/v1/sessions", json={})).json()["sampling"]
+            assert plain == {**runner.default_sampling.__dict__}
+            some = (await c.post("/v1/sessions", json={"top_k": 3, "greedy": True, "seed": 5})).json()["sampling"]
+            assert some == {**plain, "top_k": 3, "greedy": True, "seed": 5}
+
+    asyncio.run(main())
+    got = sampling_from_query({"audio_topk": "7", "text_temperature": ""}, runner.default_sampling)
+    assert got == SamplingConfig(temperature=0.5, top_k=7, text_temperature=0.3, text_top_k=4)

@@ -33,9 +33,13 @@ def test_make_checkpoint_writes_fine_tunes_and_q8(tmp_path, capsys):
 
 def test_flags_come_from_the_configs():
     args = build_parser().parse_args(["generate", "--output-dir", "o", "x.wav"])
-    for cls in (EngineConfig, SamplingConfig):
-        for f in dataclasses.fields(cls):
-            assert getattr(args, f.name) == f.default
+    for f in dataclasses.fields(EngineConfig):
+        assert getattr(args, f.name) == f.default
+    # Sampling flags left unset stay unset: the checkpoint's lm_gen_config decides them.
+    assert all(getattr(args, f.name) is None for f in dataclasses.fields(SamplingConfig))
+    args = build_parser().parse_args(["generate", "--output-dir", "o", "--greedy", "--top-k", "3",
+                                      "--temperature", "0.5", "--seed", "7", "x.wav"])
+    assert (args.greedy, args.top_k, args.temperature, args.seed, args.text_top_k) == (True, 3, 0.5, 7, None)
     # The flag keeps the declared "auto"; the config built from it holds this machine's device.
     assert args.device == "auto"
     assert EngineConfig(device=args.device).device == ("cuda" if torch.cuda.is_available() else "cpu")

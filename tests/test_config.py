@@ -90,3 +90,25 @@ def test_lm_config_round_trips_through_kyutai_json_keys():
     assert MimiConfig.from_dict(MimiConfig().to_dict()) == MimiConfig()
     with pytest.raises(ConfigError, match="bad Mimi config"):
         MimiConfig.from_dict({"seanet": {"flux": 1}})
+
+
+def test_lm_gen_config_gives_the_sampling_defaults():
+    assert SamplingConfig.from_lm_gen_config({}) == SamplingConfig()
+    got = SamplingConfig.from_lm_gen_config({"temp": 0.6, "temp_text": 0.5, "top_k": 100, "top_k_text": 10,
+                                             "cfg_coef": 1.0, "check": True})
+    assert got == SamplingConfig(temperature=0.6, text_temperature=0.5, top_k=100, text_top_k=10)
+    assert SamplingConfig.from_lm_gen_config({"use_sampling": False}).greedy
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"cfg_coef": 3.0}, "sets cfg_coef=3.0, which lockstep does not support"),
+    ({"support_out_of_sync": True}, "support_out_of_sync"),
+    ({"temp": "hot"}, "lm_gen_config.temp must be a number"),
+    ({"top_k": 2.5}, "lm_gen_config.top_k must be a number"),
+    ({"temp": -1}, "temperatures must be >= 0"),
+    ({"beam": 4}, "unknown key 'beam'"),
+    ([1], "must be a JSON object"),
+])
+def test_bad_lm_gen_config_says_what(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        SamplingConfig.from_lm_gen_config(raw)

@@ -108,3 +108,29 @@ def test_batch_invariant_mode_gives_the_same_bits_in_any_batch(tiny_wrap_ckpt, w
     together, alone = together_and_alone(True)
     assert together.text_tokens == alone.text_tokens and together.audio_tokens == alone.audio_tokens
     assert len(together.pcm) == len(alone.pcm) and all(np.array_equal(a, b) for a, b in zip(together.pcm, alone.pcm))
+
+
+def test_the_checkpoints_lm_gen_config_sets_the_defaults(tiny_wrap_ckpt, wav_inputs, tmp_path):
+    import shutil
+    model_dir = tmp_path / "ck"
+    shutil.copytree(tiny_wrap_ckpt, model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["lm_gen_config"] = {"use_sampling": False, "top_k": 5, "temp": 1.0}
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    paths = wav_inputs[:2]
+    main(["generate", "--device", "cpu", "--model-dir", str(model_dir), "--output-dir", str(tmp_path / "a"),
+          *map(str, paths)])
+    main(["generate", "--device", "cpu", "--model-dir", str(model_dir), "--no-greedy", "--seed", "3",
+          "--output-dir", str(tmp_path / "b"), *map(str, paths)])
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(model_dir), max_sessions=2))
+    assert runner.default_sampling == SamplingConfig(greedy=True, top_k=5, temperature=1.0)
+    inputs = load_inputs(paths)
+    from engine.generate import session_seed
+    sampled = run_sessions(runner, inputs, {k: SamplingConfig(top_k=5, temperature=1.0, seed=session_seed(3, k))
+                                            for k in inputs})
+    for path in paths:
+        greedy = json.loads((tmp_path / "a" / f"{path.stem}.json").read_text())
+        assert greedy["text_tokens"] == reference_generate(model_dir, inputs[path.stem])["text_tokens"]
+        # --no-greedy samples, with the checkpoint's top-k and temperature.
+        assert json.loads((tmp_path / "b" / f"{path.stem}.json").read_text())["audio_tokens"] == \
+            sampled[path.stem].audio_tokens != greedy["audio_tokens"]
