@@ -5,6 +5,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -49,6 +50,19 @@ def _hf_fetch(repo: str, name: str) -> Path:
         ) from None
 
 
+def _locate(name: str, fetch: Callable[[str], Path]) -> Path:
+    """A file as kyutai's loader names it: `hf://OWNER/REPO/FILE` (a file of any Hugging Face repo),
+    `file://PATH` (a local file), else `fetch(name)` (a file of this checkpoint, or a plain path)."""
+    if name.startswith("hf://"):
+        parts = name.removeprefix("hf://").split("/", 2)
+        if len(parts) < 3 or not all(parts):
+            raise ConfigError(f"{name!r}: a Hugging Face file is named hf://OWNER/REPO/FILE")
+        return _hf_fetch(f"{parts[0]}/{parts[1]}", parts[2])
+    if name.startswith("file://"):
+        return Path(name.removeprefix("file://"))
+    return fetch(name)
+
+
 def resolve(cfg: EngineConfig) -> CheckpointFiles:
     """Locates every file of a checkpoint: --model-dir or --hf-repo, then per-file overrides."""
     if cfg.model_dir is None and cfg.hf_repo is None:
@@ -65,7 +79,7 @@ def resolve(cfg: EngineConfig) -> CheckpointFiles:
             return _hf_fetch(cfg.hf_repo, name)
 
     if cfg.config_path is not None:
-        raw = _read_json(Path(cfg.config_path), "config")
+        raw = _read_json(_locate(cfg.config_path, Path), "config")
     elif cfg.model_dir is not None:
         path = Path(cfg.model_dir) / "config.json"
         raw = _read_json(path, "config") if path.exists() else None
@@ -77,12 +91,19 @@ def resolve(cfg: EngineConfig) -> CheckpointFiles:
     raw = raw or {}  # kyutai's rule: no config.json means the Moshi 7B defaults
     lm = LMConfig.from_dict(raw)
     mimi_cfg_name = raw.get("mimi_config_name")
-    mimi = MimiConfig.from_dict(_read_json(fetch(mimi_cfg_name), "Mimi config")) if mimi_cfg_name else MimiConfig()
+    if mimi_cfg_name:
+        mimi = MimiConfig.from_dict(_read_json(_locate(mimi_cfg_name, fetch), "Mimi config"))
+    else:
+        mimi = MimiConfig()
+
+    def file(flag: str | None, key: str, default: str) -> Path:  # a flag's override, else config.json's name
+        return _locate(flag, Path) if flag else _locate(raw.get(key, default), fetch)
     files = CheckpointFiles(
-        moshi_weights=Path(cfg.moshi_weight) if cfg.moshi_weight else fetch(raw.get("moshi_name", MOSHI_NAME)),
-        mimi_weights=Path(cfg.mimi_weight) if cfg.mimi_weight else fetch(raw.get("mimi_name", MIMI_NAME)),
-        tokenizer=Path(cfg.tokenizer) if cfg.tokenizer else fetch(raw.get("tokenizer_name", TOKENIZER_NAME)),
-        lm=lm, mimi=mimi, lora=lora_spec(raw, cfg.lora_weight, fetch),
+        moshi_weights=file(cfg.moshi_weight, "moshi_name", MOSHI_NAME),
+        mimi_weights=file(cfg.mimi_weight, "mimi_name", MIMI_NAME),
+        tokenizer=file(cfg.tokenizer, "tokenizer_name", TOKENIZER_NAME),
+        lm=lm, mimi=mimi,
+        lora=lora_spec(raw, _locate(cfg.lora_weight, Path) if cfg.lora_weight else None, lambda n: _locate(n, fetch)),
         sampling=SamplingConfig.from_lm_gen_config(raw.get("lm_gen_config", {})))
     for what, path in (("Moshi weights", files.moshi_weights), ("Mimi weights", files.mimi_weights),
                        ("text tokenizer", files.tokenizer)):

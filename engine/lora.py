@@ -27,7 +27,7 @@ class LoraSpec:
     rank: int | None = None  # what config.json declares; the file's shapes must agree
 
 
-def lora_spec(raw: dict[str, Any], lora_weight: str | None, fetch: Callable[[str], Path]) -> LoraSpec | None:
+def lora_spec(raw: dict[str, Any], lora_weight: Path | None, fetch: Callable[[str], Path]) -> LoraSpec | None:
     """The adapter a checkpoint asks for: `--lora-weight`, else config.json's `lora_name` when it
     sets `lora: true`; None for a plain checkpoint."""
     enabled = bool(raw.get("lora", False))
@@ -37,7 +37,7 @@ def lora_spec(raw: dict[str, Any], lora_weight: str | None, fetch: Callable[[str
     if not enabled and lora_weight is None:
         return None
     if lora_weight is not None:
-        path = Path(lora_weight)
+        path = lora_weight
     elif raw.get("lora_name"):
         path = fetch(raw["lora_name"])
     else:

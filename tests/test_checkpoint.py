@@ -81,15 +81,20 @@ def test_missing_config_means_moshi_7b_defaults(tmp_path):
     assert files.lm == LMConfig()
 
 
-def test_hf_repo_from_offline_cache(tiny_wrap_ckpt, tmp_path, monkeypatch):
+def _offline_hub(tmp_path, monkeypatch, repos: dict):
+    """A Hugging Face cache holding `repos` ({"owner/name": folder}) and no network."""
     hf_constants = pytest.importorskip("huggingface_hub.constants")
-    repo_dir = tmp_path / "hub" / "models--kyutai--tiny-test"
-    snap = repo_dir / "snapshots" / ("0" * 40)
-    shutil.copytree(tiny_wrap_ckpt, snap)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text("0" * 40)
+    for repo, folder in repos.items():
+        repo_dir = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
+        shutil.copytree(folder, repo_dir / "snapshots" / ("0" * 40))
+        (repo_dir / "refs").mkdir()
+        (repo_dir / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+
+
+def test_hf_repo_from_offline_cache(tiny_wrap_ckpt, tmp_path, monkeypatch):
+    _offline_hub(tmp_path, monkeypatch, {"kyutai/tiny-test": tiny_wrap_ckpt})
     runner = ModelRunner.load(EngineConfig(device="cpu", hf_repo="kyutai/tiny-test"))
     assert runner.lm.cfg.context == 6
     with pytest.raises(CheckpointError, match="neither in the local cache"):
@@ -156,3 +161,31 @@ def test_bad_q8_weights_are_named(q8_ckpt, tmp_path):
     msg = str(err.value)
     assert "linears.0.weight_scb (3,) has no int8 weight of as many rows" in msg
     assert "text_linear.weight: int8 without text_linear.weight_scb" in msg
+
+
+def test_files_named_in_another_repo_or_as_local_paths(tiny_wrap_ckpt, tmp_path, monkeypatch):
+    """kyutai's names: hf://OWNER/REPO/FILE in config.json or a flag, file://PATH for a local file."""
+    from engine.make_checkpoint import make_checkpoint
+    lora = make_checkpoint(tmp_path / "lora", "tiny", seed=1, context=6, mimi_context=5, lora_rank=2)
+    _offline_hub(tmp_path, monkeypatch, {"kyutai/tiny-test": tiny_wrap_ckpt, "someone/fine-tune": lora})
+    dst = tmp_path / "ck"
+    dst.mkdir()
+    shutil.copy(tiny_wrap_ckpt / "model.safetensors", dst)
+    cfg = json.loads((tiny_wrap_ckpt / "config.json").read_text())
+    mimi = "tokenizer-e351c8d8-checkpoint125.safetensors"
+    cfg.update(mimi_name=f"hf://kyutai/tiny-test/{mimi}", mimi_config_name="hf://kyutai/tiny-test/mimi_config.json",
+               tokenizer_name=f"file://{tiny_wrap_ckpt / cfg['tokenizer_name']}")
+    (dst / "config.json").write_text(json.dumps(cfg))
+    files = resolve(EngineConfig(device="cpu", model_dir=str(dst), lora_weight="hf://someone/fine-tune/lora.safetensors"))
+    assert files.mimi_weights.read_bytes() == (tiny_wrap_ckpt / mimi).read_bytes()
+    assert files.tokenizer == tiny_wrap_ckpt / cfg["tokenizer_name"].rpartition("/")[2]
+    assert files.lora.path.read_bytes() == (lora / "lora.safetensors").read_bytes()
+    assert files.mimi.transformer.context == 5
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(dst), max_sessions=1,
+                                           moshi_weight=f"file://{lora / 'model.safetensors'}",
+                                           lora_weight="hf://someone/fine-tune/lora.safetensors"))
+    assert runner.lora is not None
+    with pytest.raises(ConfigError, match="a Hugging Face file is named hf://OWNER/REPO/FILE"):
+        resolve(EngineConfig(device="cpu", model_dir=str(dst), lora_weight="hf://someone/lora.safetensors"))
+    with pytest.raises(CheckpointError, match="cannot get 'x.safetensors' from Hugging Face repo 'someone/gone'"):
+        resolve(EngineConfig(device="cpu", model_dir=str(dst), mimi_weight="hf://someone/gone/x.safetensors"))
