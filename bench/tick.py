@@ -68,7 +68,7 @@ class EngineTicks:
         self.loop = EngineLoop(runner, max_buffer_frames=frames, max_waiting=None)
         rng = np.random.default_rng(batch)
         for _ in range(batch):
-            session = self.loop.create_session(SamplingConfig(), lambda event: None)
+            session = self.loop.create_session(runner.default_sampling, lambda event: None)
             session.push((0.1 * rng.standard_normal(frames * runner.frame_size)).astype(np.float32))
         self.loop.tick()  # everyone joins
         if full_context:
@@ -111,10 +111,12 @@ def reference_models(runner: ModelRunner, dtype: torch.dtype):
 
 
 @contextlib.contextmanager
-def reference_ticks(lm, mimi, batch: int, device: torch.device):
-    """Yields a function running one timed step of kyutai's batched `LMGen` + Mimi."""
+def reference_ticks(lm, mimi, batch: int, device: torch.device, sampling: SamplingConfig):
+    """Yields a function running one timed step of kyutai's batched `LMGen` + Mimi, sampling as
+    `sampling` says (the checkpoint's defaults, as the engine's sessions sample)."""
     from moshi.models.lm import LMGen
-    gen = LMGen(lm)
+    gen = LMGen(lm, use_sampling=not sampling.greedy, temp=sampling.temperature, temp_text=sampling.text_temperature,
+                top_k=sampling.top_k, top_k_text=sampling.text_top_k)
     pcm = torch.randn(batch, 1, mimi.frame_size, device=device) * 0.1
 
     def sync() -> None:
@@ -163,7 +165,7 @@ def measure(runner: ModelRunner, ref, batch: int, warmup: int, ticks: int, full_
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     mine, theirs = [], []
     with contextlib.ExitStack() as stack:
-        ref_tick = stack.enter_context(reference_ticks(*ref, batch, runner.device)) if ref else None
+        ref_tick = stack.enter_context(reference_ticks(*ref, batch, runner.device, runner.default_sampling)) if ref else None
         for _ in range(warmup if ref_tick else 0):
             ref_tick()
         for _ in range(ticks):

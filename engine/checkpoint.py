@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.config import (MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, CheckpointError, ConfigError, EngineConfig,
                            LMConfig, MimiConfig, SamplingConfig)
-from engine.lora import LoraSpec, fold, lora_pairs, lora_spec, read_adapter
+from engine.lora import Adapter, LoraSpec, fold, lora_spec, parse_adapter, read_adapter
 
 __all__ = ["CheckpointError", "CheckpointFiles", "load_weights", "normalize_keys", "resolve"]
 
@@ -53,6 +53,8 @@ def _hf_fetch(repo: str, name: str) -> Path:
 def _locate(name: str, fetch: Callable[[str], Path]) -> Path:
     """A file as kyutai's loader names it: `hf://OWNER/REPO/FILE` (a file of any Hugging Face repo),
     `file://PATH` (a local file), else `fetch(name)` (a file of this checkpoint, or a plain path)."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a checkpoint file must be named by a non-empty string, got {name!r} (check config.json)")
     if name.startswith("hf://"):
         parts = name.removeprefix("hf://").split("/", 2)
         if len(parts) < 3 or not all(parts):
@@ -139,7 +141,7 @@ def normalize_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
         if m:
             split, leaf = _split_name(m.group(2))
             n = sum(1 for k in expected if re.fullmatch(re.escape(m.group(1) + split) + r"\.\d+\.weight", k))
-            if n and value.shape[0] % n == 0:
+            if n and value.dim() and value.shape[0] % n == 0:
                 for i, part in enumerate(value.view(n, -1, *value.shape[1:])):
                     out[f"{m.group(1)}{split}.{i}.{leaf}{m.group(3) or ''}"] = part
                 continue
@@ -147,7 +149,7 @@ def normalize_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     return out
 
 
-def q8_scales(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def q8_scales(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """Pops the row scales of kyutai's q8 checkpoints (`kyutai/moshiko-pytorch-q8`: each linear
     weight stored as int8 rows `X.weight` with their absolute maxima `X.weight_scb`, bitsandbytes'
     row-wise layout) out of `state`: {weight key: scales}."""
@@ -161,7 +163,7 @@ def q8_scales(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             scales[weight] = scb
     problems += [f"{k}: int8 without {k}_scb" for k, v in state.items() if v.dtype == torch.int8 and k not in scales]
     if problems:
-        raise CheckpointError("bad q8 weights: " + "; ".join(problems[:8]))
+        raise CheckpointError(f"{path} holds bad q8 weights: " + "; ".join(problems[:8]))
     return scales
 
 
@@ -180,7 +182,7 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None, device
     except Exception as e:
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
     state = normalize_keys(state, model)
-    scales = q8_scales(state)
+    scales = q8_scales(state, path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -193,13 +195,15 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None, device
             problems.append(f"{title}: {shown}")
     if problems:
         raise CheckpointError(f"{path} does not match the model configuration; " + "; ".join(problems))
-    adapter = {} if lora is None else lora_pairs(
+    adapter = Adapter({}, {}) if lora is None else parse_adapter(
         lora, normalize_keys(read_adapter(lora), model), state,
         {name for name, m in model.named_modules() if isinstance(m, nn.Linear)})
     for k, v in state.items():
-        if k in scales:
+        if k in adapter.replaced:
+            v = adapter.replaced[k]
+        elif k in scales:
             v = dequantize(v, scales[k])
-        if k in adapter:
-            v = fold(v, *adapter[k], lora.scaling)
+        if k in adapter.pairs:
+            v = fold(v, *adapter.pairs[k], lora.scaling, device)
         state[k] = v.to(device=device, dtype=(dtype or expected[k].dtype) if v.is_floating_point() else v.dtype)
     model.load_state_dict(state, strict=True, assign=True)

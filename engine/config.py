@@ -313,11 +313,14 @@ class SamplingConfig:
         values: dict[str, Any] = {}
         for key, value in raw.items():
             if key in names:
-                kind = int if key.startswith("top_k") else (int, float)
-                _check(isinstance(value, kind) and not isinstance(value, bool),
-                       f"config.json's lm_gen_config.{key} must be a number, got {value!r}")
+                integer = key.startswith("top_k")
+                _check(isinstance(value, int if integer else (int, float)) and not isinstance(value, bool),
+                       f"config.json's lm_gen_config.{key} must be {'an integer' if integer else 'a number'}, "
+                       f"got {value!r}")
                 values[names[key]] = value
             elif key == "use_sampling":
+                _check(isinstance(value, bool), f"config.json's lm_gen_config.use_sampling must be true or false, "
+                       f"got {value!r}")
                 values["greedy"] = not value
             elif key in off:
                 _check(off[key] is None or value == off[key] or (not off[key] and not value),
@@ -325,7 +328,10 @@ class SamplingConfig:
                        f"(it needs {off[key]!r})")
             else:
                 raise ConfigError(f"config.json's lm_gen_config has unknown key {key!r}")
-        return SamplingConfig(**values).validate()
+        try:
+            return SamplingConfig(**values).validate()
+        except ConfigError as e:
+            raise ConfigError(f"config.json's lm_gen_config: {e}") from None
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -81,7 +81,9 @@ class ModelRunner:
         with torch.device("meta"):
             lm = MoshiLM(files.lm)
             mimi = Mimi(files.mimi)
-        check_weights_fit(lm, mimi, cfg.torch_dtype, cfg.device, files.moshi_weights.stat().st_size)
+        # The adapter's file is read whole beside the LM's.
+        file_bytes = files.moshi_weights.stat().st_size + (files.lora.path.stat().st_size if files.lora else 0)
+        check_weights_fit(lm, mimi, cfg.torch_dtype, cfg.device, file_bytes)
         load_weights(lm, files.moshi_weights, cfg.torch_dtype, cfg.device, files.lora)
         # Mimi stays in fp32 whatever the LM dtype, as in kyutai's server.
         load_weights(mimi, files.mimi_weights, torch.float32, cfg.device)

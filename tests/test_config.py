@@ -104,8 +104,9 @@ def test_lm_gen_config_gives_the_sampling_defaults():
     ({"cfg_coef": 3.0}, "sets cfg_coef=3.0, which lockstep does not support"),
     ({"support_out_of_sync": True}, "support_out_of_sync"),
     ({"temp": "hot"}, "lm_gen_config.temp must be a number"),
-    ({"top_k": 2.5}, "lm_gen_config.top_k must be a number"),
-    ({"temp": -1}, "temperatures must be >= 0"),
+    ({"top_k": 2.5}, "lm_gen_config.top_k must be an integer"),
+    ({"use_sampling": "false"}, "use_sampling must be true or false"),
+    ({"temp": -1}, "lm_gen_config: temperatures must be >= 0"),
     ({"beam": 4}, "unknown key 'beam'"),
     ([1], "must be a JSON object"),
 ])

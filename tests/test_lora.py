@@ -101,11 +101,15 @@ def test_config_mistakes_are_clear_errors(lora_ckpt, tmp_path):
         d = _copy(lora_ckpt, tmp_path / f"c{len(list(tmp_path.iterdir()))}", **changes)
         with pytest.raises(ConfigError, match=match):
             resolve(EngineConfig(device="cpu", model_dir=str(d), lora_weight=lora_weight))
-    check("sets lora=true but names no lora_name: pass the adapter with --lora-weight", lora_name=None)
+    check("sets lora=true but names no lora_name: pass the adapter with --lora-weight FILE, or set "
+          "lora=false if its weights already have the adapter merged in", lora_name=None)
+    check("lora_name must be a file name, got 5", lora_name=5)
     check("names lora_name='lora.safetensors' but does not set lora=true", lora=False)
     check("LoRA weights not found: .*nowhere.safetensors", lora_weight=str(tmp_path / "nowhere.safetensors"))
     check("lora_rank must be a positive integer, got 0", lora_rank=0)
-    check("lora_scaling must be a number, got 'x'", lora_scaling="x")
+    check("lora_scaling must be a finite number, got 'x'", lora_scaling="x")
+    check("lora_scaling must be a finite number, got nan", lora_scaling=float("nan"))
+    check("a checkpoint file must be named by a non-empty string, got 7", lora=False, lora_name=None, moshi_name=7)
 
 
 def test_adapters_that_do_not_fit_name_every_problem(lora_ckpt, tmp_path):
@@ -120,7 +124,8 @@ def test_adapters_that_do_not_fit_name_every_problem(lora_ckpt, tmp_path):
     with pytest.raises(CheckpointError) as err:
         ModelRunner.load(cfg)
     msg = str(err.value)
-    assert "emb.0.lora_A.weight: not the lora_A/lora_B weight of one of the LM's linear layers" in msg
+    assert ("emb.0.lora_A.weight: neither a lora_A/lora_B weight of one of the LM's linear layers nor a "
+            "tensor of the base model") in msg
     assert "text_linear: has lora_A without lora_B" in msg
     assert "linears.0: lora_A (4, 3) and lora_B (2048, 4) do not make the base weight's (2048, 32)" in msg
     # A rank other than config.json's.
@@ -128,7 +133,7 @@ def test_adapters_that_do_not_fit_name_every_problem(lora_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match=r"rank 4, but config.json's lora_rank is 8"):
         ModelRunner.load(EngineConfig(device="cpu", model_dir=str(d), max_sessions=1))
     save_file({"x": torch.zeros(1)}, str(tmp_path / "none.safetensors"))
-    with pytest.raises(CheckpointError, match="x: not the lora_A"):
+    with pytest.raises(CheckpointError, match="x: neither a lora_A"):
         ModelRunner.load(EngineConfig(device="cpu", model_dir=str(lora_ckpt), max_sessions=1,
                                       lora_weight=str(tmp_path / "none.safetensors")))
     save_file({}, str(tmp_path / "empty.safetensors"))
@@ -190,3 +195,25 @@ def test_an_adapter_on_q8_weights_folds_after_dequantizing(tmp_path):
     w = q8[f"{head}.weight"].float() * (q8[f"{head}.weight_scb"] / 127)[:, None]
     a, b = adapter[f"{head}.lora_A.weight"].float(), adapter[f"{head}.lora_B.weight"].float()
     assert torch.equal(runner.lm.get_submodule(head).weight, w + 2.0 * (b @ a))
+
+
+def test_base_tensors_in_the_adapter_replace_the_base(lora_ckpt, tmp_path):
+    """moshi-finetune's ft_embed saves whole embedding tables beside the factors, and a saved LoRA
+    model names a linear layer's base weight P.frozen_W.weight: kyutai's loader takes both."""
+    adapter = load_file(str(lora_ckpt / LORA_NAME))
+    text_emb = torch.randn(257, 64)
+    emb3 = torch.randn(2049, 64)
+    frozen = torch.randn(256, 64)
+    bad = dict(adapter)
+    bad.update({"text_emb.weight": text_emb, "emb.3.weight": emb3, "text_linear.frozen_W.weight": frozen})
+    save_file(bad, str(tmp_path / "ft_embed.safetensors"))
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(lora_ckpt), max_sessions=1,
+                                           lora_weight=str(tmp_path / "ft_embed.safetensors")))
+    assert torch.equal(runner.lm.text_emb.weight, text_emb) and torch.equal(runner.lm.emb[3].weight, emb3)
+    a, b = adapter["text_linear.lora_A.weight"].float(), adapter["text_linear.lora_B.weight"].float()
+    assert torch.equal(runner.lm.text_linear.weight, frozen + 2.0 * (b @ a))  # replaced, then folded
+    save_file({**adapter, "text_emb.weight": torch.zeros(3, 64)}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(CheckpointError, match=r"text_emb.weight: torch.float32 \(3, 64\) cannot replace the base "
+                                              r"\(257, 64\)"):
+        ModelRunner.load(EngineConfig(device="cpu", model_dir=str(lora_ckpt), max_sessions=1,
+                                      lora_weight=str(tmp_path / "short.safetensors")))
