@@ -11,8 +11,9 @@ import json
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
-from api.bridge import ApiSession, SessionRegistry
+from api.bridge import ApiSession, SessionRegistry, throttle
 from api.chat import chat_endpoint
 from api.moshi_ws import add_moshi_websocket
 from api.protocol import PcmReassembler, SessionRequest, end_event, frame_events
@@ -69,13 +70,19 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
 
     @app.post("/v1/sessions", status_code=201, dependencies=[Depends(auth)])
     async def create_session(request: Request):
-        body = await request.body()
-        if len(body) > MAX_JSON_BYTES:
-            raise HTTPException(413, f"request body over {MAX_JSON_BYTES} bytes")
+        body = b""
+        try:
+            async for chunk in request.stream():  # read no further than the limit
+                body += chunk
+                if len(body) > MAX_JSON_BYTES:
+                    raise HTTPException(413, f"request body over {MAX_JSON_BYTES} bytes")
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is left to read it
         try:
             req = SessionRequest.model_validate(json.loads(body) if body.strip() else {})
-        except (ValueError, ValidationError) as e:
-            raise HTTPException(422, f"invalid session request: {e}") from None
+        except (ValueError, ValidationError, RecursionError) as e:
+            detail = "JSON nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise HTTPException(422, f"invalid session request: {detail}") from None
         api_session = await registry.open(req.sampling(registry.defaults), req.end_on_input_end)
         if api_session is None:
             retry = max(1, int(cfg.admission_wait))
@@ -99,18 +106,32 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
     @app.post("/v1/sessions/{sid}/audio", dependencies=[Depends(auth)])
     async def push_audio(sid: str, request: Request):
         api_session = lookup(sid)
+        session = api_session.session
+        if session.input_ended:
+            raise HTTPException(409, "this session's input has ended")
+        if api_session.uploading:  # two bodies at once would interleave their samples
+            raise HTTPException(409, "this session's audio is already being uploaded")
         limit = int(cfg.max_body_mb * 2**20)
         pcm_in, received = PcmReassembler(), 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                api_session.session.end_input()
-                raise HTTPException(413, f"audio body over --max-body-mb ({cfg.max_body_mb} MB)")
-            samples = pcm_in.feed(chunk)
-            if len(samples):
-                api_session.session.push(samples)
-        if api_session.session.end_on_input_end:
-            api_session.session.end_input()
+        api_session.uploading = True
+        try:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    session.end_input()
+                    raise HTTPException(413, f"audio body over --max-body-mb ({cfg.max_body_mb} MB)")
+                samples = pcm_in.feed(chunk)
+                if len(samples):
+                    session.push(samples)
+                await throttle(session)
+        except ClientDisconnect:  # the uploader went away: as if its body had ended here
+            if session.end_on_input_end:
+                session.end_input()
+            return Response(status_code=400)
+        finally:
+            api_session.uploading = False
+        if session.end_on_input_end:
+            session.end_input()
         if pcm_in.pending:
             raise HTTPException(400, "audio must be whole s16le samples (odd byte count)")
         return {"bytes": received, "samples": received // 2}

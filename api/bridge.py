@@ -9,6 +9,15 @@ from engine.session import FrameOutput, Session
 
 
 MAX_UNREAD_FRAMES = 250  # 20 s of output
+ADMISSION_POLL_SECONDS = 0.02
+
+
+async def throttle(session: Session) -> None:
+    """Slows a reader whose session already holds `--max-buffer-seconds` of input: what comes on
+    still drops the oldest (counted), but a client sending far faster than real time no longer costs
+    the server a decode per message, nor its neighbours their ticks."""
+    if session.buffered_samples() >= session.max_buffer:
+        await asyncio.sleep(1 / FRAME_RATE)
 
 
 class ApiSession:
@@ -17,6 +26,7 @@ class ApiSession:
         self.queue: asyncio.Queue[FrameOutput | str] = asyncio.Queue()
         self.session: Session  # set right after admission
         self._stream_claimed = False
+        self.uploading = False  # an audio upload is being read
 
     def sink(self, event: FrameOutput | str) -> None:
         # Called on the engine thread; the queue belongs to the event loop.
@@ -54,10 +64,17 @@ class SessionRegistry:
                 self.engine.end_session(api_session.session.id, "output_not_read")
             api_session.sink(event)
 
-        # Admission may wait for a slot: do it off the event loop.
-        session = await asyncio.to_thread(self.engine.create_session, sampling, sink, end_on_input_end,
-                                          self.cfg.admission_wait)
+        # Admission may wait for a slot: on the event loop, polling, since a thread per waiting caller
+        # would exhaust the default pool and make every refusal and admission wait on the others.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.admission_wait
+        while True:
+            session = self.engine.create_session(sampling, sink, end_on_input_end, count_rejection=False)
+            if session is not None or self.engine.draining or loop.time() >= deadline:
+                break
+            await asyncio.sleep(ADMISSION_POLL_SECONDS)
         if session is None:
+            self.engine.metrics.inc("sessions_rejected_total")
             return None
         api_session.session = session
         self._by_id[session.id] = api_session

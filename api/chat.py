@@ -12,11 +12,12 @@ from urllib.parse import parse_qs
 
 from pydantic import ValidationError
 
-from api.bridge import SessionRegistry
+from api.bridge import SessionRegistry, throttle
 from api.protocol import PcmReassembler, SessionRequest, end_event, frame_events
 from engine.session import FrameOutput
 
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
 async def _reply(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -33,6 +34,8 @@ def _parse_query(scope) -> tuple[SessionRequest, bool]:
     fields: dict = {"end_on_input_end": True}
     for key, value in raw.items():
         if key in ("greedy", "end_on_input_end"):
+            if value.lower() not in _TRUE | _FALSE:
+                raise ValueError(f"{key} must be one of {sorted(_TRUE | _FALSE)}, got {value!r}")
             fields[key] = value.lower() in _TRUE
         else:
             fields[key] = value
@@ -48,7 +51,7 @@ async def chat_endpoint(scope, receive, send, registry: SessionRegistry,
         return await _reply(send, 401, "missing or wrong API key (send 'Authorization: Bearer KEY')")
     try:
         req, tokens = _parse_query(scope)
-    except ValidationError as e:
+    except (ValidationError, ValueError) as e:
         return await _reply(send, 422, f"invalid query parameters: {e}")
     api_session = await registry.open(req.sampling(registry.defaults), req.end_on_input_end)
     if api_session is None:
@@ -74,9 +77,14 @@ async def chat_endpoint(scope, receive, send, registry: SessionRegistry,
             if len(samples):
                 session.push(samples)
             if not message.get("more_body", False):
-                if session.end_on_input_end:
-                    session.end_input()
-                return
+                break
+            await throttle(session)
+        if session.end_on_input_end:
+            session.end_input()
+        # The body is in; what `receive` says next is the client going away (it may only listen).
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        engine.end_session(session.id, "client_disconnected")
 
     reader = asyncio.create_task(read_body())
     try:

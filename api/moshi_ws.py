@@ -11,7 +11,7 @@ import numpy as np
 import sphn
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-from api.bridge import SessionRegistry
+from api.bridge import SessionRegistry, throttle
 from engine.config import SAMPLE_RATE, SamplingConfig
 from engine.session import FrameOutput
 
@@ -43,6 +43,9 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
 
     @app.websocket("/api/chat")
     async def moshi_chat(ws: WebSocket):
+        # Accepted before any refusal, so that the close frame (and its reason) reaches the client
+        # rather than a bare HTTP 403.
+        await ws.accept()
         if not authorized(ws):
             await ws.close(code=1008, reason="missing or wrong API key")
             return
@@ -51,7 +54,6 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
         except (ValueError, TypeError) as e:
             await ws.close(code=1008, reason=f"bad sampling parameters: {e}"[:120])
             return
-        await ws.accept()
         api_session = await registry.open(sampling, end_on_input_end=False)
         if api_session is None:
             reason = registry.refusal()
@@ -60,7 +62,6 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
         session = api_session.session
         opus_in = sphn.OpusStreamReader(SAMPLE_RATE)
         opus_out = sphn.OpusStreamWriter(SAMPLE_RATE)
-        await ws.send_bytes(bytes([KIND_HANDSHAKE]))
 
         async def receive_audio() -> None:
             while True:
@@ -72,13 +73,19 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
                     continue  # text frames and unknown kinds are ignored, as the reference server does
                 try:
                     pcm = opus_in.append_bytes(message[1:])
-                except Exception:  # corrupt Opus from this client must not reach the engine
-                    continue
+                except Exception:
+                    # Corrupt Opus: the decoder rejects all that follows, so say so and end the call
+                    # rather than feed it silence until the idle timeout.
+                    await ws.close(code=1007, reason="invalid Ogg/Opus audio")
+                    return
                 if pcm is not None and len(pcm):
                     session.push(np.asarray(pcm, dtype=np.float32))
+                await throttle(session)
 
-        reader = asyncio.create_task(receive_audio())
+        reader = None
         try:
+            await ws.send_bytes(bytes([KIND_HANDSHAKE]))
+            reader = asyncio.create_task(receive_audio())
             while True:
                 getter = asyncio.ensure_future(api_session.queue.get())
                 done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
@@ -97,7 +104,8 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
             pass
         finally:
             engine.end_session(session.id, "client_disconnected")
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             try:
                 await ws.close()
             except (RuntimeError, WebSocketDisconnect):

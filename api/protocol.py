@@ -8,7 +8,7 @@ import json
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.audio import pcm_to_s16le
-from engine.config import SamplingConfig
+from engine.config import MAX_TEMPERATURE, MAX_TOP_K, SamplingConfig
 from engine.session import FrameOutput
 
 
@@ -17,10 +17,10 @@ class SessionRequest(BaseModel):
     default: its lm_gen_config, else the reference's)."""
     model_config = ConfigDict(extra="forbid")
     greedy: bool | None = None
-    temperature: float | None = Field(None, ge=0, le=10)
-    top_k: int | None = Field(None, ge=0)
-    text_temperature: float | None = Field(None, ge=0, le=10)
-    text_top_k: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
+    text_temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    text_top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
     seed: int | None = Field(None, ge=0, lt=2**63)
     end_on_input_end: bool = False
 

@@ -6,6 +6,7 @@ config file), so a directory laid out like `kyutai/moshiko-pytorch-bf16` loads u
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,6 +285,10 @@ class LMConfig:
         return LMConfig(**kwargs).validate()
 
 
+MAX_TEMPERATURE = 10.0  # far past any useful setting; bounds what a caller can ask
+MAX_TOP_K = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Per-session sampling settings (the reference's LMGen defaults)."""
@@ -295,8 +300,12 @@ class SamplingConfig:
     seed: int | None = None
 
     def validate(self) -> "SamplingConfig":
-        _check(self.temperature >= 0 and self.text_temperature >= 0, "temperatures must be >= 0")
-        _check(self.top_k >= 0 and self.text_top_k >= 0, "top_k values must be >= 0")
+        _check(all(isinstance(t, (int, float)) and math.isfinite(t) and 0 <= t <= MAX_TEMPERATURE
+                   for t in (self.temperature, self.text_temperature)),
+               f"temperatures must be numbers in 0..{MAX_TEMPERATURE}")
+        _check(all(isinstance(k, int) and 0 <= k <= MAX_TOP_K for k in (self.top_k, self.text_top_k)),
+               f"top_k values must be integers in 0..{MAX_TOP_K} (0, or any value at or past the vocabulary, "
+               "samples over all of it)")
         _check(self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)")
         return self
 

@@ -65,8 +65,10 @@ class EngineLoop:
 
     # ---- API side -------------------------------------------------------------------------------
     def create_session(self, sampling: SamplingConfig, sink: Callable[[FrameOutput | str], None],
-                       end_on_input_end: bool = False, wait: float = 0.0) -> Session | None:
-        """Admits a session if a slot is (or within `wait` seconds becomes) free; None otherwise."""
+                       end_on_input_end: bool = False, wait: float = 0.0,
+                       count_rejection: bool = True) -> Session | None:
+        """Admits a session if a slot is (or within `wait` seconds becomes) free; None otherwise
+        (counted as a rejection unless `count_rejection` is False: the caller will try again)."""
         sampling.validate()
         deadline = time.monotonic() + wait
         with self._cond:
@@ -76,7 +78,8 @@ class EngineLoop:
                     break
                 self._cond.wait(left)
             if self.draining or self._full():
-                self.metrics.inc("sessions_rejected_total")
+                if count_rejection:
+                    self.metrics.inc("sessions_rejected_total")
                 return None
             session = Session(sampling, self.runner.frame_size, self.max_buffer_frames, end_on_input_end, sink)
             self.sessions[session.id] = session
@@ -162,7 +165,7 @@ class EngineLoop:
     # ---- engine side ----------------------------------------------------------------------------
     def tick(self) -> Plan:
         with self._cond:
-            self._expire_idle()
+            self._expire()
             plan = self.sched.tick(has_input=lambda sid: self.sessions[sid].has_frame())
             for sid, _ in plan.leaves:
                 self._retire(self.sessions[sid])
@@ -170,9 +173,19 @@ class EngineLoop:
             m = self.metrics
             m.gauges.update(num_sessions_running=len(stepping), slots_used=len(stepping),
                             num_sessions_waiting=len(self.sched.waiting))
+        failed = set()
         for sid, slot in plan.joins:
-            self.runner.join(slot, self.sessions[sid].sampling)
+            try:
+                self.runner.join(slot, self.sessions[sid].sampling)
+            except Exception:  # this session's settings, not the engine: it alone ends
+                log.exception("session %s: joining slot %d failed; ending it", sid, slot)
+                failed.add(sid)
+                self.end_session(sid, "join_failed")
+                continue
             log.info("session %s joined slot %d (%s)", sid, slot, describe_sampling(self.sessions[sid].sampling))
+        if failed:
+            plan.step = [(sid, slot) for sid, slot in plan.step if sid not in failed]
+            stepping = [(session, slot) for session, slot in stepping if session.id not in failed]
         if not stepping:
             return plan
         frames = []
@@ -201,13 +214,17 @@ class EngineLoop:
             self.metrics.counters["ticks_total"] += 1
         return plan
 
-    def _expire_idle(self) -> None:
-        if self.idle_timeout is None:
-            return
+    def _expire(self) -> None:
+        """Ends the sessions that would otherwise hold their admission for good."""
         now = time.monotonic()
         for session in list(self.sessions.values()):
-            idle = not session.input_ended and now - session.last_activity > self.idle_timeout
-            if idle and session.end_reason is None:
+            if session.end_reason is not None:
+                continue
+            if session.input_ended and session.id not in self.sched.slot_of and not session.has_frame():
+                # Its input ended before a whole frame came: it would never join, nor time out.
+                self._end_locked(session, "input_end")
+            elif self.idle_timeout is not None and not session.input_ended \
+                    and now - session.last_activity > self.idle_timeout:
                 self._end_locked(session, "idle_timeout")
 
     def run_offline(self, on_tick: Callable[[Plan], None] | None = None) -> None:

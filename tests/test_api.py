@@ -414,9 +414,11 @@ def test_websocket_garbage_ends_nothing_but_its_own_session(server, expected):
                 await ws.send_bytes(b"\x01" + bytes(range(256)) * 4)  # not Ogg/Opus
                 await asyncio.sleep(0.3)
                 assert not ws.closed
-            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # bad settings: refused
-                await http.ws_connect(base.replace("http", "ws") + "/api/chat?audio_topk=-3")
-            assert refused.value.status == 403
+            # Bad settings: refused with a close frame that says why.
+            async with http.ws_connect(base.replace("http", "ws") + "/api/chat?audio_topk=-3") as ws:
+                msg = await ws.receive(timeout=10)
+                assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 1008
+                assert msg.extra.startswith("bad sampling parameters: top_k values must be integers")
 
     asyncio.run(main())
     for _ in range(100):
@@ -462,3 +464,120 @@ def test_unset_sampling_fields_take_the_checkpoints_defaults(tiny_wrap_ckpt):
     asyncio.run(main())
     got = sampling_from_query({"audio_topk": "7", "text_temperature": ""}, runner.default_sampling)
     assert got == SamplingConfig(temperature=0.5, top_k=7, text_temperature=0.3, text_top_k=4)
+
+
+def test_abuse_gets_clear_refusals_and_harms_no_one(server, expected):
+    """Found by an adversarial run: out-of-range settings, bodies that are too big or too deep,
+    bad query flags, uploads that collide or come after the input ended, and inputless sessions."""
+    base, engine = server
+    created = engine.metrics.counters["sessions_created_total"]
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            for body in ({"top_k": 2**63}, {"text_top_k": 2**31}, {"temperature": "NaN"}, {"temperature": 1e309}):
+                async with http.post(f"{base}/v1/sessions", json=body) as r:
+                    assert r.status == 422, body
+            async with http.post(f"{base}/v1/sessions", data=b"[" * 60000) as r:
+                assert r.status == 422 and "nested too deeply" in (await r.json())["detail"]
+            async with http.post(f"{base}/v1/sessions", data=b" " * (1 << 20)) as r:
+                assert r.status == 413
+            for query in ("top_k=18446744073709551616", "greedy=maybe", "temperature=inf"):
+                async with http.post(f"{base}/v1/chat?{query}", data=b"") as r:
+                    assert r.status == 422, query
+            async with http.ws_connect(base.replace("http", "ws") + "/api/chat?text_topk=99999999999") as ws:
+                await ws.receive(timeout=10)
+                assert ws.close_code == 1008
+            # An input that ends before a whole frame came: the session ends at once, slot never taken.
+            async with http.post(f"{base}/v1/sessions", json={"end_on_input_end": True}) as r:
+                sid = (await r.json())["id"]
+            async with http.post(f"{base}/v1/sessions/{sid}/audio", data=b"\x01") as r:
+                assert r.status == 400  # an odd byte count
+            async with http.get(f"{base}/v1/sessions/{sid}/stream") as r:
+                assert [json.loads(line) async for line in r.content] == [{"type": "end", "reason": "input_end"}]
+            async with http.post(f"{base}/v1/chat", data=b"") as r:
+                assert [json.loads(line) async for line in r.content] == [{"type": "end", "reason": "input_end"}]
+            # Uploads: not two at once, and none after the input ended.
+            async with http.post(f"{base}/v1/sessions", json={"end_on_input_end": True}) as r:
+                sid = (await r.json())["id"]
+            gate = asyncio.Event()
+
+            async def slow_body():
+                yield b"\x00\x00" * 1920
+                await gate.wait()
+            first = asyncio.create_task(http.post(f"{base}/v1/sessions/{sid}/audio", data=slow_body()))
+            await asyncio.sleep(0.3)
+            async with http.post(f"{base}/v1/sessions/{sid}/audio", data=b"\x00\x00") as r:
+                assert r.status == 409 and "already being uploaded" in (await r.json())["detail"]
+            gate.set()
+            assert (await first).status == 200
+            async with http.post(f"{base}/v1/sessions/{sid}/audio", data=b"\x00\x00") as r:
+                assert r.status == 409 and "input has ended" in (await r.json())["detail"]
+            await http.delete(f"{base}/v1/sessions/{sid}")
+
+    asyncio.run(main())
+    assert engine.metrics.counters["sessions_created_total"] == created + 3
+    for _ in range(100):
+        if not engine.sessions:
+            break
+        time.sleep(0.05)
+    assert not engine.sessions and engine.stalled() is None
+    test_client_helper_streams_in_real_time(server, expected)
+
+
+def test_a_listener_that_leaves_after_its_body_frees_the_slot(server):
+    """/v1/chat?end_on_input_end=0 keeps a call going after its body; a client that then goes away
+    must end it, not leave it to the idle timeout."""
+    base, engine = server
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            r = await http.post(f"{base}/v1/chat?end_on_input_end=0&greedy=1", data=b"\x00\x00" * 1920 * 3)
+            sid = r.headers["x-session-id"]
+            await r.content.readline()  # the first frame
+            assert sid in engine.sessions
+            r.close()
+            for _ in range(100):
+                if sid not in engine.sessions:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("the session outlived its client")
+
+    asyncio.run(main())
+
+
+def test_admission_waits_on_the_event_loop_and_counts_each_refusal_once(tiny_wrap_ckpt):
+    httpx = pytest.importorskip("httpx")
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    engine = EngineLoop(runner, max_waiting=0)
+    app = create_app(engine, ServeConfig(admission_wait=0.3))
+    held = engine.create_session(SamplingConfig(), lambda event: None)
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            # More waiting callers than the default thread pool has threads: none waits on another.
+            replies = await asyncio.gather(*(c.post("/v1/sessions", json={}) for _ in range(16)))
+            assert [r.status_code for r in replies] == [503] * 16
+            assert engine.metrics.counters["sessions_rejected_total"] == 16
+            # A slot that frees during the wait admits the caller.
+            waiting = asyncio.create_task(c.post("/v1/sessions", json={}))
+            await asyncio.sleep(0.1)
+            engine.end_session(held.id, "done")
+            assert (await waiting).status_code == 201
+
+    asyncio.run(main())
+
+
+def test_throttle_slows_only_a_reader_whose_buffer_is_full():
+    from api.bridge import throttle
+    from engine.session import Session
+    session = Session(SamplingConfig(), 1920, 2, False, lambda event: None)
+
+    async def timed() -> float:
+        start = time.perf_counter()
+        await throttle(session)
+        return time.perf_counter() - start
+
+    session.push(np.zeros(1920, dtype=np.float32))
+    assert asyncio.run(timed()) < 0.05
+    session.push(np.zeros(3 * 1920, dtype=np.float32))  # over two frames: the oldest dropped
+    assert session.dropped_samples == 2 * 1920 and asyncio.run(timed()) >= 0.07

@@ -254,3 +254,35 @@ def test_status_follows_a_session_from_waiting_to_gone(runner):
     assert loop.status(s.id)["state"] == "ending"
     loop.tick()
     assert loop.status(s.id) is None and loop.statuses() == []
+
+
+def test_a_join_that_fails_ends_its_own_session_only(runner, monkeypatch, caplog):
+    loop = EngineLoop(runner)
+    good_events, good_sink = collector()
+    bad_events, bad_sink = collector()
+    good = loop.create_session(SamplingConfig(greedy=True), good_sink, end_on_input_end=True)
+    bad = loop.create_session(SamplingConfig(greedy=True, seed=13), bad_sink, end_on_input_end=True)
+    real_join = runner.join
+
+    def join(slot, sampling):  # settings the slot table cannot hold, say
+        if sampling.seed == 13:
+            raise OverflowError("cannot hold it")
+        real_join(slot, sampling)
+    monkeypatch.setattr(runner, "join", join)
+    for s in (good, bad):
+        s.push(np.zeros(8 * 1920, np.float32))
+        s.end_input()
+    with caplog.at_level(logging.ERROR, logger="lockstep"):
+        loop.run_offline()
+    frames = [e for e in good_events if isinstance(e, FrameOutput)]
+    assert len(frames) == 8 - runner.max_delay and good_events[-1] == "input_end"
+    assert bad_events == ["join_failed"] and loop.failed_ticks == 0
+    assert f"session {bad.id}: joining slot" in caplog.text
+
+
+def test_an_input_that_ends_before_a_frame_ends_its_session(runner):
+    loop = EngineLoop(runner, idle_timeout=60.0)
+    events, sink = collector()
+    s = loop.create_session(SamplingConfig(), sink)  # even without end_on_input_end: it could never join
+    s.end_input()
+    assert loop.tick().joins == [] and events == ["input_end"] and not loop.sessions
