@@ -9,7 +9,6 @@ from engine.session import FrameOutput, Session
 
 
 MAX_UNREAD_FRAMES = 250  # 20 s of output
-ADMISSION_POLL_SECONDS = 0.02
 
 
 async def throttle(session: Session) -> None:
@@ -47,6 +46,18 @@ class SessionRegistry:
         self.engine = engine
         self.cfg = cfg
         self._by_id: dict[str, ApiSession] = {}
+        self._freed = asyncio.Event()  # set when an admission frees (or draining starts)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the API runs on, once known
+        engine.on_admission_change.append(self._wake_waiters)
+
+    def _wake_waiters(self) -> None:
+        """On the engine thread (or any other): wakes the callers waiting for admission."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._freed.set)
+            except RuntimeError:  # closed meanwhile
+                pass
 
     @property
     def defaults(self) -> SamplingConfig:
@@ -64,15 +75,23 @@ class SessionRegistry:
                 self.engine.end_session(api_session.session.id, "output_not_read")
             api_session.sink(event)
 
-        # Admission may wait for a slot: on the event loop, polling, since a thread per waiting caller
-        # would exhaust the default pool and make every refusal and admission wait on the others.
+        # Admission may wait for a slot: on the event loop, woken when one frees, since a thread per
+        # waiting caller would exhaust the default pool and make each refusal and admission wait on
+        # the others, and polling would cost the engine's lock a take per waiter per poll.
         loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # an asyncio.Event belongs to the loop it first waits on
+            self._loop, self._freed = loop, asyncio.Event()
         deadline = loop.time() + self.cfg.admission_wait
         while True:
+            self._freed.clear()  # before trying: a slot that frees after the try wakes the wait
             session = self.engine.create_session(sampling, sink, end_on_input_end, count_rejection=False)
-            if session is not None or self.engine.draining or loop.time() >= deadline:
+            left = deadline - loop.time()
+            if session is not None or self.engine.draining or left <= 0:
                 break
-            await asyncio.sleep(ADMISSION_POLL_SECONDS)
+            try:
+                await asyncio.wait_for(self._freed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
         if session is None:
             self.engine.metrics.inc("sessions_rejected_total")
             return None

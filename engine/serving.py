@@ -60,6 +60,9 @@ class EngineLoop:
         self.failed_ticks = 0  # consecutive ticks that raised, and the latest one's error
         self.last_error: str | None = None
         self._cond = threading.Condition()
+        # Called (on whichever thread frees it) when an admission frees or draining starts, for
+        # callers that wait for one without a thread of their own (the API's event loop).
+        self.on_admission_change: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -137,12 +140,17 @@ class EngineLoop:
         if session.id not in self.sched.slot_of:  # never joined: nothing to step, end it now
             self._retire(session)
 
+    def _admission_changed(self) -> None:
+        self._cond.notify_all()
+        for notify in self.on_admission_change:
+            notify()
+
     def _retire(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
         self.metrics.inc("sessions_finished_total")
         self.metrics.inc("input_underruns_total", session.underruns)
         self.metrics.inc("input_dropped_samples_total", session.dropped_samples)
-        self._cond.notify_all()
+        self._admission_changed()
         first = "" if session.first_audio_at is None else \
             f", first audio after {(session.first_audio_at - session.created) * 1e3:.0f} ms"
         log.info("session %s ended (%s): %d frame(s) out in %.1f s, %d underrun(s)%s", session.id,
@@ -332,4 +340,4 @@ class EngineLoop:
         """Refuse new sessions from now on; running ones go on."""
         with self._cond:
             self.draining = True
-            self._cond.notify_all()
+            self._admission_changed()
