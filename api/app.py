@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from api.bridge import ApiSession, SessionRegistry, throttle
+from api.bridge import HTTP_CHUNK_RATE, ApiSession, MessageRate, SessionRegistry, throttle
 from api.chat import chat_endpoint
 from api.moshi_ws import add_moshi_websocket
 from api.protocol import PcmReassembler, SessionRequest, end_event, frame_events
@@ -88,6 +88,9 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
             retry = max(1, int(cfg.admission_wait))
             return JSONResponse({"detail": registry.refusal()}, status_code=503,
                                 headers={"Retry-After": str(retry)})
+        if await request.is_disconnected():  # left during the admission wait: nobody will use it
+            engine.end_session(api_session.session.id, "client_disconnected")
+            return Response(status_code=400)
         return registry.describe(api_session)
 
     @app.get("/v1/sessions", dependencies=[Depends(auth)])
@@ -113,17 +116,21 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
             raise HTTPException(409, "this session's audio is already being uploaded")
         limit = int(cfg.max_body_mb * 2**20)
         pcm_in, received = PcmReassembler(), 0
+        chunks = MessageRate(*HTTP_CHUNK_RATE)
         api_session.uploading = True
         try:
             async for chunk in request.stream():
+                if session.end_reason is not None:  # deleted, timed out, shut down: stop reading
+                    raise HTTPException(409, f"this session has ended ({session.end_reason})")
                 received += len(chunk)
-                if received > limit:
-                    session.end_input()
+                if received > limit:  # ends the session, as /v1/chat does: its input is cut short
+                    engine.end_session(sid, "body_too_large")
                     raise HTTPException(413, f"audio body over --max-body-mb ({cfg.max_body_mb} MB)")
                 samples = pcm_in.feed(chunk)
                 if len(samples):
                     session.push(samples)
                 await throttle(session)
+                await chunks.take()
         except ClientDisconnect:  # the uploader went away: as if its body had ended here
             if session.end_on_input_end:
                 session.end_input()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from engine.config import FRAME_RATE, SAMPLE_RATE, SamplingConfig, ServeConfig
 from engine.serving import EngineLoop
@@ -9,6 +10,28 @@ from engine.session import FrameOutput, Session
 
 
 MAX_UNREAD_FRAMES = 250  # 20 s of output
+# (per second, burst) a connection is read at: far above what any client needs (Kyutai's sends a
+# message per 80 ms frame; HTTP bodies come in chunks of kilobytes), far below a flood.
+WS_MESSAGE_RATE = (100.0, 200.0)
+HTTP_CHUNK_RATE = (2000.0, 2000.0)
+
+
+class MessageRate:
+    """Caps the messages one connection is read at (a token bucket): a client flooding messages
+    that carry no audio (empty, text, unknown kinds) never fills its buffer, so `throttle` would
+    not slow it, yet each message costs the event loop, and through the GIL the engine's ticks."""
+
+    def __init__(self, per_second: float, burst: float):
+        self.per_second, self.burst = per_second, burst
+        self.tokens, self.at = burst, time.monotonic()
+
+    async def take(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_second)
+        self.at = now
+        self.tokens -= 1
+        if self.tokens < 0:
+            await asyncio.sleep(-self.tokens / self.per_second)
 
 
 async def throttle(session: Session) -> None:

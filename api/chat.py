@@ -12,7 +12,7 @@ from urllib.parse import parse_qs
 
 from pydantic import ValidationError
 
-from api.bridge import SessionRegistry, throttle
+from api.bridge import HTTP_CHUNK_RATE, MessageRate, SessionRegistry, throttle
 from api.protocol import PcmReassembler, SessionRequest, end_event, frame_events
 from engine.session import FrameOutput
 
@@ -30,21 +30,22 @@ async def _reply(send, status: int, detail: str, headers: list[tuple[bytes, byte
 def _parse_query(scope) -> tuple[SessionRequest, bool]:
     """Sampling settings come from the query string (the body is audio)."""
     raw = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
-    tokens = raw.pop("tokens", "0").lower() in _TRUE
+    def flag(key: str, value: str) -> bool:
+        if value.lower() not in _TRUE | _FALSE:
+            raise ValueError(f"{key} must be one of {sorted(_TRUE | _FALSE)}, got {value!r}")
+        return value.lower() in _TRUE
+
+    tokens = flag("tokens", raw.pop("tokens", "0"))
     fields: dict = {"end_on_input_end": True}
     for key, value in raw.items():
-        if key in ("greedy", "end_on_input_end"):
-            if value.lower() not in _TRUE | _FALSE:
-                raise ValueError(f"{key} must be one of {sorted(_TRUE | _FALSE)}, got {value!r}")
-            fields[key] = value.lower() in _TRUE
-        else:
-            fields[key] = value
+        fields[key] = flag(key, value) if key in ("greedy", "end_on_input_end") else value
     return SessionRequest.model_validate(fields), tokens
 
 
 async def chat_endpoint(scope, receive, send, registry: SessionRegistry,
                         authorized: Callable[[dict], bool]) -> None:
-    headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+    # Latin-1, as HTTP defines header bytes (and Starlette decodes them): any byte is a character.
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
     if scope["method"] != "POST":
         return await _reply(send, 405, "use POST", [(b"allow", b"POST")])
     if not authorized(headers):
@@ -62,11 +63,13 @@ async def chat_endpoint(scope, receive, send, registry: SessionRegistry,
     limit = int(registry.cfg.max_body_mb * 2**20)
 
     async def read_body() -> None:
-        pcm_in, received = PcmReassembler(), 0
+        pcm_in, received, chunks = PcmReassembler(), 0, MessageRate(*HTTP_CHUNK_RATE)
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 engine.end_session(session.id, "client_disconnected")
+                return
+            if session.end_reason is not None:  # ended meanwhile (say, its output went unread)
                 return
             chunk = message.get("body", b"")
             received += len(chunk)
@@ -79,6 +82,7 @@ async def chat_endpoint(scope, receive, send, registry: SessionRegistry,
             if not message.get("more_body", False):
                 break
             await throttle(session)
+            await chunks.take()
         if session.end_on_input_end:
             session.end_input()
         # The body is in; what `receive` says next is the client going away (it may only listen).

@@ -11,7 +11,7 @@ import numpy as np
 import sphn
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-from api.bridge import SessionRegistry, throttle
+from api.bridge import WS_MESSAGE_RATE, MessageRate, SessionRegistry, throttle
 from engine.config import SAMPLE_RATE, SamplingConfig
 from engine.session import FrameOutput
 
@@ -64,7 +64,9 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
         opus_out = sphn.OpusStreamWriter(SAMPLE_RATE)
 
         async def receive_audio() -> None:
+            rate = MessageRate(*WS_MESSAGE_RATE)
             while True:
+                await rate.take()
                 event = await ws.receive()
                 if event["type"] == "websocket.disconnect":
                     return

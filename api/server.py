@@ -29,8 +29,9 @@ class DrainingServer(uvicorn.Server):
         self._draining = False
 
     def handle_exit(self, sig, frame) -> None:
-        if self._draining:
-            return super().handle_exit(sig, frame)
+        if self._draining:  # the second signal, whichever: stop now, open connections or not
+            self.should_exit = self.force_exit = True
+            return
         self._draining = True
         self.engine.drain()
         log.info("draining: %d running session(s), up to %.0f s", len(self.engine.sessions), self.shutdown_timeout)
@@ -94,8 +95,10 @@ def serve(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> None:
     # The model is loaded, warmed up and ticked on the engine's own thread (`EngineLoop.spawn`
     # says why); this thread only serves HTTP.
     engine = EngineLoop.spawn(lambda: build_engine(engine_cfg, serve_cfg))
+    # Once the sessions have ended, connections still open (an upload trickling in, say) get a few
+    # seconds, not forever.
     config = uvicorn.Config(create_app(engine, serve_cfg), host=serve_cfg.host, port=serve_cfg.port,
-                            log_level="info", log_config=log_config())
+                            log_level="info", log_config=log_config(), timeout_graceful_shutdown=5)
     try:
         DrainingServer(config, engine, serve_cfg.shutdown_timeout).run()
     finally:

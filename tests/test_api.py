@@ -581,3 +581,67 @@ def test_throttle_slows_only_a_reader_whose_buffer_is_full():
     assert asyncio.run(timed()) < 0.05
     session.push(np.zeros(3 * 1920, dtype=np.float32))  # over two frames: the oldest dropped
     assert session.dropped_samples == 2 * 1920 and asyncio.run(timed()) >= 0.07
+
+
+def test_uploads_stop_with_their_session_and_a_413_ends_it(tiny_wrap_ckpt):
+    httpx = pytest.importorskip("httpx")
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=2))
+    engine = EngineLoop(runner, max_waiting=0)
+    app = create_app(engine, ServeConfig(max_body_mb=0.01))
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            sid = (await c.post("/v1/sessions", json={})).json()["id"]
+            deleted = asyncio.Event()
+
+            async def body():
+                yield b"\x00\x00" * 100
+                await c.delete(f"/v1/sessions/{sid}")
+                deleted.set()
+                yield b"\x00\x00" * 100
+            r = await c.post(f"/v1/sessions/{sid}/audio", content=body())
+            assert deleted.is_set() and r.status_code == 409 and "has ended (deleted)" in r.json()["detail"]
+            # Past --max-body-mb: 413, and the session ends (its input was cut short).
+            sid = (await c.post("/v1/sessions", json={})).json()["id"]
+            r = await c.post(f"/v1/sessions/{sid}/audio", content=b"\x00" * 20000)
+            assert r.status_code == 413 and sid not in engine.sessions  # never joined: gone at once
+            assert engine.metrics.counters["sessions_finished_total"] == 2
+            # A header that is not UTF-8 is read as Latin-1, as HTTP defines it: no 500.
+            r = await c.post("/v1/chat?tokens=maybe", content=b"", headers={"x-note": b"caf\xe9"})
+            assert r.status_code == 422 and "tokens must be one of" in r.json()["detail"]
+
+    asyncio.run(main())
+
+
+def test_a_caller_gone_during_the_admission_wait_gets_no_session(tiny_wrap_ckpt, monkeypatch):
+    httpx = pytest.importorskip("httpx")
+    from starlette.requests import Request
+    runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
+    engine = EngineLoop(runner, max_waiting=0)
+    app = create_app(engine, ServeConfig())
+
+    async def gone(self):
+        return True
+    monkeypatch.setattr(Request, "is_disconnected", gone)
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            assert (await c.post("/v1/sessions", json={})).status_code == 400
+
+    asyncio.run(main())
+    assert [s.end_reason for s in engine.sessions.values()] in ([], ["client_disconnected"])
+    assert engine.sched.free_slots == 1
+
+
+def test_message_rate_lets_a_burst_through_then_paces():
+    from api.bridge import MessageRate
+    rate = MessageRate(100.0, 5.0)
+
+    async def take(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            await rate.take()
+        return time.perf_counter() - start
+
+    assert asyncio.run(take(5)) < 0.03  # the burst
+    assert asyncio.run(take(10)) >= 0.08  # then 100 a second

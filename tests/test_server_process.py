@@ -123,3 +123,49 @@ def test_admit_realtime_caps_admission_at_the_probed_capacity(tiny_wrap_ckpt, mo
         assert engine.create_session(SamplingConfig(), lambda event: None) is not None
     finally:
         gc.unfreeze()
+
+
+def test_a_trickling_upload_does_not_hold_the_shutdown(tiny_wrap_ckpt):
+    """After the drain ends the sessions, an upload still trickling in is cut off (its session has
+    ended), so the server stops rather than wait on the connection."""
+    import threading
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--device", "cpu", "--model-dir", str(tiny_wrap_ckpt),
+                             "--port", str(port), "--max-sessions", "1", "--shutdown-timeout", "0.5", "--no-warmup"],
+                            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(base + "/healthz", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(proc.stderr.read().decode()[-2000:])
+                time.sleep(0.1)
+        sid = json.loads(post(base + "/v1/sessions", {})[1])["id"]
+        replies = []
+
+        def trickle():
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(f"POST /v1/sessions/{sid}/audio HTTP/1.1\r\nHost: x\r\n"
+                          "Transfer-Encoding: chunked\r\n\r\n".encode())
+                try:
+                    for _ in range(100):
+                        s.sendall(b"2\r\n\x00\x00\r\n")
+                        time.sleep(0.1)
+                    s.settimeout(5)
+                    replies.append(s.recv(200))
+                except OSError as e:  # the server went away first
+                    replies.append(repr(e).encode())
+        thread = threading.Thread(target=trickle)
+        thread.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0  # the session ended, the upload was answered, the server stopped
+        thread.join(timeout=15)
+        assert replies and (replies[0].startswith(b"HTTP/1.1 409") or b"Error" in replies[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
