@@ -117,7 +117,7 @@ def resolve(cfg: EngineConfig) -> CheckpointFiles:
 _LEGACY_CODEBOOK = {"inited": "_initialized", "cluster_size": "cluster_usage", "embed_avg": "embedding_sum",
                     "embed_sum": "embedding_sum"}
 # kyutai's fused attention projections (weights, their q8 scales, their LoRA factors), all steps'
-# parts stacked on dim 0: name -> (module list, leaf).
+# parts stacked on dim 0; `_split_name` gives the module list and leaf each part goes to.
 _FUSED_ATTN = re.compile(r"(.*self_attn\.)(in_proj_weight|in_proj\.weight|out_proj\.weight|"
                          r"(?:in|out)_proj\.lora_[AB]\.weight)(_scb)?$")
 

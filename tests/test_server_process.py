@@ -28,22 +28,28 @@ def post(url: str, body: dict | bytes):
         return e.code, e.read()
 
 
-def test_sigterm_drains(tiny_wrap_ckpt):
+def start_server(ckpt, *flags: str) -> tuple[subprocess.Popen, int]:
+    """`lockstep serve` in a process, once it answers /healthz: (process, port)."""
     port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--device", "cpu", "--model-dir", str(tiny_wrap_ckpt),
-                             "--port", str(port), "--max-sessions", "2", "--shutdown-timeout", "20"],
-                            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--device", "cpu", "--model-dir", str(ckpt),
+                             "--port", str(port), *flags], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            return proc, port
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(proc.stderr.read().decode()[-2000:])
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail("the server did not start")
+
+
+def test_sigterm_drains(tiny_wrap_ckpt):
+    proc, port = start_server(tiny_wrap_ckpt, "--max-sessions", "2", "--shutdown-timeout", "20")
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(base + "/healthz", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(proc.stderr.read().decode()[-2000:])
-                time.sleep(0.1)
         status, body = post(base + "/v1/sessions", {"greedy": True, "end_on_input_end": True})
         assert status == 201
         sid = json.loads(body)["id"]
@@ -129,21 +135,9 @@ def test_a_trickling_upload_does_not_hold_the_shutdown(tiny_wrap_ckpt):
     """After the drain ends the sessions, an upload still trickling in is cut off (its session has
     ended), so the server stops rather than wait on the connection."""
     import threading
-    port = free_port()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--device", "cpu", "--model-dir", str(tiny_wrap_ckpt),
-                             "--port", str(port), "--max-sessions", "1", "--shutdown-timeout", "0.5", "--no-warmup"],
-                            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, port = start_server(tiny_wrap_ckpt, "--max-sessions", "1", "--shutdown-timeout", "0.5", "--no-warmup")
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(base + "/healthz", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(proc.stderr.read().decode()[-2000:])
-                time.sleep(0.1)
         sid = json.loads(post(base + "/v1/sessions", {})[1])["id"]
         replies = []
 
