@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from api.bridge import HTTP_CHUNK_RATE, ApiSession, MessageRate, SessionRegistry, throttle
+from api.bridge import HTTP_CHUNK_RATE, ApiSession, MessageRate, SessionRegistry
 from api.chat import chat_endpoint
 from api.moshi_ws import add_moshi_websocket
 from api.protocol import PcmReassembler, SessionRequest, end_event, frame_events
@@ -129,8 +129,7 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
                 samples = pcm_in.feed(chunk)
                 if len(samples):
                     session.push(samples)
-                await throttle(session)
-                await chunks.take()
+                await chunks.pace(session)
         except ClientDisconnect:  # the uploader went away: as if its body had ended here
             if session.end_on_input_end:
                 session.end_input()

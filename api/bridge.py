@@ -33,6 +33,11 @@ class MessageRate:
         if self.tokens < 0:
             await asyncio.sleep(-self.tokens / self.per_second)
 
+    async def pace(self, session: Session) -> None:
+        """What every reader does after each message: `throttle`, then this cap."""
+        await throttle(session)
+        await self.take()
+
 
 async def throttle(session: Session) -> None:
     """Slows a reader whose session already holds `--max-buffer-seconds` of input: what comes on
@@ -69,16 +74,17 @@ class SessionRegistry:
         self.engine = engine
         self.cfg = cfg
         self._by_id: dict[str, ApiSession] = {}
-        self._freed = asyncio.Event()  # set when an admission frees (or draining starts)
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the API runs on, once known
+        # Set when an admission frees (or draining starts); made on the loop the API runs on, once known.
+        self._freed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         engine.on_admission_change.append(self._wake_waiters)
 
     def _wake_waiters(self) -> None:
         """On the engine thread (or any other): wakes the callers waiting for admission."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
+        loop, freed = self._loop, self._freed
+        if loop is not None and freed is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(self._freed.set)
+                loop.call_soon_threadsafe(freed.set)
             except RuntimeError:  # closed meanwhile
                 pass
 

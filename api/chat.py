@@ -12,7 +12,7 @@ from urllib.parse import parse_qs
 
 from pydantic import ValidationError
 
-from api.bridge import HTTP_CHUNK_RATE, MessageRate, SessionRegistry, throttle
+from api.bridge import HTTP_CHUNK_RATE, MessageRate, SessionRegistry
 from api.protocol import PcmReassembler, SessionRequest, end_event, frame_events
 from engine.session import FrameOutput
 
@@ -81,8 +81,7 @@ async def chat_endpoint(scope, receive, send, registry: SessionRegistry,
                 session.push(samples)
             if not message.get("more_body", False):
                 break
-            await throttle(session)
-            await chunks.take()
+            await chunks.pace(session)
         if session.end_on_input_end:
             session.end_input()
         # The body is in; what `receive` says next is the client going away (it may only listen).

@@ -11,7 +11,7 @@ import numpy as np
 import sphn
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-from api.bridge import WS_MESSAGE_RATE, MessageRate, SessionRegistry, throttle
+from api.bridge import WS_MESSAGE_RATE, MessageRate, SessionRegistry
 from engine.config import SAMPLE_RATE, SamplingConfig
 from engine.session import FrameOutput
 
@@ -66,11 +66,11 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
         async def receive_audio() -> None:
             rate = MessageRate(*WS_MESSAGE_RATE)
             while True:
-                await rate.take()
                 event = await ws.receive()
                 if event["type"] == "websocket.disconnect":
                     return
                 message = event.get("bytes")
+                await rate.pace(session)
                 if not message or message[0] != KIND_AUDIO:
                     continue  # text frames and unknown kinds are ignored, as the reference server does
                 try:
@@ -82,7 +82,6 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
                     return
                 if pcm is not None and len(pcm):
                     session.push(np.asarray(pcm, dtype=np.float32))
-                await throttle(session)
 
         reader = None
         try:

@@ -25,8 +25,7 @@ class SessionRequest(BaseModel):
     end_on_input_end: bool = False
 
     def sampling(self, defaults: SamplingConfig) -> SamplingConfig:
-        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingConfig)}
-        return dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None}).validate()
+        return defaults.overridden({f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingConfig)})
 
 
 def frame_events(out: FrameOutput, tokens: bool) -> bytes:

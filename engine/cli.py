@@ -138,9 +138,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from engine.generate import generate
     from engine.runner import ModelRunner
     runner = ModelRunner.load(engine_config(args))
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)}
-    sampling = dataclasses.replace(runner.default_sampling,
-                                   **{k: v for k, v in given.items() if v is not None}).validate()
+    sampling = runner.default_sampling.overridden({f.name: getattr(args, f.name)
+                                                   for f in dataclasses.fields(SamplingConfig)})
     results = generate(runner, [Path(p) for p in args.inputs], Path(args.output_dir), sampling)
     failed = [r for r in results.values() if r.error]
     print(f"generated {len(results) - len(failed)} session(s) into {args.output_dir}"

@@ -309,6 +309,10 @@ class SamplingConfig:
         _check(self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)")
         return self
 
+    def overridden(self, given: dict[str, Any]) -> "SamplingConfig":
+        """These settings with what a caller gave in their place (None: not given), validated."""
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None}).validate()
+
     @staticmethod
     def from_lm_gen_config(raw: Any) -> "SamplingConfig":
         """A checkpoint's own sampling defaults: config.json's `lm_gen_config`, the keyword arguments
