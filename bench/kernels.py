@@ -225,6 +225,11 @@ FAMILIES = {"attention": bench_attention, "rvq": bench_rvq, "conv": bench_conv, 
             "rope": bench_rope, "noise": bench_noise}
 
 
+def indexed(device: torch.device) -> torch.device:
+    """`cuda` as `cuda:N` (the current device): torch.cuda.set_device refuses a device without an index."""
+    return torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64], help="concurrent slots")
@@ -240,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
               "GPU); none is available here, so nothing was measured.")
         return 0
     if device.type == "cuda":
+        device = indexed(device)
         torch.cuda.set_device(device)
         name, copy_bytes = torch.cuda.get_device_name(device), 1 << 30
     else:

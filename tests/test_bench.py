@@ -141,6 +141,28 @@ def test_kernel_benchmark_runs_every_case_on_cpu(tmp_path, monkeypatch, capsys):
     assert "under Triton's interpreter" in capsys.readouterr().out
 
 
+def test_kernel_benchmark_on_cuda_gives_torch_an_indexed_device(monkeypatch):
+    """`--device cuda` (the GPU check's) reaches torch.cuda.set_device as `cuda:N`: torch refuses one
+    without an index before touching the GPU, which the CPU path never reaches."""
+    import bench.kernels as bk
+
+    class Reached(Exception):
+        pass
+
+    chosen = []
+
+    def set_device(index):
+        chosen.append(index)
+        raise Reached
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", set_device, raising=False)
+    with pytest.raises(Reached):  # torch's own set_device got as far as the driver call
+        bk.main(["--device", "cuda"])
+    assert chosen == [0]
+
+
 def test_cpu_kernels_benchmark_checks_and_reports_every_route(tmp_path, capsys):
     from bench.cpu_kernels import main
     from kernels import gemm_cpu
