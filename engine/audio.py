@@ -222,7 +222,9 @@ def write_wav(path: str | os.PathLike, pcm: np.ndarray, sample_rate: int = 24000
     pcm = np.asarray(pcm)
     if pcm.ndim != 1:
         raise ValueError(f"write_wav expects mono 1-D audio, got shape {pcm.shape}")
-    with wave.open(os.fspath(path), "wb") as w:
+    # The file is opened first: wave.open on a path that cannot be written leaves a half-made writer
+    # whose finalizer prints a second error.
+    with open(path, "wb") as f, wave.open(f, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(int(sample_rate))

@@ -128,9 +128,26 @@ def sessions_that_fit(lm, mimi, device: torch.device) -> int:
     per_slot = state_bytes_per_slot(lm, mimi)
     fit = min(MAX_AUTO_SESSIONS, memory[1] // per_slot - 1)
     if fit < 1:
-        raise ConfigError(f"--max-sessions 0: not even one session's state ({per_slot / 1e9:.2f} GB) fits "
-                          f"in {device}'s free memory")
+        raise ConfigError(f"--max-sessions 0: not even one session's state ({_per_slot_text(lm, mimi, per_slot)}) "
+                          f"fits in {device}'s free memory{_fix_hint(lm, 0)}")
     return fit
+
+
+def _per_slot_text(lm, mimi, per_slot: int) -> str:
+    return (f"{per_slot / 1e9:.2f} GB a session: KV caches at full context, the LM's {lm.cfg.context} "
+            f"positions and Mimi's {mimi.cfg.transformer.context}")
+
+
+def _fix_hint(lm, fit: int) -> str:
+    """What would make room: fewer sessions, a narrower LM dtype, or where not one fits, a checkpoint
+    with a shorter context."""
+    fixes = ["lower --max-sessions (0 takes as many as fit)"] if fit > 0 else []
+    if lm.transformer.kv_bytes(1) > lm.transformer.kv_bytes(1, torch.bfloat16):
+        fixes.append("a narrower --dtype (bfloat16 halves the LM's KV)")
+    if fit == 0:
+        fixes.append("a checkpoint with a shorter context (config.json's context, the Mimi config's "
+                     "transformer.context)")
+    return "; " + " or ".join(fixes) if fixes else ""
 
 
 def check_state_fits(lm, mimi, max_sessions: int, device: torch.device) -> None:
@@ -145,13 +162,11 @@ def check_state_fits(lm, mimi, max_sessions: int, device: torch.device) -> None:
     if need <= budget:
         return
     fit = max(0, budget // per_slot - 1)
-    hint = " or a narrower --dtype (bfloat16 halves the LM's KV)" if lm.transformer.kv_bytes(1) > \
-        lm.transformer.kv_bytes(1, torch.bfloat16) else ""
     raise ConfigError(
         f"--max-sessions {max_sessions} needs {need / 1e9:.1f} GB of session state on {device} "
-        f"({per_slot / 1e9:.2f} GB a session, KV caches at full context, plus one scratch slot), but "
-        f"{free / 1e9:.1f} GB is free after the weights, of which {budget / 1e9:.1f} GB may hold state: "
-        f"at most {fit} session(s) fit. Lower --max-sessions (0 takes as many as fit){hint}.")
+        f"({_per_slot_text(lm, mimi, per_slot)}; plus one scratch slot), but {free / 1e9:.1f} GB is free "
+        f"after the weights, of which {budget / 1e9:.1f} GB may hold state: at most {fit} session(s) fit"
+        f"{_fix_hint(lm, fit)}.")
 
 
 def probe_ticks(runner, repeats: int = 3) -> dict[int, float]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,15 +40,31 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+class MissingFileError(CheckpointError):
+    """A file the repository does not have, or that is neither cached nor reachable; kyutai's
+    loader takes a config.json missing either way for the Moshi 7B defaults."""
+
+
 def _hf_fetch(repo: str, name: str) -> Path:
-    from huggingface_hub import hf_hub_download
+    """A file of a Hugging Face repository, from the local cache when it is there: asking the hub
+    first would cost minutes of retries on a machine without network."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    cached = try_to_load_from_cache(repo, name)
+    if isinstance(cached, str):
+        return Path(cached)
+    if cached is not None:  # the cache records that the repository has no such file
+        raise MissingFileError(f"Hugging Face repo {repo!r} has no file {name!r}")
+    unreachable = (f"cannot get {name!r} from Hugging Face repo {repo!r} ({{}}); it is neither in the local "
+                   "cache nor downloadable. Download it once with network access, or use --model-dir.")
     try:
         return Path(hf_hub_download(repo, name))
-    except Exception as e:  # network errors, missing files, missing cache entries all end here
-        raise CheckpointError(
-            f"cannot get {name!r} from Hugging Face repo {repo!r} ({type(e).__name__}); it is neither in "
-            "the local cache nor downloadable. Download it once with network access, or use --model-dir."
-        ) from None
+    except LocalEntryNotFoundError as e:
+        raise MissingFileError(unreachable.format(type(e).__name__)) from None
+    except EntryNotFoundError:
+        raise MissingFileError(f"Hugging Face repo {repo!r} has no file {name!r}") from None
+    except Exception as e:  # network errors, unknown repositories
+        raise CheckpointError(unreachable.format(type(e).__name__)) from None
 
 
 def _locate(name: str, fetch: Callable[[str], Path]) -> Path:
@@ -85,10 +102,14 @@ def resolve(cfg: EngineConfig) -> CheckpointFiles:
     elif cfg.model_dir is not None:
         path = Path(cfg.model_dir) / "config.json"
         raw = _read_json(path, "config") if path.exists() else None
+        if raw is None:
+            print(f"lockstep: no config.json in {cfg.model_dir}; taking the checkpoint for Moshi 7B, as kyutai's "
+                  "loader does", file=sys.stderr)
     else:
         try:
             raw = _read_json(fetch("config.json"), "config")
-        except CheckpointError:
+        except MissingFileError as e:
+            print(f"lockstep: {e}; taking the checkpoint for Moshi 7B, as kyutai's loader does", file=sys.stderr)
             raw = None
     raw = raw or {}  # kyutai's rule: no config.json means the Moshi 7B defaults
     lm = LMConfig.from_dict(raw)
@@ -188,8 +209,14 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None, device
     unexpected = sorted(set(state) - set(expected))
     mis_shaped = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    # A q8 weight is int8 beside its scales; any other integer (or bool) tensor where the model holds
+    # floats, or the reverse, is not this model's.
+    mis_typed = [f"{k}: file {state[k].dtype} vs model {expected[k].dtype}"
+                 for k in sorted(set(state) & set(expected))
+                 if expected[k].is_floating_point() != (state[k].is_floating_point() or k in scales)]
     problems = []
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped),
+                         ("wrong dtype", mis_typed)):
         if items:
             shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
             problems.append(f"{title}: {shown}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from engine import host
 from engine.checkpoint import CheckpointError
-from engine.config import ConfigError, EngineConfig, SamplingConfig, ServeConfig
+from engine.config import ConfigError, EngineConfig, SamplingConfig, ServeConfig, flag_name
 
 BUILTIN_PRESET = "tiny-lm"
 
@@ -72,10 +72,6 @@ _SERVE_HELP = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + {"config_path": "config", "moshi_weight": "moshi-weight"}.get(name, name.replace("_", "-"))
-
-
 def _add_dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str],
                          unset: dict[str, str] | None = None) -> None:
     """One flag per field of `cls`. With `unset` (what each unset flag means, for the help), flags
@@ -86,15 +82,15 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str],
         default = f.default if f.default is not dataclasses.MISSING else getattr(defaults, f.name)
         if unset is not None:
             kind = None if isinstance(default, bool) else int if f.type in ("int", "int | None") else float
-            p.add_argument(_flag(f.name), dest=f.name, default=None, help=f"{helps[f.name]} (default: {unset[f.name]})",
+            p.add_argument(flag_name(f.name), dest=f.name, default=None, help=f"{helps[f.name]} (default: {unset[f.name]})",
                            **({"action": argparse.BooleanOptionalAction} if kind is None else {"type": kind}))
         elif isinstance(default, bool):
-            p.add_argument(_flag(f.name), dest=f.name, action="store_true", help=helps[f.name])
+            p.add_argument(flag_name(f.name), dest=f.name, action="store_true", help=helps[f.name])
         elif isinstance(default, tuple):
-            p.add_argument(_flag(f.name), dest=f.name, action="append", default=None, help=helps[f.name])
+            p.add_argument(flag_name(f.name), dest=f.name, action="append", default=None, help=helps[f.name])
         else:
             kind = int if f.type in ("int", "int | None") else float if f.type == "float" else str
-            p.add_argument(_flag(f.name), dest=f.name, type=kind, default=default,
+            p.add_argument(flag_name(f.name), dest=f.name, type=kind, default=default,
                            help=f"{helps[f.name]} (default: {default})")
 
 
@@ -135,9 +131,11 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from engine.generate import generate
+    from engine.generate import generate, prepare_output_dir
     from engine.runner import ModelRunner
-    runner = ModelRunner.load(engine_config(args))
+    cfg = engine_config(args)
+    prepare_output_dir(Path(args.output_dir))  # before the load, which is what takes time
+    runner = ModelRunner.load(cfg)
     sampling = runner.default_sampling.overridden({f.name: getattr(args, f.name)
                                                    for f in dataclasses.fields(SamplingConfig)})
     results = generate(runner, [Path(p) for p in args.inputs], Path(args.output_dir), sampling)
@@ -255,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, CheckpointError) as e:
         print(f"lockstep: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a folder that cannot be made, a file that cannot be written: the path says it
+        print(f"lockstep: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

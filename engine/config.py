@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,55 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_float(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+# What each field annotation of the checkpoint configs admits; JSON gives 512.0, "512" or null as
+# readily as 512, and they must fail here, by name, not as a TypeError deep in the model.
+_ADMITS: dict[str, tuple[str, Any]] = {
+    "int": ("an integer", _is_int),
+    "float": ("a finite number", _is_float),
+    "float | None": ("a finite number or null", lambda v: v is None or _is_float(v)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "str | None": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "tuple[int, ...]": ("a list of integers", lambda v: isinstance(v, tuple) and all(map(_is_int, v))),
+}
+
+
+def _check_types(obj: Any, where: str) -> None:
+    """Every field of a config dataclass holds a value of its annotated type."""
+    for f in dataclasses.fields(obj):
+        if f.type in _ADMITS:
+            what, admits = _ADMITS[f.type]
+            value = getattr(obj, f.name)
+            _check(admits(value), f"{where}{f.name} must be {what}, got {value!r}")
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of an EngineConfig/ServeConfig field."""
+    return "--" + {"config_path": "config"}.get(field_name, field_name.replace("_", "-"))
+
+
+def _positive(obj: Any, where: str, *names: str) -> None:
+    for name in names:
+        _check(getattr(obj, name) > 0, f"{where}{name} must be positive, got {getattr(obj, name)!r}")
+
+
+def _as_tuple(value: Any) -> Any:
+    """JSON lists become the tuples the frozen configs hold; anything else is left for the type check."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+# Activation names a gated feed-forward takes (kyutai's gating), as engine/transformer.py maps them.
+GATING_ACTIVATIONS = ("silu", "gelu", "relu", "elu", "sigmoid", "tanh")
+
+
 @dataclass(frozen=True)
 class SeanetConfig:
     channels: int = 1
@@ -53,13 +103,15 @@ class SeanetConfig:
     true_skip: bool = True
 
     def validate(self) -> None:
+        _check_types(self, "seanet.")
+        _positive(self, "seanet.", "dimension", "n_filters", "n_residual_layers", "compress", "dilation_base",
+                  "kernel_size", "residual_kernel_size", "last_kernel_size")
         _check(self.causal, "seanet.causal must be true: lockstep only streams causal Mimi models")
         _check(self.activation == "ELU", f"seanet.activation {self.activation!r} unsupported; use 'ELU'")
         _check(self.norm == "none", "seanet.norm must be 'none' (weight-norm must be folded into the weights)")
         _check(self.pad_mode in ("constant", "replicate"), "seanet.pad_mode must be 'constant' or 'replicate'")
         _check(self.true_skip, "seanet.true_skip must be true")
-        _check(all(r > 0 for r in self.ratios), "seanet.ratios must be positive integers")
-        _check(self.dimension > 0 and self.n_filters > 0, "seanet.dimension and n_filters must be positive")
+        _check(len(self.ratios) > 0 and all(r > 0 for r in self.ratios), "seanet.ratios must be positive integers")
 
     @property
     def hop_length(self) -> int:
@@ -79,6 +131,8 @@ class QuantizerConfig:
     n_q_semantic: int = 1
 
     def validate(self) -> None:
+        _check_types(self, "quantizer.")
+        _positive(self, "quantizer.", "dimension", "input_dimension", "output_dimension")
         _check(self.n_q > self.n_q_semantic >= 1, "quantizer.n_q must exceed n_q_semantic (>= 1)")
         _check(self.bins > 1 and self.dimension > 0, "quantizer.bins and dimension must be positive")
 
@@ -101,6 +155,9 @@ class MimiTransformerConfig:
     output_dimensions: tuple[int, ...] = (512,)
 
     def validate(self) -> None:
+        _check_types(self, "transformer.")
+        _positive(self, "transformer.", "d_model", "num_heads", "num_layers", "context", "max_period",
+                  "dim_feedforward", "input_dimension")
         _check(self.causal, "transformer.causal must be true for streaming")
         _check(self.d_model % self.num_heads == 0, "transformer.d_model must be divisible by num_heads")
         _check(self.positional_embedding == "rope", "Mimi transformer needs positional_embedding 'rope'")
@@ -108,7 +165,6 @@ class MimiTransformerConfig:
                f"transformer.norm {self.norm!r} unsupported")
         _check(self.gating == "none", "Mimi transformer gating must be 'none'")
         _check(len(self.output_dimensions) == 1, "Mimi transformer must have exactly one output")
-        _check(self.context > 0, "transformer.context must be positive")
 
 
 @dataclass(frozen=True)
@@ -133,6 +189,7 @@ class MimiConfig:
         return int(self.encoder_frame_rate / self.frame_rate)
 
     def validate(self) -> "MimiConfig":
+        _check_types(self, "")
         self.seanet.validate()
         self.quantizer.validate()
         self.transformer.validate()
@@ -157,23 +214,20 @@ class MimiConfig:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "MimiConfig":
-        try:
-            seanet = dict(d.get("seanet", {}))
-            if "ratios" in seanet:
-                seanet["ratios"] = tuple(seanet["ratios"])
-            tr = dict(d.get("transformer", {}))
-            if "output_dimensions" in tr:
-                tr["output_dimensions"] = tuple(tr["output_dimensions"])
-            return MimiConfig(
-                sample_rate=d.get("sample_rate", SAMPLE_RATE),
-                channels=d.get("channels", 1),
-                frame_rate=d.get("frame_rate", FRAME_RATE),
-                seanet=SeanetConfig(**seanet),
-                quantizer=QuantizerConfig(**d.get("quantizer", {})),
-                transformer=MimiTransformerConfig(**tr),
-            ).validate()
-        except TypeError as e:  # unknown keys
-            raise ConfigError(f"bad Mimi config: {e}") from None
+        _check(isinstance(d, dict), "the Mimi config must be a JSON object")
+        parts = {"seanet": SeanetConfig, "quantizer": QuantizerConfig, "transformer": MimiTransformerConfig}
+        top = {"sample_rate", "channels", "frame_rate", *parts}
+        unknown = sorted(set(d) - top)
+        _check(not unknown, f"the Mimi config has unknown key(s) {unknown}; it takes {sorted(top)}")
+        built: dict[str, Any] = {k: d[k] for k in ("sample_rate", "channels", "frame_rate") if k in d}
+        for name, cls in parts.items():
+            raw = d.get(name, {})
+            _check(isinstance(raw, dict), f"the Mimi config's {name} must be a JSON object")
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(raw) - known)
+            _check(not unknown, f"the Mimi config's {name} has unknown key(s) {unknown}")
+            built[name] = cls(**{k: _as_tuple(v) for k, v in raw.items()})
+        return MimiConfig(**built).validate()
 
 
 # Keys of kyutai's config.json that describe features lockstep does not implement; each must hold
@@ -240,6 +294,13 @@ class LMConfig:
         return max(self.dep_q, self.n_q - self.dep_q)
 
     def validate(self) -> "LMConfig":
+        _check_types(self, "config.json's ")
+        _positive(self, "config.json's ", "dim", "text_card", "n_q", "card", "num_heads", "num_layers",
+                  "hidden_scale", "context", "max_period", "depformer_dim", "depformer_dim_feedforward",
+                  "depformer_num_heads", "depformer_num_layers", "depformer_context", "depformer_max_period")
+        _check(self.gating in GATING_ACTIVATIONS and self.depformer_gating in GATING_ACTIVATIONS,
+               f"gating and depformer_gating must be one of {GATING_ACTIVATIONS}, got {self.gating!r} "
+               f"and {self.depformer_gating!r}")
         _check(len(self.delays) == self.n_q + 1,
                f"delays has {len(self.delays)} entries; it needs n_q + 1 = {self.n_q + 1}")
         _check(all(d >= 0 for d in self.delays), "delays must be non-negative")
@@ -251,8 +312,6 @@ class LMConfig:
         _check(self.context > 0, "context must be positive")
         _check(self.positional_embedding == "rope", "positional_embedding must be 'rope'")
         _check(self.depformer_pos_emb == "none", "depformer_pos_emb must be 'none'")
-        _check(self.gating != "none" and self.depformer_gating != "none",
-               "gating must be an activation name (e.g. 'silu')")
         _check(self.norm in ("rms_norm_f32", "rms_norm", "layer_norm", "layer_norm_f32"),
                f"norm {self.norm!r} unsupported")
         _check(self.depformer_weights_per_step, "depformer_weights_per_step must be true")
@@ -270,7 +329,7 @@ class LMConfig:
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
             if key in names:
-                kwargs[key] = tuple(value) if key == "delays" else value
+                kwargs[key] = _as_tuple(value)
             elif key in _FIXED_LM_KEYS:
                 expected = _FIXED_LM_KEYS[key]
                 _check(value == expected or (expected is None and not value),
@@ -278,10 +337,11 @@ class LMConfig:
                        "(a Moshi dialogue checkpoint)")
             elif key not in _META_KEYS:
                 raise ConfigError(f"config.json has unknown key {key!r}; remove it or check the checkpoint")
-        if kwargs.get("depformer_dim_feedforward", 0) is None:
-            # kyutai's rule for an unset depth FFN width.
-            dep_dim = kwargs.get("depformer_dim", LMConfig.depformer_dim)
-            kwargs["depformer_dim_feedforward"] = int(kwargs.get("hidden_scale", LMConfig.hidden_scale) * dep_dim)
+        dep_dim = kwargs.get("depformer_dim", LMConfig.depformer_dim)
+        scale = kwargs.get("hidden_scale", LMConfig.hidden_scale)
+        if kwargs.get("depformer_dim_feedforward", 0) is None and _is_int(dep_dim) and _is_float(scale):
+            # kyutai's rule for an unset depth FFN width (other types fail the type check, by name).
+            kwargs["depformer_dim_feedforward"] = int(scale * dep_dim)
         return LMConfig(**kwargs).validate()
 
 
@@ -378,8 +438,12 @@ class EngineConfig:
         _check(self.max_sessions >= 0, f"--max-sessions must be >= 1, or 0 for as many as fit in memory; "
                f"got {self.max_sessions}")
         _check(self.kernels in ("auto", "torch", "triton"), "--kernels must be auto, torch or triton")
-        _check(self.device == "cpu" or self.device.startswith("cuda"),
+        _check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
                f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        for name in ("model_dir", "hf_repo", "moshi_weight", "mimi_weight", "tokenizer", "config_path",
+                     "lora_weight"):
+            # An empty value (an unset shell variable, say) would otherwise read as not given.
+            _check(getattr(self, name) != "", f"{flag_name(name)} is empty; give a path or leave it out")
         return self
 
     @property

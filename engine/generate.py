@@ -3,6 +3,7 @@ finished session's slot goes to the next input at the next frame (continuous bat
 from __future__ import annotations
 
 import json
+import os
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from engine.audio import AudioError, frames, read_audio, write_wav
-from engine.config import SAMPLE_RATE, SamplingConfig
+from engine.config import SAMPLE_RATE, ConfigError, SamplingConfig
 from engine.runner import ModelRunner
 from engine.serving import EngineLoop
 from engine.session import FrameOutput
@@ -32,13 +33,29 @@ def session_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def unique_stems(paths: list[Path]) -> list[str]:
-    seen: dict[str, int] = {}
+def output_names(paths: list[Path]) -> list[str]:
+    """One output name per input, unique and independent of the inputs' order (a session's seed
+    derives from it): the file's stem, or where two files share a stem, the stem and a hash of the
+    resolved path; a file given again gets `-2`, `-3`, ... after that, skipping the other names."""
+    files: dict[str, set[Path]] = {}
+    for p in paths:
+        files.setdefault(p.stem, set()).add(p.resolve())
+
+    def base(p: Path) -> str:
+        return p.stem if len(files[p.stem]) == 1 else f"{p.stem}-{zlib.crc32(str(p.resolve()).encode()):08x}"
+
+    taken = {base(p) for p in paths}
+    seen: set[Path] = set()
     out = []
     for p in paths:
-        n = seen.get(p.stem, 0)
-        seen[p.stem] = n + 1
-        out.append(p.stem if n == 0 else f"{p.stem}-{n}")
+        name, k = base(p), 1
+        if p.resolve() in seen:
+            while name in taken:
+                k += 1
+                name = f"{base(p)}-{k}"
+            taken.add(name)
+        seen.add(p.resolve())
+        out.append(name)
     return out
 
 
@@ -74,13 +91,23 @@ def run_sessions(runner: ModelRunner, inputs: dict[str, np.ndarray], sampling: d
     return results
 
 
+def prepare_output_dir(output_dir: Path) -> None:
+    """Makes the output folder, or says why it cannot be written, before any model is loaded."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output-dir {output_dir}: cannot make it a folder ({e.strerror or e})") from e
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {output_dir}: not writable")
+
+
 def generate(runner: ModelRunner, paths: list[Path], output_dir: Path, sampling: SamplingConfig,
              seed: int | None = None, progress: bool | None = None) -> dict[str, SessionResult]:
-    output_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(output_dir)
     inputs: dict[str, np.ndarray] = {}
     configs: dict[str, SamplingConfig] = {}
     failed: dict[str, SessionResult] = {}
-    for path, name in zip(paths, unique_stems(paths)):
+    for path, name in zip(paths, output_names(paths)):
         try:
             inputs[name] = frames(read_audio(path, SAMPLE_RATE), runner.frame_size)
         except (AudioError, OSError) as e:
@@ -94,7 +121,11 @@ def generate(runner: ModelRunner, paths: list[Path], output_dir: Path, sampling:
     results = run_sessions(runner, inputs, configs, progress)
     for name, res in results.items():
         pcm = np.concatenate(res.pcm) if res.pcm else np.zeros(0, dtype=np.float32)
-        write_wav(output_dir / f"{name}.wav", pcm, SAMPLE_RATE)
-        (output_dir / f"{name}.json").write_text(json.dumps(
-            {"text": res.text, "text_tokens": res.text_tokens, "audio_tokens": res.audio_tokens}))
+        try:
+            write_wav(output_dir / f"{name}.wav", pcm, SAMPLE_RATE)
+            (output_dir / f"{name}.json").write_text(json.dumps(
+                {"text": res.text, "text_tokens": res.text_tokens, "audio_tokens": res.audio_tokens}))
+        except OSError as e:  # one output that cannot be written does not lose the others
+            print(f"lockstep generate: cannot write {name}'s output into {output_dir}: {e}", file=sys.stderr)
+            res.error = str(e)
     return {**results, **failed}

@@ -31,7 +31,9 @@ class LoraSpec:
 def lora_spec(raw: dict[str, Any], lora_weight: Path | None, fetch: Callable[[str], Path]) -> LoraSpec | None:
     """The adapter a checkpoint asks for: `--lora-weight`, else config.json's `lora_name` when it
     sets `lora: true`; None for a plain checkpoint."""
-    enabled = bool(raw.get("lora", False))
+    enabled = raw.get("lora", False)
+    if not isinstance(enabled, bool):  # "false" would read as true
+        raise ConfigError(f"config.json's lora must be true or false, got {enabled!r}")
     if raw.get("lora_name") is not None and not isinstance(raw["lora_name"], str):
         raise ConfigError(f"config.json's lora_name must be a file name, got {raw['lora_name']!r}")
     if not enabled and raw.get("lora_name") and lora_weight is None:

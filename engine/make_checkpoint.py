@@ -35,7 +35,7 @@ PRESETS: dict[str, tuple[LMConfig, MimiConfig]] = {
     "tiny": (TINY_LM, TINY_MIMI),          # everything tiny: fast tests
     "tiny-lm": (TINY_LM, MimiConfig()),    # tiny LM, full-size Mimi
     "small": (SMALL_LM, MimiConfig()),     # a few-M-parameter LM for CPU benchmarks
-    "7b": (LMConfig(), MimiConfig()),      # real shapes, random weights (needs ~16 GB)
+    "7b": (LMConfig(), MimiConfig()),      # real shapes, random weights (~46 GB of host memory to write)
 }
 MIMI_CONFIG_NAME = "mimi_config.json"
 LORA_NAME = "lora.safetensors"
@@ -130,7 +130,11 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, co
     mimi_cfg.validate()
     if lora_rank is not None and lora_rank < 1:
         raise ConfigError(f"--lora-rank must be a positive integer, got {lora_rank}")
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"--seed must be in 0..2^63-1, got {seed}")
     out = Path(out_dir)
+    if (out / "config.json").exists():
+        raise ConfigError(f"{out} already holds a checkpoint (config.json); remove it or name another folder")
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
 

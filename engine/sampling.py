@@ -63,18 +63,34 @@ def stream_rule(params: SamplingParams, stream: int, vocab: int) -> StreamRule:
     return StreamRule(k, temp.view(-1, 1), drop, params.greedy | (temperature <= 0))
 
 
+def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits [B, k] (as float32) and their token ids, largest first. Half-precision
+    logits tie by the dozen, and topk orders (and at the k-th place, picks) tied ones differently for
+    different k, which would move a row's draws with the batch's bound; there ties go to the lower
+    token id, by a top-k over (logit, -id) packed in one int64 key. float32 logits practically never
+    tie and take the plain top-k."""
+    if logits.dtype == torch.float32:
+        return torch.topk(logits, k, dim=-1)
+    x = logits.float()
+    bits = x.view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order = float order
+    V = x.shape[-1]
+    key = (ordered.long() << 32) + torch.arange(V - 1, -1, -1, device=x.device)
+    ids = torch.topk(key, k, dim=-1).indices
+    return x.gather(-1, ids), ids
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, stream: int,
            noise: torch.Tensor | None = None, rule: StreamRule | None = None) -> torch.Tensor:
     """logits [B, V] -> tokens [B] (long); stream 0 is text, 1.. the audio codebooks. `noise`:
     this stream's slice of `race_noise`, and `rule`: `stream_rule(...)`, when computed ahead for
     several streams."""
-    logits = logits.float()
     V = logits.shape[-1]
     rule = rule or stream_rule(params, stream, V)
     argmax = logits.argmax(dim=-1)
     # Top-k of the logits, not of the probabilities: the same candidates in the same order, but
     # free of the exact ties that underflowed probabilities create (which slow topk down 7x).
-    top_l, top_i = torch.topk(logits, rule.k, dim=-1)
+    top_l, top_i = top_candidates(logits, rule.k)
     # Probabilities up to each row's softmax normalizer, which argmax(p / q) does not see.
     top_p = torch.exp((top_l - top_l[:, :1]) / rule.temperature)
     if noise is None:

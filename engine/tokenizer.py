@@ -8,6 +8,8 @@ import random
 
 import sentencepiece as spm
 
+from engine.config import CheckpointError
+
 # Moshi emits id 3 on text steps with no new word and id 0 between words; neither
 # carries text.
 SPECIAL_IDS = frozenset({0, 3})
@@ -20,7 +22,8 @@ class TextTokenizer:
         try:
             self.sp.Load(self.path)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{self.path}: cannot load sentencepiece model ({e})") from e
+            raise CheckpointError(f"{self.path}: not a sentencepiece model the text tokenizer can load ({e}); "
+                                  "check config.json's tokenizer_name or --tokenizer") from None
         self.vocab_size = self.sp.GetPieceSize()
         # Decoding runs once per generated text token per session, so the piece strings
         # and the special-id set are resolved up front.

@@ -30,7 +30,8 @@ def test_too_many_sessions_is_a_clear_error(tiny_wrap_ckpt, monkeypatch):
     free = capacity._HEADROOM_MIN + 5 * per_slot + per_slot // 2
     monkeypatch.setattr(capacity, "free_bytes", lambda device: free)
     monkeypatch.setattr("engine.runner.check_weights_fit", lambda *args: None)  # free_bytes is after the weights
-    with pytest.raises(ConfigError, match=r"--max-sessions 5 needs .* at most 4 session\(s\) fit\. Lower --max-sessions"):
+    with pytest.raises(ConfigError, match=r"--max-sessions 5 needs .* at full context, the LM's 6 positions and "
+                                          r"Mimi's 5; .* at most 4 session\(s\) fit; lower --max-sessions"):
         ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=5))
     assert ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=4)).max_sessions == 4
 
@@ -46,7 +47,7 @@ def test_max_sessions_0_takes_as_many_as_fit(tiny_wrap_ckpt, monkeypatch):
     monkeypatch.setattr(capacity, "free_bytes", lambda device: 1 << 50)
     assert capacity.sessions_that_fit(probe.lm, probe.mimi, torch.device("cpu")) == capacity.MAX_AUTO_SESSIONS
     monkeypatch.setattr(capacity, "free_bytes", lambda device: capacity._HEADROOM_MIN + per_slot)
-    with pytest.raises(ConfigError, match="not even one session's state"):
+    with pytest.raises(ConfigError, match="not even one session's state .* a checkpoint with a shorter context"):
         ModelRunner.load(cfg)
     monkeypatch.setattr(capacity, "free_bytes", lambda device: None)
     with pytest.raises(ConfigError, match="cannot read on cpu: give --max-sessions N"):

@@ -52,6 +52,16 @@ def test_wrong_shape_and_unexpected_are_named(ckpt_copy):
     assert "unexpected: bogus.weight" in msg and f"wrong shape: {key}: file (3, 3, 3)" in msg
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.int64])
+def test_an_integer_tensor_for_a_float_weight_is_named(ckpt_copy, dtype):
+    path = ckpt_copy / "model.safetensors"
+    state = load_file(str(path))
+    state["text_linear.weight"] = state["text_linear.weight"].gt(0).to(dtype)
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=rf"wrong dtype: text_linear\.weight: file {dtype}"):
+        load(ckpt_copy)
+
+
 @pytest.mark.parametrize("patch, match", [
     ({"dim": 65}, "divisible by num_heads"),
     ({"delays": [0, 1]}, "delays has 2 entries"),
@@ -99,6 +109,45 @@ def test_hf_repo_from_offline_cache(tiny_wrap_ckpt, tmp_path, monkeypatch):
     assert runner.lm.cfg.context == 6
     with pytest.raises(CheckpointError, match="neither in the local cache"):
         ModelRunner.load(EngineConfig(device="cpu", hf_repo="kyutai/not-there"))
+
+
+def test_a_cached_repo_loads_without_asking_the_hub(tiny_wrap_ckpt, tmp_path, monkeypatch):
+    """No HF_HUB_OFFLINE and no network: what the cache holds is used without a request (which on
+    such a machine costs minutes of retries)."""
+    import huggingface_hub
+    import huggingface_hub.constants as hf_constants
+    _offline_hub(tmp_path, monkeypatch, {"kyutai/tiny-test": tiny_wrap_ckpt})
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("asked the hub for a cached file")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    assert ModelRunner.load(EngineConfig(device="cpu", hf_repo="kyutai/tiny-test")).lm.cfg.context == 6
+
+
+def test_a_repo_without_config_json_is_moshi_7b_but_an_unreachable_file_is_an_error(
+        tiny_wrap_ckpt, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+    folder = tmp_path / "legacy"
+    shutil.copytree(tiny_wrap_ckpt, folder)
+    (folder / "config.json").unlink()
+    (folder / "mimi_config.json").unlink()
+    _offline_hub(tmp_path, monkeypatch, {"kyutai/legacy": folder})
+    asked = []
+
+    def hub(repo, name, **kwargs):
+        asked.append(name)
+        if name == "config.json":
+            raise EntryNotFoundError("404: no such file")
+        raise ConnectionError("no network")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    files = resolve(EngineConfig(device="cpu", hf_repo="kyutai/legacy"))
+    assert files.lm == LMConfig() and asked == ["config.json"]
+    assert "has no file 'config.json'; taking the checkpoint for Moshi 7B" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=r"cannot get 'other.safetensors' .*\(ConnectionError\); it is "
+                                              "neither in the local cache nor downloadable"):
+        resolve(EngineConfig(device="cpu", hf_repo="kyutai/legacy", moshi_weight="hf://kyutai/legacy/other.safetensors"))
 
 
 def test_kyutai_config_keys_are_understood():

@@ -31,6 +31,23 @@ def test_make_checkpoint_writes_fine_tunes_and_q8(tmp_path, capsys):
     assert "error: --lora-rank must be a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_make_checkpoint_refuses_what_it_cannot_write(tmp_path, capsys):
+    main(["make-checkpoint", str(tmp_path / "ck")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # never overwrites a checkpoint
+        main(["make-checkpoint", str(tmp_path / "ck")])
+    assert exc.value.code == 2 and "already holds a checkpoint (config.json)" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    for target in ("afile", "afile/sub"):  # a folder that cannot be made: the error, not a traceback
+        with pytest.raises(SystemExit) as exc:
+            main(["make-checkpoint", str(tmp_path / target)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 1 and err.startswith("lockstep: error: ") and "afile" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["make-checkpoint", str(tmp_path / "big-seed"), "--seed", str(2**64)])
+    assert exc.value.code == 2 and "--seed must be in 0..2^63-1" in capsys.readouterr().err
+
+
 def test_flags_come_from_the_configs():
     args = build_parser().parse_args(["generate", "--output-dir", "o", "x.wav"])
     for f in dataclasses.fields(EngineConfig):

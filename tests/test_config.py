@@ -38,7 +38,16 @@ def _mimi(**parts):
     (lambda: LMConfig(num_heads=5), "dim must be divisible by num_heads"),
     (lambda: LMConfig(depformer_num_heads=3), "depformer_dim must be divisible"),
     (lambda: LMConfig(norm="batch_norm"), "norm 'batch_norm' unsupported"),
-    (lambda: LMConfig(gating="none"), "gating must be an activation name"),
+    (lambda: LMConfig(gating="none"), "gating and depformer_gating must be one of"),
+    (lambda: LMConfig(depformer_gating="bogus"), "gating and depformer_gating must be one of"),
+    (lambda: LMConfig(num_heads=0), "num_heads must be positive, got 0"),
+    (lambda: LMConfig(dim=-64), "dim must be positive, got -64"),
+    (lambda: LMConfig(depformer_num_heads=0), "depformer_num_heads must be positive"),
+    (lambda: _mimi(transformer=MimiTransformerConfig(num_heads=0)), "transformer.num_heads must be positive"),
+    (lambda: EngineConfig(device="cudax"), "--device must be 'auto', 'cpu' or 'cuda"),
+    (lambda: EngineConfig(device="cuda:abc"), "--device must be 'auto', 'cpu' or 'cuda"),
+    (lambda: EngineConfig(lora_weight=""), "--lora-weight is empty"),
+    (lambda: EngineConfig(config_path=""), "--config is empty"),
     (lambda: LMConfig(existing_text_padding_id=32000), "existing_text_padding_id out of range"),
     (lambda: _mimi(seanet=SeanetConfig(causal=False)), "seanet.causal must be true"),
     (lambda: _mimi(seanet=SeanetConfig(norm="weight_norm")), "weight-norm must be folded"),
@@ -54,6 +63,47 @@ def _mimi(**parts):
 def test_invalid_settings_say_what_to_change(build, match):
     with pytest.raises(ConfigError, match=match):
         build().validate()
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("dim", "64", "config.json's dim must be an integer, got '64'"),
+    ("dim", None, "dim must be an integer, got None"),
+    ("dim", 64.0, "dim must be an integer, got 64.0"),
+    ("context", True, "context must be an integer, got True"),
+    ("delays", 5, "delays must be a list of integers, got 5"),
+    ("delays", [0.5] * 17, "delays must be a list of integers"),
+    ("gating", None, "gating must be a string, got None"),
+    ("hidden_scale", "4", "hidden_scale must be a finite number"),
+    ("layer_scale", "0.1", "layer_scale must be a finite number or null"),
+    ("causal", "true", "causal must be true or false"),
+])
+def test_config_json_values_of_the_wrong_type_are_named(key, value, match):
+    """JSON gives "64", 64.0 or null as easily as 64: each fails by name, not deep in the model."""
+    with pytest.raises(ConfigError, match=match):
+        LMConfig.from_dict({key: value})
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"seanet": {"ratios": [8.0, 6, 5, 4]}}, "seanet.ratios must be a list of integers"),
+    ({"seanet": {"n_filters": 4.0}}, "seanet.n_filters must be an integer"),
+    ({"seanet": {"n_filters": 0}}, "seanet.n_filters must be positive"),
+    ({"transformer": {"context": 250.5}}, "transformer.context must be an integer"),
+    ({"transformer": {"num_heads": 0}}, "transformer.num_heads must be positive"),
+    ({"frame_rate": "12.5"}, "frame_rate must be a finite number"),
+    ({"foo": 1}, r"unknown key\(s\) \['foo'\]"),
+    ({"seanet": {"foo": 1}}, r"seanet has unknown key\(s\) \['foo'\]"),
+    ({"quantizer": [1]}, "quantizer must be a JSON object"),
+    ([], "must be a JSON object"),
+])
+def test_mimi_config_values_are_checked_by_name(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        MimiConfig.from_dict(raw)
+
+
+def test_the_gating_names_are_those_the_model_maps():
+    from engine.config import GATING_ACTIVATIONS
+    from engine.transformer import _ACTIVATIONS
+    assert set(GATING_ACTIVATIONS) == set(_ACTIVATIONS)
 
 
 @pytest.mark.parametrize("cfg", [EngineConfig(), ServeConfig(), SamplingConfig(), LMConfig(), MimiConfig()])
@@ -91,7 +141,7 @@ def test_lm_config_round_trips_through_kyutai_json_keys():
     with pytest.raises(ConfigError, match="lockstep supports only False"):
         LMConfig.from_dict({**cfg.to_dict(), "cross_attention": True})
     assert MimiConfig.from_dict(MimiConfig().to_dict()) == MimiConfig()
-    with pytest.raises(ConfigError, match="bad Mimi config"):
+    with pytest.raises(ConfigError, match=r"seanet has unknown key\(s\) \[.flux.\]"):
         MimiConfig.from_dict({"seanet": {"flux": 1}})
 
 

@@ -134,3 +134,49 @@ def test_the_checkpoints_lm_gen_config_sets_the_defaults(tiny_wrap_ckpt, wav_inp
         # --no-greedy samples, with the checkpoint's top-k and temperature.
         assert json.loads((tmp_path / "b" / f"{path.stem}.json").read_text())["audio_tokens"] == \
             sampled[path.stem].audio_tokens != greedy["audio_tokens"]
+
+
+def test_output_names_are_unique_and_do_not_depend_on_the_order(tmp_path):
+    from engine.generate import output_names
+    a1, a2, dash = tmp_path / "d1" / "a.wav", tmp_path / "d2" / "a.wav", tmp_path / "d1" / "a-1.wav"
+    names = output_names([dash, a1, a2])
+    assert len(set(names)) == 3 and names[0] == "a-1"
+    assert output_names([a2, a1]) == names[:0:-1]  # each file keeps its name in any order
+    # The same file twice: a second output, named past every other input's stem.
+    x, x2 = tmp_path / "x.wav", tmp_path / "x-2.wav"
+    assert output_names([x, x, x2]) == ["x", "x-3", "x-2"]
+
+
+def test_inputs_with_one_stem_in_two_folders_each_get_their_output(tiny_wrap_ckpt, wav_inputs, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    (one / "a.wav").write_bytes(wav_inputs[0].read_bytes())
+    (two / "a.wav").write_bytes(wav_inputs[1].read_bytes())
+    out = tmp_path / "out"
+    main(["generate", "--device", "cpu", "--model-dir", str(tiny_wrap_ckpt), "--output-dir", str(out), "--greedy",
+          str(one / "a.wav"), str(two / "a.wav")])
+    docs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    frame_counts = sorted(len(d["text_tokens"]) for d in docs)
+    want = sorted(len(frames(read_audio(p))) - 1 for p in wav_inputs[:2])
+    assert len(docs) == 2 and frame_counts == want
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/sub"])  # the folder is a file; a folder inside a file
+def test_an_output_dir_that_cannot_be_made_is_refused_before_loading(out, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as exc:  # tmp_path holds no checkpoint: loading would fail later
+        main(["generate", "--device", "cpu", "--model-dir", str(tmp_path), "--output-dir", str(tmp_path / out),
+              "x.wav"])
+    assert exc.value.code == 2
+    assert f"--output-dir {tmp_path / out}: cannot make it a folder" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_loses_only_itself(tiny_wrap_ckpt, wav_inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / f"{wav_inputs[0].stem}.wav").mkdir(parents=True)  # in the way of the first input's audio
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--device", "cpu", "--model-dir", str(tiny_wrap_ckpt), "--output-dir", str(out), "--greedy",
+              str(wav_inputs[0]), str(wav_inputs[1])])
+    assert exc.value.code == 1
+    assert f"cannot write {wav_inputs[0].stem}'s output" in capsys.readouterr().err
+    assert (out / f"{wav_inputs[1].stem}.json").exists()

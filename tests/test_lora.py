@@ -109,6 +109,7 @@ def test_config_mistakes_are_clear_errors(lora_ckpt, tmp_path):
     check("lora_rank must be a positive integer, got 0", lora_rank=0)
     check("lora_scaling must be a finite number, got 'x'", lora_scaling="x")
     check("lora_scaling must be a finite number, got nan", lora_scaling=float("nan"))
+    check("lora must be true or false, got 'false'", lora="false")
     check("a checkpoint file must be named by a non-empty string, got 7", lora=False, lora_name=None, moshi_name=7)
 
 

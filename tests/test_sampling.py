@@ -2,7 +2,7 @@
 several streams changes nothing, and the sampled law is the top-k softmax."""
 import torch
 
-from engine.sampling import SamplingParams, race_noise, sample, stream_rule, uniform_noise
+from engine.sampling import SamplingParams, race_noise, sample, stream_rule, top_candidates, uniform_noise
 
 
 def _params(B, top_k=4, temperature=0.7, seeds=None, counters=None):
@@ -61,3 +61,23 @@ def test_greedy_rows_take_the_argmax():
     logits = torch.tensor([[0.0, 5.0, 1.0, 2.0, 3.0]]).expand(3, -1)
     tokens = sample(logits, params, stream=1)
     assert tokens[1] == 1 and tokens[2] == 1
+
+
+def test_half_precision_ties_sample_the_same_tokens_whatever_the_bound():
+    """bf16 logits tie by the dozen; a row's draw must not move with the batch's top-k bound (its
+    exact top-k, the bound's rung, or the whole vocabulary), as the step's graphs assume."""
+    g = torch.Generator().manual_seed(0)
+    B, V, k = 64, 2048, 250
+    logits = (torch.randn(B, V, generator=g) * 3).bfloat16()
+    assert (logits.float().sort(-1).values.diff(dim=-1) == 0).sum() > 1000  # ties galore
+    tokens = []
+    for bound in (k, 256, 0):
+        params = _params(B, top_k=k, temperature=1.0)
+        params.max_top_k = bound
+        tokens.append(sample(logits, params, stream=1))
+    assert torch.equal(tokens[0], tokens[1]) and torch.equal(tokens[0], tokens[2])
+    # Among tied logits the lower token id ranks first.
+    top_l, top_i = top_candidates(logits, k)
+    tied = top_l[:, 1:] == top_l[:, :-1]
+    assert tied.any() and (top_i[:, 1:][tied] > top_i[:, :-1][tied]).all()
+    assert torch.equal(top_l, torch.topk(logits.float(), k).values)

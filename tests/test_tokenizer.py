@@ -56,5 +56,9 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError):
         train_tokenizer(tmp_path / "t.model", 10)
     (tmp_path / "junk.model").write_bytes(b"not a model")
-    with pytest.raises(ValueError, match="junk.model"):
+    from engine.config import CheckpointError
+    with pytest.raises(CheckpointError, match="junk.model: not a sentencepiece model"):
         TextTokenizer(tmp_path / "junk.model")
+    (tmp_path / "empty.model").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.model"):
+        TextTokenizer(tmp_path / "empty.model")
