@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from engine.audio import pcm_to_s16le, read_audio, s16le_to_pcm, write_wav
+from engine.audio import AudioError, pcm_to_s16le, read_audio, s16le_to_pcm, write_wav
 from engine.config import FRAME_SIZE, SAMPLE_RATE
+
+
+class ClientError(Exception):
+    """A call that could not be made or did not finish; the message says why."""
 
 
 @dataclass
@@ -43,36 +48,65 @@ async def chat(url: str, pcm: np.ndarray, realtime: bool = True, api_key: str | 
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
     query = {"tokens": "1", **{k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items()}}
+    if not url.startswith(("http://", "https://")):
+        raise ClientError(f"{url!r}: give the server's address as http://HOST:PORT")
     result = ChatResult()
     timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
-    async with aiohttp.ClientSession(timeout=timeout) as http:
-        async with http.post(url.rstrip("/") + "/v1/chat", params=query, data=body(), headers=headers) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"server answered {resp.status}: {await resp.text()}")
-            async for line in resp.content:
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                if event["type"] == "audio":
-                    now = time.monotonic() - start
-                    result.first_audio_s = result.first_audio_s if result.first_audio_s is not None else now
-                    result.frame_times.append(now)
-                    result.pcm.append(s16le_to_pcm(base64.b64decode(event["pcm"])))
-                elif event["type"] == "text":
-                    result.text.append(event["text"])
-                elif event["type"] == "tokens":
-                    result.text_tokens.append(event["text_token"])
-                    result.audio_tokens.append(event["audio_tokens"])
-                elif event["type"] == "end":
-                    result.end_reason = event["reason"]
-                    break
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            async with http.post(url.rstrip("/") + "/v1/chat", params=query, data=body(), headers=headers) as resp:
+                if resp.status != 200:
+                    raise ClientError(f"server answered {resp.status}: {(await resp.text())[:500]}")
+                async for line in resp.content:
+                    if line.strip():
+                        _take(json.loads(line), result, start)
+                    if result.end_reason is not None:
+                        break
+    except aiohttp.ClientError as e:
+        raise ClientError(f"cannot talk to {url}: {e or type(e).__name__}") from None
+    except asyncio.TimeoutError:
+        raise ClientError(f"{url} sent nothing for {timeout.sock_read:.0f} s") from None
+    except (ValueError, KeyError, TypeError) as e:  # not lockstep's NDJSON
+        raise ClientError(f"{url} answered something that is not lockstep's event stream ({e!r})") from None
     return result
 
 
+def _take(event: dict, result: ChatResult, start: float) -> None:
+    """One NDJSON event of /v1/chat into `result`."""
+    if event["type"] == "audio":
+        now = time.monotonic() - start
+        result.first_audio_s = result.first_audio_s if result.first_audio_s is not None else now
+        result.frame_times.append(now)
+        result.pcm.append(s16le_to_pcm(base64.b64decode(event["pcm"])))
+    elif event["type"] == "text":
+        result.text.append(event["text"])
+    elif event["type"] == "tokens":
+        result.text_tokens.append(event["text_token"])
+        result.audio_tokens.append(event["audio_tokens"])
+    elif event["type"] == "end":
+        result.end_reason = event["reason"]
+
+
+def transcript_path(output: Path) -> Path:
+    return output.with_suffix(".txt")
+
+
 def run_client(url: str, path: Path, output: Path, api_key: str | None, realtime: bool, params: dict) -> ChatResult:
-    pcm = read_audio(path, SAMPLE_RATE)
+    """One call; Moshi's audio to `output` and its text beside it (.txt). Whatever came back is saved
+    even when the call broke off, and then the break is raised."""
+    if transcript_path(output) == output:
+        raise ClientError(f"--output {output}: the transcript goes beside the audio as .txt; name the audio "
+                          "file otherwise (e.g. .wav)")
+    if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
+        raise ClientError(f"--output {output}: {output.parent} is not a writable folder")
+    try:
+        pcm = read_audio(path, SAMPLE_RATE)
+    except AudioError as e:
+        raise ClientError(f"cannot read {path}: {e}") from None
     result = asyncio.run(chat(url, pcm, realtime=realtime, api_key=api_key, params=params))
     write_wav(output, np.concatenate(result.pcm) if result.pcm else np.zeros(0, np.float32), SAMPLE_RATE)
-    transcript = "".join(result.text).strip()
-    output.with_suffix(".txt").write_text(transcript + "\n")
+    transcript_path(output).write_text("".join(result.text).strip() + "\n")
+    if result.end_reason is None:
+        raise ClientError(f"the server's stream broke off after {len(result.pcm)} frames, before its end event "
+                          f"(what came is saved to {output})")
     return result

@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench.args import COUNT, NON_NEGATIVE, POSITIVE
 from engine.config import MimiConfig
 from engine.make_checkpoint import SMALL_LM
 from engine.transformer import StreamingTransformer
@@ -142,12 +143,12 @@ def stack_case(name: str, module: StreamingTransformer, T: int, sessions: int, h
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lockstep bench cpu_kernels", description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", choices=["gemm", "elu", "stack"], default=["gemm", "elu", "stack"])
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32, 64])
-    ap.add_argument("--sessions", type=int, nargs="+", default=[1, 8], help="batch sizes of the ELU and step cases")
-    ap.add_argument("--history", type=int, default=200, help="positions in each ring for the step cases")
+    ap.add_argument("--rows", type=COUNT, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32, 64])
+    ap.add_argument("--sessions", type=COUNT, nargs="+", default=[1, 8], help="batch sizes of the ELU and step cases")
+    ap.add_argument("--history", type=NON_NEGATIVE, default=200, help="positions in each ring for the step cases")
     ap.add_argument("--shapes", nargs="+", default=[f"{i}x{o}" for i, o in SHAPES], help="IN x OUT, e.g. 512x2048")
-    ap.add_argument("--megabytes", type=float, default=200, help="weight bytes cycled through per case")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--megabytes", type=POSITIVE, default=200, help="weight bytes cycled through per case")
+    ap.add_argument("--repeats", type=COUNT, default=3)
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
     doc = {"threads": torch.get_num_threads(), "gemm": [], "elu": [], "stack": []}

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from bench.args import COUNT, NON_NEGATIVE
 from kernels import attention, conv, noise, norm, rope, rvq
 from kernels.norm import NormParams
 
@@ -232,11 +233,11 @@ def indexed(device: torch.device) -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64], help="concurrent slots")
+    ap.add_argument("--batch", type=COUNT, nargs="+", default=[1, 8, 32, 64], help="concurrent slots")
     ap.add_argument("--only", nargs="+", choices=sorted(FAMILIES), help="kernel families to run")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed calls per case (the first compiles)")
-    ap.add_argument("--iters", type=int, default=25, help="timed calls per case (the median is reported)")
+    ap.add_argument("--warmup", type=NON_NEGATIVE, default=5, help="untimed calls per case (the first compiles)")
+    ap.add_argument("--iters", type=COUNT, default=25, help="timed calls per case (the median is reported)")
     ap.add_argument("--json", help="also write the rows (and the measured peak) to this file")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from api.client import chat
+from bench.args import COUNT, POSITIVE
 from bench.report import percentile
 from engine.audio import read_audio
 
@@ -102,9 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="lockstep bench serve", description=__doc__.split("\n")[0])
     ap.add_argument("--url")
     ap.add_argument("--spawn", action="store_true", help="start `lockstep serve` (pass its flags after --)")
-    ap.add_argument("--callers", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate (callers per second)")
-    ap.add_argument("--seconds", type=float, default=6.0, help="audio per caller")
+    ap.add_argument("--callers", type=COUNT, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--rate", type=POSITIVE, default=2.0, help="Poisson arrival rate (callers per second)")
+    ap.add_argument("--seconds", type=POSITIVE, default=6.0, help="audio per caller")
     ap.add_argument("--input", nargs="*", default=[], help="wav files to stream (default: synthetic)")
     ap.add_argument("--output", default="bench/out/serve.json")
     ap.add_argument("server_args", nargs="*")

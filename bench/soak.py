@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bench.args import COUNT, NON_NEGATIVE, at_least
 from bench.serve import synthetic_speech
 from engine.config import EngineConfig, SamplingConfig
 from engine.runner import ModelRunner
@@ -262,12 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
-    ap.add_argument("--max-sessions", type=int, default=8)
-    ap.add_argument("--ticks", type=int, default=3000)
-    ap.add_argument("--join-rate", type=float, default=0.3, help="chance per tick that a caller arrives")
+    ap.add_argument("--max-sessions", type=COUNT, default=8)
+    ap.add_argument("--ticks", type=COUNT, default=3000)
+    ap.add_argument("--join-rate", type=at_least(0.0, float, 1.0), default=0.3, help="chance per tick that a caller arrives")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-object-growth", type=int, default=500)
-    ap.add_argument("--max-rss-growth-mb", type=float, default=64.0)
+    ap.add_argument("--max-object-growth", type=NON_NEGATIVE, default=500)
+    ap.add_argument("--max-rss-growth-mb", type=at_least(0.0, float), default=64.0)
     ap.add_argument("--replay-alone", action="store_true",
                     help="also replay each witness in batches of one and report how many part ways by rounding")
     ap.add_argument("--batch-invariant", action="store_true",

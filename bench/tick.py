@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.args import COUNT, NON_NEGATIVE, POSITIVE
 from bench.report import roofline, row_line, save_json, summarize, write_outputs
 from engine import host
 from engine.capacity import check_device
@@ -192,15 +193,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dummy", choices=["7b"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--batch", type=COUNT, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--ticks", type=int, default=20)
+    ap.add_argument("--warmup", type=NON_NEGATIVE, default=3)
+    ap.add_argument("--ticks", type=COUNT, default=20)
     ap.add_argument("--full-context", action="store_true", help="hold every slot's LM and Mimi contexts full")
     ap.add_argument("--no-reference", action="store_true", help="skip kyutai's package")
     ap.add_argument("--batch-invariant", action="store_true",
                     help="run the engine batch-invariant (every tick the largest --batch's rows): its price")
-    ap.add_argument("--bandwidth-gbs", type=float, default=None, help="HBM bandwidth for the roofline (default: measured)")
+    ap.add_argument("--bandwidth-gbs", type=POSITIVE, default=None, help="HBM bandwidth for the roofline (default: measured)")
     ap.add_argument("--output", default="bench/out/tick", help="prefix for the .json and .png outputs")
     args = ap.parse_args(argv)
     cfg = EngineConfig(model_dir=args.model_dir, device=args.device, dtype=args.dtype, max_sessions=max(args.batch),

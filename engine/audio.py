@@ -30,6 +30,10 @@ _KAISER_BETA = 14.769656459379492
 _MAX_TABLE = 1 << 22
 
 
+# The highest rate audio hardware and formats use.
+MAX_SAMPLE_RATE = 768_000
+
+
 class AudioError(ValueError):
     """An audio file could not be read or decoded."""
 
@@ -48,6 +52,8 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 24000) -> np.ndarray:
         pcm, rate = _decode_other(name, blob)
     if pcm.size == 0:
         raise AudioError(f"{name}: audio file contains no samples")
+    if rate > MAX_SAMPLE_RATE:  # a corrupt header, most likely; resampling it would take minutes and GBs
+        raise AudioError(f"{name}: sample rate {rate} Hz is past the {MAX_SAMPLE_RATE} Hz lockstep reads")
     out = resample(pcm, rate, sample_rate)
     return np.clip(out, -1.0, 1.0, out=out)
 
@@ -200,8 +206,9 @@ def _resample_polyphase(pcm: np.ndarray, up: int, down: int) -> np.ndarray:
     return y[:out_len].numpy().copy()
 
 
-def _resample_direct(pcm: np.ndarray, up: int, down: int, chunk: int = 8192) -> np.ndarray:
+def _resample_direct(pcm: np.ndarray, up: int, down: int) -> np.ndarray:
     half = _half_width(up, down)
+    chunk = max(1, (1 << 20) // (2 * half + 1))  # outputs a pass: ~8 MB for each [chunk, taps] array
     padded = np.concatenate([np.zeros(half + 1), pcm.astype(np.float64), np.zeros(half + 1)])
     offsets = np.arange(-half, half + 1)
     out_len = -(-pcm.size * up // down)

@@ -161,13 +161,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_client(args: argparse.Namespace) -> None:
-    from api.client import run_client
+    from api.client import ClientError, run_client, transcript_path
     params = {"greedy": True} if args.greedy else {}
     if args.seed is not None:
         params["seed"] = args.seed
-    result = run_client(args.url, Path(args.input), Path(args.output), args.api_key, not args.no_pace, params)
+    try:
+        result = run_client(args.url, Path(args.input), Path(args.output), args.api_key, not args.no_pace, params)
+    except ClientError as e:
+        print(f"lockstep client: {e}", file=sys.stderr)
+        sys.exit(1)
     print("".join(result.text).strip())
-    print(f"saved {len(result.pcm)} frames to {args.output} (transcript: {Path(args.output).with_suffix('.txt')}),"
+    print(f"saved {len(result.pcm)} frames to {args.output} (transcript: {transcript_path(Path(args.output))}),"
           f" end: {result.end_reason}")
 
 

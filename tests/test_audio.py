@@ -23,7 +23,7 @@ def riff(tag, channels, rate, bits, payload, extensible=False, extra=b""):
     """A WAV file built by hand, so float and extensible headers can be exercised."""
     block = channels * ((bits + 7) // 8)
     fmt = struct.pack("<HHIIHH", EXTENSIBLE if extensible else tag, channels, rate,
-                      rate * block, block, bits)
+                      (rate * block) % 2**32, block, bits)
     if extensible:
         fmt += struct.pack("<HHI", 22, bits, 0) + struct.pack("<H", tag) + GUID_TAIL
     body = b"WAVE" + chunk(b"fmt ", fmt) + extra + chunk(b"data", payload)
@@ -155,6 +155,7 @@ def test_resample_identity_odd_ratio_and_speed():
         (riff(PCM, 1, 24000, 16, b"")[:36], "no data chunk"),
         (riff(PCM, 0, 24000, 16, b"\x00\x00"), "zero channels"),
         (riff(7, 1, 8000, 8, b"\x00" * 8), "unsupported WAV encoding"),
+        (riff(PCM, 1, 4294967295, 16, b"\x00\x01" * 2000), "sample rate 4294967295 Hz is past the 768000 Hz"),
     ],
 )
 def test_invalid_files_raise_audio_error(tmp_path, blob, message):

@@ -217,3 +217,14 @@ def test_the_floor_reads_each_weight_once_but_only_the_looked_up_rows_of_a_table
     table_bytes = sum(m.weight.numel() * m.weight.element_size() for m in tables)
     codebooks = 8 * 2048 * 258 * 4  # the 8 codebooks in use, scored in full by the encoder
     assert tick_bytes(runner, 1, False) == weights - table_bytes + per_slot + codebooks
+
+
+@pytest.mark.parametrize("which, argv", [("tick", ["--batch", "0"]), ("tick", ["--ticks", "-3"]),
+                                         ("tick", ["--warmup", "-1"]), ("tick", ["--bandwidth-gbs", "nan"]),
+                                         ("kernels", ["--iters", "0"]), ("serve", ["--rate", "0"]),
+                                         ("soak", ["--join-rate", "2"]), ("cpu_kernels", ["--rows", "0"])])
+def test_benchmark_counts_out_of_range_are_refused_by_name(which, argv, capsys):
+    import importlib
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(f"bench.{which}").main(argv)
+    assert exc.value.code == 2 and f"argument {argv[0]}: " in capsys.readouterr().err
