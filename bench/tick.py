@@ -21,7 +21,7 @@ import torch
 from bench.args import COUNT, NON_NEGATIVE, POSITIVE
 from bench.report import roofline, row_line, save_json, summarize, write_outputs
 from engine import host
-from engine.capacity import check_device
+from engine.capacity import check_device, check_weights_fit
 from engine.config import EngineConfig, LMConfig, MimiConfig, SamplingConfig
 from engine.lm import MoshiLM
 from engine.mimi import Mimi
@@ -35,6 +35,7 @@ def random_models(lm_cfg: LMConfig, mimi_cfg: MimiConfig, device, dtype: torch.d
     there in fp32 and then cast, a 7B one would take 31 GB beside its 15 GB bf16 copy."""
     with torch.device("meta"):
         lm = MoshiLM(lm_cfg).to(dtype)
+        check_weights_fit(lm, Mimi(mimi_cfg), dtype, device, lm_file_bytes=0)  # 7B in fp32 on CPU: 31 GB
     lm.to_empty(device=device)
     for p in lm.parameters():
         p.data.normal_(0, 0.02)

@@ -116,6 +116,15 @@ def test_random_models_are_made_in_the_benchmark_dtype():
     assert tokens.shape == (2, 1 + lm_cfg.dep_q) and torch.isfinite(audio).all()
 
 
+def test_random_models_that_would_not_fit_are_refused_before_allocation(monkeypatch):
+    from bench.tick import random_models
+    from engine import capacity
+    from engine.config import ConfigError, LMConfig, MimiConfig
+    monkeypatch.setattr(capacity, "free_bytes", lambda device: 24 << 30)  # a 24 GB machine
+    with pytest.raises(ConfigError, match=r"the LM 30\.8 GB in float32.* use --dtype bfloat16"):
+        random_models(LMConfig(), MimiConfig(), "cpu", torch.float32)
+
+
 def test_kernel_benchmark_runs_every_case_on_cpu(tmp_path, monkeypatch, capsys):
     """bench.kernels end to end under Triton's interpreter at shrunken shapes (fp16 for the LM's,
     as the interpreter mishandles bf16 products): every family, both backends, the JSON."""
