@@ -134,7 +134,7 @@ class QuantizerConfig:
         _check_types(self, "quantizer.")
         _positive(self, "quantizer.", "dimension", "input_dimension", "output_dimension")
         _check(self.n_q > self.n_q_semantic >= 1, "quantizer.n_q must exceed n_q_semantic (>= 1)")
-        _check(self.bins > 1 and self.dimension > 0, "quantizer.bins and dimension must be positive")
+        _check(self.bins > 1, f"quantizer.bins must be at least 2, got {self.bins}")
 
 
 @dataclass(frozen=True)
@@ -309,7 +309,6 @@ class LMConfig:
         _check(self.depformer_dim % self.depformer_num_heads == 0,
                "depformer_dim must be divisible by depformer_num_heads")
         _check(self.causal, "causal must be true")
-        _check(self.context > 0, "context must be positive")
         _check(self.positional_embedding == "rope", "positional_embedding must be 'rope'")
         _check(self.depformer_pos_emb == "none", "depformer_pos_emb must be 'none'")
         _check(self.norm in ("rms_norm_f32", "rms_norm", "layer_norm", "layer_norm_f32"),
