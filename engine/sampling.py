@@ -63,21 +63,30 @@ def stream_rule(params: SamplingParams, stream: int, vocab: int) -> StreamRule:
     return StreamRule(k, temp.view(-1, 1), drop, params.greedy | (temperature <= 0))
 
 
+_BF16_MAX = torch.finfo(torch.bfloat16).max
+
+
 def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest logits [B, k] (as float32) and their token ids, largest first. Half-precision
     logits tie by the dozen, and topk orders (and at the k-th place, picks) tied ones differently for
     different k, which would move a row's draws with the batch's bound; there ties go to the lower
-    token id, by a top-k over (logit, -id) packed in one int64 key. float32 logits practically never
-    tie and take the plain top-k."""
+    token id. float32 logits practically never tie and take the plain top-k."""
+    V = logits.shape[-1]
     if logits.dtype == torch.float32:
         return torch.topk(logits, k, dim=-1)
-    x = logits.float()
-    bits = x.view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order = float order
-    V = x.shape[-1]
-    key = (ordered.long() << 32) + torch.arange(V - 1, -1, -1, device=x.device)
-    ids = torch.topk(key, k, dim=-1).indices
-    return x.gather(-1, ids), ids
+    ids = torch.arange(V, device=logits.device, dtype=torch.int32)
+    if logits.dtype == torch.bfloat16 and V <= 1 << 16:
+        # A bf16 is the top half of a float32: the bottom half holds the tie-break (growing toward
+        # the lower id, whichever the sign), so one float32 top-k decides, as fast as before.
+        # Clamped first (an infinity with low bits set would be a NaN): infinities rank with the
+        # largest finite logits.
+        high = logits.clamp(-_BF16_MAX, _BF16_MAX).view(torch.int16).int() << 16
+        top_i = torch.topk((high | torch.where(high < 0, ids, 0xFFFF - ids)).view(torch.float32), k, dim=-1).indices
+    else:  # other half formats: each float32's order-preserving int32 and the id, in one int64 key
+        bits = logits.float().view(torch.int32)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        top_i = torch.topk((ordered.long() << 32) + (V - 1 - ids), k, dim=-1).indices
+    return logits.float().gather(-1, top_i), top_i
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, stream: int,

@@ -1,5 +1,6 @@
 """Seeded top-k sampling: the noise is a pure function of its coordinates, shared evaluation for
 several streams changes nothing, and the sampled law is the top-k softmax."""
+import pytest
 import torch
 
 from engine.sampling import SamplingParams, race_noise, sample, stream_rule, top_candidates, uniform_noise
@@ -63,12 +64,13 @@ def test_greedy_rows_take_the_argmax():
     assert tokens[1] == 1 and tokens[2] == 1
 
 
-def test_half_precision_ties_sample_the_same_tokens_whatever_the_bound():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_ties_sample_the_same_tokens_whatever_the_bound(dtype):
     """bf16 logits tie by the dozen; a row's draw must not move with the batch's top-k bound (its
     exact top-k, the bound's rung, or the whole vocabulary), as the step's graphs assume."""
     g = torch.Generator().manual_seed(0)
     B, V, k = 64, 2048, 250
-    logits = (torch.randn(B, V, generator=g) * 3).bfloat16()
+    logits = (torch.randn(B, V, generator=g) * 3).to(dtype)
     assert (logits.float().sort(-1).values.diff(dim=-1) == 0).sum() > 1000  # ties galore
     tokens = []
     for bound in (k, 256, 0):
