@@ -81,7 +81,8 @@ def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
         # Clamped first (an infinity with low bits set would be a NaN): infinities rank with the
         # largest finite logits.
         high = logits.clamp(-_BF16_MAX, _BF16_MAX).view(torch.int16).int() << 16
-        top_i = torch.topk((high | torch.where(high < 0, ids, 0xFFFF - ids)).view(torch.float32), k, dim=-1).indices
+        low = ((~high) >> 31) & 0xFFFF ^ ids  # 0xFFFF - id where the logit is positive, id where negative
+        top_i = torch.topk((high | low).view(torch.float32), k, dim=-1).indices
     else:  # other half formats: each float32's order-preserving int32 and the id, in one int64 key
         bits = logits.float().view(torch.int32)
         ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
