@@ -17,7 +17,12 @@ from engine.config import FRAME_SIZE, SAMPLE_RATE
 
 
 class ClientError(Exception):
-    """A call that could not be made or did not finish; the message says why."""
+    """A call that could not be made or did not finish; the message says why, and `result` holds
+    what had come back by then (None when the call never started)."""
+
+    def __init__(self, message: str, result: "ChatResult | None" = None):
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -50,24 +55,27 @@ async def chat(url: str, pcm: np.ndarray, realtime: bool = True, api_key: str | 
     query = {"tokens": "1", **{k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items()}}
     if not url.startswith(("http://", "https://")):
         raise ClientError(f"{url!r}: give the server's address as http://HOST:PORT")
-    result = ChatResult()
+    result, failed = ChatResult(), None
     timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as http:
             async with http.post(url.rstrip("/") + "/v1/chat", params=query, data=body(), headers=headers) as resp:
                 if resp.status != 200:
                     raise ClientError(f"server answered {resp.status}: {(await resp.text())[:500]}")
+                failed = result  # from here on, a break keeps what came
                 async for line in resp.content:
                     if line.strip():
                         _take(json.loads(line), result, start)
                     if result.end_reason is not None:
                         break
+    except aiohttp.InvalidURL:
+        raise ClientError(f"{url!r} is not a server address; give http://HOST:PORT") from None
     except aiohttp.ClientError as e:
-        raise ClientError(f"cannot talk to {url}: {e or type(e).__name__}") from None
+        raise ClientError(f"cannot talk to {url}: {type(e).__name__}: {e}", failed) from None
     except asyncio.TimeoutError:
-        raise ClientError(f"{url} sent nothing for {timeout.sock_read:.0f} s") from None
+        raise ClientError(f"{url} sent nothing for {timeout.sock_read:.0f} s", failed) from None
     except (ValueError, KeyError, TypeError) as e:  # not lockstep's NDJSON
-        raise ClientError(f"{url} answered something that is not lockstep's event stream ({e!r})") from None
+        raise ClientError(f"{url} answered something that is not lockstep's event stream ({e!r})", failed) from None
     return result
 
 
@@ -94,6 +102,8 @@ def transcript_path(output: Path) -> Path:
 def run_client(url: str, path: Path, output: Path, api_key: str | None, realtime: bool, params: dict) -> ChatResult:
     """One call; Moshi's audio to `output` and its text beside it (.txt). Whatever came back is saved
     even when the call broke off, and then the break is raised."""
+    if not output.name or output.is_dir() or transcript_path(output).is_dir():
+        raise ClientError(f"--output {output}: name a file to write (its transcript goes beside it as .txt)")
     if transcript_path(output) == output:
         raise ClientError(f"--output {output}: the transcript goes beside the audio as .txt; name the audio "
                           "file otherwise (e.g. .wav)")
@@ -103,10 +113,20 @@ def run_client(url: str, path: Path, output: Path, api_key: str | None, realtime
         pcm = read_audio(path, SAMPLE_RATE)
     except AudioError as e:
         raise ClientError(f"cannot read {path}: {e}") from None
-    result = asyncio.run(chat(url, pcm, realtime=realtime, api_key=api_key, params=params))
-    write_wav(output, np.concatenate(result.pcm) if result.pcm else np.zeros(0, np.float32), SAMPLE_RATE)
-    transcript_path(output).write_text("".join(result.text).strip() + "\n")
+    try:
+        result = asyncio.run(chat(url, pcm, realtime=realtime, api_key=api_key, params=params))
+    except ClientError as e:
+        if e.result is None:
+            raise
+        _save(e.result, output)
+        raise ClientError(f"{e} (the {len(e.result.pcm)} frames that came are saved to {output})") from None
+    _save(result, output)
     if result.end_reason is None:
         raise ClientError(f"the server's stream broke off after {len(result.pcm)} frames, before its end event "
                           f"(what came is saved to {output})")
     return result
+
+
+def _save(result: ChatResult, output: Path) -> None:
+    write_wav(output, np.concatenate(result.pcm) if result.pcm else np.zeros(0, np.float32), SAMPLE_RATE)
+    transcript_path(output).write_text("".join(result.text).strip() + "\n")

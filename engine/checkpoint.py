@@ -49,8 +49,11 @@ def _hf_fetch(repo: str, name: str) -> Path:
     """A file of a Hugging Face repository, from the local cache when it is there: asking the hub
     first would cost minutes of retries on a machine without network."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    cached = try_to_load_from_cache(repo, name)
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+    try:
+        cached = try_to_load_from_cache(repo, name)
+    except HFValidationError as e:
+        raise ConfigError(f"{repo!r} is not a Hugging Face repo id (OWNER/NAME): {e}") from None
     if isinstance(cached, str):
         return Path(cached)
     if cached is not None:  # the cache records that the repository has no such file
@@ -118,6 +121,9 @@ def resolve(cfg: EngineConfig) -> CheckpointFiles:
         mimi = MimiConfig.from_dict(_read_json(_locate(mimi_cfg_name, fetch), "Mimi config"))
     else:
         mimi = MimiConfig()
+    if mimi.quantizer.n_q < lm.mimi_codebooks:
+        raise ConfigError(f"the Mimi config's quantizer.n_q is {mimi.quantizer.n_q}, but the LM streams "
+                          f"{lm.mimi_codebooks} codebooks each way (config.json's n_q, dep_q)")
 
     def file(flag: str | None, key: str, default: str) -> Path:  # a flag's override, else config.json's name
         return _locate(flag, Path) if flag else _locate(raw.get(key, default), fetch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -109,6 +110,8 @@ def builtin_checkpoint() -> Path:
     if not (root / "config.json").exists():
         print(f"lockstep: no --model-dir/--hf-repo given; making a random-weight checkpoint in {root}",
               file=sys.stderr)
+        if root.exists():  # left half-written by a version that wrote in place
+            shutil.rmtree(root)
         make_checkpoint(root, BUILTIN_PRESET)
     return root
 
@@ -131,14 +134,18 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from engine.generate import generate, prepare_output_dir
+    from engine.generate import generate, plan_outputs, prepare_output_dir
     from engine.runner import ModelRunner
+    if not args.output_dir:  # an unset shell variable, most likely: not "here"
+        raise ConfigError("--output-dir is empty; name a folder (. for this one)")
     cfg = engine_config(args)
-    prepare_output_dir(Path(args.output_dir))  # before the load, which is what takes time
+    paths, output_dir = [Path(p) for p in args.inputs], Path(args.output_dir)
+    prepare_output_dir(output_dir)  # before the load, which is what takes time
+    plan_outputs(paths, output_dir)
     runner = ModelRunner.load(cfg)
     sampling = runner.default_sampling.overridden({f.name: getattr(args, f.name)
                                                    for f in dataclasses.fields(SamplingConfig)})
-    results = generate(runner, [Path(p) for p in args.inputs], Path(args.output_dir), sampling)
+    results = generate(runner, paths, output_dir, sampling)
     failed = [r for r in results.values() if r.error]
     print(f"generated {len(results) - len(failed)} session(s) into {args.output_dir}"
           + (f"; {len(failed)} input(s) failed" if failed else ""))
@@ -260,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:  # a folder that cannot be made, a file that cannot be written: the path says it
         print(f"lockstep: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # generate has written what had ended by then
+        print("lockstep: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

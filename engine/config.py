@@ -45,13 +45,14 @@ def _is_float(v: Any) -> bool:
 # What each field annotation of the checkpoint configs admits; JSON gives 512.0, "512" or null as
 # readily as 512, and they must fail here, by name, not as a TypeError deep in the model.
 _ADMITS: dict[str, tuple[str, Any]] = {
-    "int": ("an integer", _is_int),
-    "float": ("a finite number", _is_float),
-    "float | None": ("a finite number or null", lambda v: v is None or _is_float(v)),
+    "int": ("an integer of at most 2^31", lambda v: _is_int(v) and abs(v) <= 2**31),
+    "float": ("a finite number of at most 1e9", lambda v: _is_float(v) and abs(v) <= 1e9),
+    "float | None": ("a finite number of at most 1e9, or null", lambda v: v is None or _is_float(v) and abs(v) <= 1e9),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "str": ("a string", lambda v: isinstance(v, str)),
     "str | None": ("a string or null", lambda v: v is None or isinstance(v, str)),
-    "tuple[int, ...]": ("a list of integers", lambda v: isinstance(v, tuple) and all(map(_is_int, v))),
+    "tuple[int, ...]": ("a list of integers of at most 2^31",
+                        lambda v: isinstance(v, tuple) and all(_is_int(x) and abs(x) <= 2**31 for x in v)),
 }
 
 
@@ -72,6 +73,12 @@ def flag_name(field_name: str) -> str:
 def _positive(obj: Any, where: str, *names: str) -> None:
     for name in names:
         _check(getattr(obj, name) > 0, f"{where}{name} must be positive, got {getattr(obj, name)!r}")
+
+
+def _at_most(obj: Any, where: str, limit: int, *names: str) -> None:
+    """Counts no Moshi-family checkpoint comes near; past them, building the model would hang."""
+    for name in names:
+        _check(getattr(obj, name) <= limit, f"{where}{name} must be at most {limit}, got {getattr(obj, name)!r}")
 
 
 def _as_tuple(value: Any) -> Any:
@@ -106,6 +113,8 @@ class SeanetConfig:
         _check_types(self, "seanet.")
         _positive(self, "seanet.", "dimension", "n_filters", "n_residual_layers", "compress", "dilation_base",
                   "kernel_size", "residual_kernel_size", "last_kernel_size")
+        _at_most(self, "seanet.", 64, "n_residual_layers")
+        _check(len(self.ratios) <= 16, "seanet.ratios must have at most 16 entries")
         _check(self.causal, "seanet.causal must be true: lockstep only streams causal Mimi models")
         _check(self.activation == "ELU", f"seanet.activation {self.activation!r} unsupported; use 'ELU'")
         _check(self.norm == "none", "seanet.norm must be 'none' (weight-norm must be folded into the weights)")
@@ -133,6 +142,7 @@ class QuantizerConfig:
     def validate(self) -> None:
         _check_types(self, "quantizer.")
         _positive(self, "quantizer.", "dimension", "input_dimension", "output_dimension")
+        _at_most(self, "quantizer.", 1024, "n_q")
         _check(self.n_q > self.n_q_semantic >= 1, "quantizer.n_q must exceed n_q_semantic (>= 1)")
         _check(self.bins > 1, f"quantizer.bins must be at least 2, got {self.bins}")
 
@@ -158,6 +168,7 @@ class MimiTransformerConfig:
         _check_types(self, "transformer.")
         _positive(self, "transformer.", "d_model", "num_heads", "num_layers", "context", "max_period",
                   "dim_feedforward", "input_dimension")
+        _at_most(self, "transformer.", 1024, "num_layers")
         _check(self.causal, "transformer.causal must be true for streaming")
         _check(self.d_model % self.num_heads == 0, "transformer.d_model must be divisible by num_heads")
         _check(self.positional_embedding == "rope", "Mimi transformer needs positional_embedding 'rope'")
@@ -298,12 +309,15 @@ class LMConfig:
         _positive(self, "config.json's ", "dim", "text_card", "n_q", "card", "num_heads", "num_layers",
                   "hidden_scale", "context", "max_period", "depformer_dim", "depformer_dim_feedforward",
                   "depformer_num_heads", "depformer_num_layers", "depformer_context", "depformer_max_period")
+        _at_most(self, "config.json's ", 1024, "num_layers", "depformer_num_layers", "n_q", "depformer_context")
         _check(self.gating in GATING_ACTIVATIONS and self.depformer_gating in GATING_ACTIVATIONS,
                f"gating and depformer_gating must be one of {GATING_ACTIVATIONS}, got {self.gating!r} "
                f"and {self.depformer_gating!r}")
         _check(len(self.delays) == self.n_q + 1,
                f"delays has {len(self.delays)} entries; it needs n_q + 1 = {self.n_q + 1}")
         _check(all(d >= 0 for d in self.delays), "delays must be non-negative")
+        _check(max(self.delays) < self.context,
+               f"config.json's delays must each be below the context ({self.context}), got {list(self.delays)}")
         _check(0 < self.dep_q <= self.n_q, "dep_q must be in 1..n_q (a depth transformer is required)")
         _check(self.dim % self.num_heads == 0, "dim must be divisible by num_heads")
         _check(self.depformer_dim % self.depformer_num_heads == 0,
@@ -437,7 +451,7 @@ class EngineConfig:
         _check(self.max_sessions >= 0, f"--max-sessions must be >= 1, or 0 for as many as fit in memory; "
                f"got {self.max_sessions}")
         _check(self.kernels in ("auto", "torch", "triton"), "--kernels must be auto, torch or triton")
-        _check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
+        _check(re.fullmatch(r"cpu|cuda(:\d{1,3})?", self.device) is not None,
                f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         for name in ("model_dir", "hf_repo", "moshi_weight", "mimi_weight", "tokenizer", "config_path",
                      "lora_weight"):

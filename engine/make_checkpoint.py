@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from engine.capacity import free_bytes, weight_bytes
 from engine.config import (MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, ConfigError, LMConfig, MimiConfig,
                            MimiTransformerConfig, QuantizerConfig, SeanetConfig)
 from engine.lm import MoshiLM
@@ -132,10 +135,41 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, co
         raise ConfigError(f"--lora-rank must be a positive integer, got {lora_rank}")
     if not 0 <= seed < 2**63:
         raise ConfigError(f"--seed must be in 0..2^63-1, got {seed}")
+    if not str(out_dir):
+        raise ConfigError("make-checkpoint: the folder is empty; name one")
     out = Path(out_dir)
-    if (out / "config.json").exists():
-        raise ConfigError(f"{out} already holds a checkpoint (config.json); remove it or name another folder")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty folder; make-checkpoint writes only a new one")
+    _check_host_memory(lm_cfg, mimi_cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and moved into place whole: a run that dies leaves no half
+    # checkpoint there, and of two runs at once one fails instead of mixing their files.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 is for the scratch, not for the checkpoint
+    try:
+        _write(tmp, lm_cfg, mimi_cfg, seed, lora_rank, q8)
+        if out.exists():
+            out.rmdir()  # empty, as checked; fails if another run filled it meanwhile
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_host_memory(lm_cfg: LMConfig, mimi_cfg: MimiConfig) -> None:
+    """The LM is made in float32 and saved from a bfloat16 copy: refuse before allocating what the
+    host does not have (the 7b preset needs ~46 GB)."""
+    with torch.device("meta"):
+        lm, mimi = MoshiLM(lm_cfg), Mimi(mimi_cfg)
+    need = weight_bytes(lm, torch.float32) + weight_bytes(lm, torch.bfloat16) + 2 * weight_bytes(mimi)
+    free = free_bytes(torch.device("cpu"))
+    if free is not None and need > free:
+        raise ConfigError(f"writing this checkpoint takes ~{need / 1e9:.0f} GB of host memory and "
+                          f"{free / 1e9:.0f} GB is free; use a smaller --preset or a bigger machine")
+
+
+def _write(out: Path, lm_cfg: LMConfig, mimi_cfg: MimiConfig, seed: int, lora_rank: int | None, q8: bool) -> None:
     gen = torch.Generator().manual_seed(seed)
 
     lm = MoshiLM(lm_cfg)
@@ -164,4 +198,3 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, co
     if q8:
         config["quantize"] = True
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out

@@ -665,6 +665,8 @@ def fake_server():
                 self.wfile.write(b"busy")
                 return
             self.send_response(200)
+            if mode["mode"] == "abort":  # promises more than it sends, then hangs up
+                self.send_header("Content-Length", "100000")
             self.end_headers()
             self.wfile.write(b"<html>hello</html>\n" if mode["mode"] == "garbage"
                              else b'{"type":"text","frame":0,"text":"hi"}\n')
@@ -680,7 +682,8 @@ def fake_server():
 
 @pytest.mark.parametrize("mode, said", [("503", "server answered 503: busy"),
                                         ("garbage", "answered something that is not lockstep's event stream"),
-                                        ("noend", "stream broke off after 0 frames, before its end event")])
+                                        ("noend", "stream broke off after 0 frames, before its end event"),
+                                        ("abort", "ClientPayloadError")])
 def test_client_command_says_why_a_call_failed(fake_server, mode, said, wav_inputs, tmp_path, capsys):
     from engine.cli import main
     url, state = fake_server
@@ -688,7 +691,7 @@ def test_client_command_says_why_a_call_failed(fake_server, mode, said, wav_inpu
     with pytest.raises(SystemExit) as exc:
         main(["client", url, str(wav_inputs[0]), "--output", str(tmp_path / "r.wav"), "--no-pace"])
     assert exc.value.code == 1 and said in capsys.readouterr().err
-    if mode == "noend":  # what came is kept
+    if mode in ("noend", "abort"):  # what came is kept
         assert (tmp_path / "r.txt").read_text() == "hi\n"
 
 
@@ -701,7 +704,11 @@ def test_client_command_refuses_what_it_cannot_do_before_calling(wav_inputs, tmp
                         "cannot read"),
                        (["http://127.0.0.1:1", wav, "--output", str(tmp_path / "a.txt")], "transcript goes beside"),
                        (["http://127.0.0.1:1", wav, "--output", str(tmp_path / "no" / "a.wav")],
-                        "is not a writable folder")]:
+                        "is not a writable folder"),
+                       (["http://127.0.0.1:1", wav, "--output", ""], "name a file to write"),
+                       (["http://127.0.0.1:1", wav, "--output", str(tmp_path)], "name a file to write"),
+                       (["http://127.0.0.1:99999", wav, "--output", str(tmp_path / "a.wav")],
+                        "is not a server address")]:
         with pytest.raises(SystemExit) as exc:
             main(["client", *argv, "--no-pace"])
         assert exc.value.code == 1 and said in capsys.readouterr().err, argv

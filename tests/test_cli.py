@@ -36,13 +36,14 @@ def test_make_checkpoint_refuses_what_it_cannot_write(tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:  # never overwrites a checkpoint
         main(["make-checkpoint", str(tmp_path / "ck")])
-    assert exc.value.code == 2 and "already holds a checkpoint (config.json)" in capsys.readouterr().err
+    assert exc.value.code == 2 and "exists and is not an empty folder" in capsys.readouterr().err
     (tmp_path / "afile").write_text("x")
-    for target in ("afile", "afile/sub"):  # a folder that cannot be made: the error, not a traceback
+    for target, code in (("afile", 2), ("afile/sub", 1), ("", 2)):  # the error, not a traceback
         with pytest.raises(SystemExit) as exc:
-            main(["make-checkpoint", str(tmp_path / target)])
+            main(["make-checkpoint", str(tmp_path / target) if target else ""])
         err = capsys.readouterr().err
-        assert exc.value.code == 1 and err.startswith("lockstep: error: ") and "afile" in err
+        assert exc.value.code == code and err.startswith("lockstep: error: ") and ("afile" in err or not target)
+    assert {p.name for p in tmp_path.iterdir()} == {"ck", "afile"}  # no scratch folder left behind
     with pytest.raises(SystemExit) as exc:
         main(["make-checkpoint", str(tmp_path / "big-seed"), "--seed", str(2**64)])
     assert exc.value.code == 2 and "--seed must be in 0..2^63-1" in capsys.readouterr().err
@@ -103,3 +104,11 @@ def test_version_names_what_it_runs_on(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("lockstep ") and f"torch {torch.__version__}" in out and "Python 3." in out
+
+
+def test_make_checkpoint_refuses_what_the_host_cannot_hold(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("engine.make_checkpoint.free_bytes", lambda device: 24 << 30)
+    with pytest.raises(SystemExit) as exc:
+        main(["make-checkpoint", str(tmp_path / "big"), "--preset", "7b"])
+    assert exc.value.code == 2 and "takes ~47 GB of host memory" in capsys.readouterr().err
+    assert not (tmp_path / "big").exists()

@@ -46,6 +46,7 @@ def _mimi(**parts):
     (lambda: _mimi(transformer=MimiTransformerConfig(num_heads=0)), "transformer.num_heads must be positive"),
     (lambda: EngineConfig(device="cudax"), "--device must be 'auto', 'cpu' or 'cuda"),
     (lambda: EngineConfig(device="cuda:abc"), "--device must be 'auto', 'cpu' or 'cuda"),
+    (lambda: EngineConfig(device="cuda:99999999999999999999"), "--device must be 'auto', 'cpu' or 'cuda"),
     (lambda: EngineConfig(lora_weight=""), "--lora-weight is empty"),
     (lambda: EngineConfig(config_path=""), "--config is empty"),
     (lambda: LMConfig(existing_text_padding_id=32000), "existing_text_padding_id out of range"),
@@ -66,16 +67,20 @@ def test_invalid_settings_say_what_to_change(build, match):
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("dim", "64", "config.json's dim must be an integer, got '64'"),
-    ("dim", None, "dim must be an integer, got None"),
-    ("dim", 64.0, "dim must be an integer, got 64.0"),
-    ("context", True, "context must be an integer, got True"),
-    ("delays", 5, "delays must be a list of integers, got 5"),
+    ("dim", "64", "config.json's dim must be an integer of at most 2\\^31, got '64'"),
+    ("dim", None, "dim must be an integer .*, got None"),
+    ("dim", 64.0, "dim must be an integer .*, got 64.0"),
+    ("context", True, "context must be an integer .*, got True"),
+    ("delays", 5, "delays must be a list of integers .*, got 5"),
     ("delays", [0.5] * 17, "delays must be a list of integers"),
     ("gating", None, "gating must be a string, got None"),
-    ("hidden_scale", "4", "hidden_scale must be a finite number"),
-    ("layer_scale", "0.1", "layer_scale must be a finite number or null"),
+    ("hidden_scale", "4", "hidden_scale must be a finite number .*, got '4'"),
+    ("layer_scale", "0.1", "layer_scale must be a finite number of at most 1e9, or null"),
     ("causal", "true", "causal must be true or false"),
+    ("dim", 10**30, "dim must be an integer of at most 2\\^31"),
+    ("hidden_scale", 1e30, "hidden_scale must be a finite number of at most 1e9"),
+    ("num_layers", 10**6, "num_layers must be at most 1024"),
+    ("delays", [0] + [3000] * 16, r"delays must each be below the context \(3000\)"),
 ])
 def test_config_json_values_of_the_wrong_type_are_named(key, value, match):
     """JSON gives "64", 64.0 or null as easily as 64: each fails by name, not deep in the model."""
@@ -85,10 +90,12 @@ def test_config_json_values_of_the_wrong_type_are_named(key, value, match):
 
 @pytest.mark.parametrize("raw, match", [
     ({"seanet": {"ratios": [8.0, 6, 5, 4]}}, "seanet.ratios must be a list of integers"),
-    ({"seanet": {"n_filters": 4.0}}, "seanet.n_filters must be an integer"),
+    ({"seanet": {"n_filters": 4.0}}, "seanet.n_filters must be an integer .*, got 4.0"),
     ({"seanet": {"n_filters": 0}}, "seanet.n_filters must be positive"),
-    ({"transformer": {"context": 250.5}}, "transformer.context must be an integer"),
+    ({"transformer": {"context": 250.5}}, "transformer.context must be an integer .*, got 250.5"),
     ({"transformer": {"num_heads": 0}}, "transformer.num_heads must be positive"),
+    ({"quantizer": {"n_q": 10**6}}, "quantizer.n_q must be at most 1024"),
+    ({"seanet": {"n_residual_layers": 10**6}}, "seanet.n_residual_layers must be at most 64"),
     ({"frame_rate": "12.5"}, "frame_rate must be a finite number"),
     ({"foo": 1}, r"unknown key\(s\) \['foo'\]"),
     ({"seanet": {"foo": 1}}, r"seanet has unknown key\(s\) \['foo'\]"),

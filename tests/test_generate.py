@@ -147,6 +147,57 @@ def test_output_names_are_unique_and_do_not_depend_on_the_order(tmp_path):
     assert output_names([x, x, x2]) == ["x", "x-3", "x-2"]
 
 
+def test_output_names_hold_for_links_odd_bytes_long_stems_and_crafted_clashes(tmp_path):
+    import os
+    import zlib
+
+    from engine.config import ConfigError
+    from engine.generate import MAX_NAME_BYTES, output_names, session_seed
+    a, link = tmp_path / "a.wav", tmp_path / "alink.wav"
+    a.write_bytes(b"x")
+    link.symlink_to(a)
+    assert output_names([a, link]) == ["a", "alink"] and output_names([link, a]) == ["alink", "a"]
+    odd = [tmp_path / "x1" / os.fsdecode(b"b\xff.wav"), tmp_path / "x2" / os.fsdecode(b"b\xff.wav")]
+    names = output_names(odd)
+    assert len(set(names)) == 2 and session_seed(1, names[0]) != session_seed(1, names[1])
+    long = output_names([tmp_path / ("é" * 200 + ".wav")])[0]
+    assert len(os.fsencode(long)) <= MAX_NAME_BYTES
+    # A stem that is another input's hashed name: refused, not one input silently dropped.
+    d1 = tmp_path / "d1" / "a.wav"
+    crafted = tmp_path / "d3" / f"a-{zlib.crc32(os.fsencode(str(d1))):08x}.wav"
+    with pytest.raises(ConfigError, match="would both write"):
+        output_names([d1, tmp_path / "d2" / "a.wav", crafted])
+
+
+def test_outputs_that_would_overwrite_an_input_are_refused(tmp_path, capsys):
+    (tmp_path / "a.wav").write_bytes(b"x")
+    for out in (str(tmp_path), ""):
+        with pytest.raises(SystemExit) as exc:
+            main(["generate", "--device", "cpu", "--model-dir", str(tmp_path), "--output-dir", out,
+                  str(tmp_path / "a.wav")])
+        assert exc.value.code == 2
+        assert ("a.wav would overwrite an input" if out else "--output-dir is empty") in capsys.readouterr().err
+
+
+def test_an_interrupted_run_keeps_the_outputs_of_sessions_that_ended(tiny_wrap_ckpt, wav_inputs, tmp_path,
+                                                                       monkeypatch, capsys):
+    from engine.serving import EngineLoop
+    out, ticks, tick = tmp_path / "out", [0], EngineLoop.tick
+    shortest = min(wav_inputs, key=lambda p: len(read_audio(p)))
+
+    def tick_then_interrupt(self):
+        ticks[0] += 1
+        if ticks[0] > len(frames(read_audio(shortest))) + 3:  # the shortest call has ended by then
+            raise KeyboardInterrupt
+        return tick(self)
+    monkeypatch.setattr(EngineLoop, "tick", tick_then_interrupt)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--device", "cpu", "--model-dir", str(tiny_wrap_ckpt), "--output-dir", str(out),
+              "--greedy", *map(str, wav_inputs)])
+    assert exc.value.code == 130 and "interrupted" in capsys.readouterr().err
+    assert (out / f"{shortest.stem}.json").exists() and len(list(out.glob("*.json"))) < len(wav_inputs)
+
+
 def test_inputs_with_one_stem_in_two_folders_each_get_their_output(tiny_wrap_ckpt, wav_inputs, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
