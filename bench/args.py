@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 
 def at_least(low: float, kind: type = int, high: float | None = None, exclusive: bool = False):
@@ -19,6 +20,26 @@ def at_least(low: float, kind: type = int, high: float | None = None, exclusive:
             raise argparse.ArgumentTypeError(f"{text} is out of range: give {wanted}")
         return value
     return parse
+
+
+def shape(text: str) -> tuple[int, int]:
+    """IN x OUT, e.g. 512x2048."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give IN x OUT as two positive integers, e.g. 512x2048")
+    return int(parts[0]), int(parts[1])
+
+
+def writable_prefix(text: str) -> str:
+    """An output prefix whose folder can be made and written, checked before a sweep runs."""
+    folder = os.path.dirname(text) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot make {folder}: {e.strerror or e}")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{folder} is not writable")
+    return text
 
 
 COUNT = at_least(1)  # sessions, ticks, repeats

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.args import COUNT, NON_NEGATIVE, POSITIVE
+from bench.args import COUNT, NON_NEGATIVE, at_least, shape
 from engine.config import MimiConfig
 from engine.make_checkpoint import SMALL_LM
 from engine.transformer import StreamingTransformer
@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=COUNT, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32, 64])
     ap.add_argument("--sessions", type=COUNT, nargs="+", default=[1, 8], help="batch sizes of the ELU and step cases")
     ap.add_argument("--history", type=NON_NEGATIVE, default=200, help="positions in each ring for the step cases")
-    ap.add_argument("--shapes", nargs="+", default=[f"{i}x{o}" for i, o in SHAPES], help="IN x OUT, e.g. 512x2048")
-    ap.add_argument("--megabytes", type=POSITIVE, default=200, help="weight bytes cycled through per case")
+    ap.add_argument("--shapes", nargs="+", type=shape, default=list(SHAPES), help="IN x OUT, e.g. 512x2048")
+    ap.add_argument("--megabytes", type=at_least(0, float, 4096, exclusive=True), default=200,
+                    help="weight bytes cycled through per case (at most 4096)")
     ap.add_argument("--repeats", type=COUNT, default=3)
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
@@ -158,13 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         routes = ["mkl", "onednn", "lockstep"]
         print("products, weight GB/s")
         print(f"{'in x out':>12} {'rows':>5} " + " ".join(f"{r:>9}" for r in routes))
-        for shape in args.shapes:
-            n_in, n_out = (int(v) for v in shape.lower().split("x"))
+        for n_in, n_out in args.shapes:
             for m in args.rows:
                 row = case(n_in, n_out, m, args.megabytes, args.repeats)
                 doc["gemm"].append(row)
                 cells = " ".join(f"{row[r]:9.1f}" if r in row else f"{'-':>9}" for r in routes)
-                print(f"{shape:>12} {m:5d} {cells}", flush=True)
+                print(f"{f'{n_in}x{n_out}':>12} {m:5d} {cells}", flush=True)
     if "elu" in args.only:
         print("ELU, us a call")
         print(f"{'sessions x positions x channels':>32} {'torch':>9} {'lockstep':>9}")

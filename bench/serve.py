@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from api.client import chat
-from bench.args import COUNT, POSITIVE
+from bench.args import COUNT, POSITIVE, at_least, writable_prefix
 from bench.report import percentile
 from engine.audio import read_audio
 
@@ -105,9 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--spawn", action="store_true", help="start `lockstep serve` (pass its flags after --)")
     ap.add_argument("--callers", type=COUNT, nargs="+", default=[1, 2, 4])
     ap.add_argument("--rate", type=POSITIVE, default=2.0, help="Poisson arrival rate (callers per second)")
-    ap.add_argument("--seconds", type=POSITIVE, default=6.0, help="audio per caller")
+    ap.add_argument("--seconds", type=at_least(0, float, 3600, exclusive=True), default=6.0,
+                    help="audio per caller (at most an hour)")
     ap.add_argument("--input", nargs="*", default=[], help="wav files to stream (default: synthetic)")
-    ap.add_argument("--output", default="bench/out/serve.json")
+    ap.add_argument("--output", type=writable_prefix, default="bench/out/serve.json")
     ap.add_argument("server_args", nargs="*")
     args = ap.parse_args(argv)
     audio = [read_audio(p) for p in args.input] or [synthetic_speech(args.seconds, s) for s in range(4)]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.args import COUNT, NON_NEGATIVE, at_least
+from bench.args import COUNT, NON_NEGATIVE, at_least, writable_prefix
 from bench.serve import synthetic_speech
 from engine.config import EngineConfig, SamplingConfig
 from engine.runner import ModelRunner
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also replay each witness in batches of one and report how many part ways by rounding")
     ap.add_argument("--batch-invariant", action="store_true",
                     help="run the engine batch-invariant; the alone replays must then match too")
-    ap.add_argument("--output", default="bench/out/soak.json")
+    ap.add_argument("--output", type=writable_prefix, default="bench/out/soak.json")
     args = ap.parse_args(argv)
     from engine.cli import with_builtin_weights
     cfg = EngineConfig(model_dir=args.model_dir, device=args.device, max_sessions=args.max_sessions,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.args import COUNT, NON_NEGATIVE, POSITIVE
+from bench.args import COUNT, NON_NEGATIVE, POSITIVE, writable_prefix
 from bench.report import roofline, row_line, save_json, summarize, write_outputs
 from engine import host
 from engine.capacity import check_device, check_weights_fit
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-invariant", action="store_true",
                     help="run the engine batch-invariant (every tick the largest --batch's rows): its price")
     ap.add_argument("--bandwidth-gbs", type=POSITIVE, default=None, help="HBM bandwidth for the roofline (default: measured)")
-    ap.add_argument("--output", default="bench/out/tick", help="prefix for the .json and .png outputs")
+    ap.add_argument("--output", type=writable_prefix, default="bench/out/tick",
+                    help="prefix for the .json and .png outputs")
     args = ap.parse_args(argv)
     cfg = EngineConfig(model_dir=args.model_dir, device=args.device, dtype=args.dtype, max_sessions=max(args.batch),
                        kernels=args.kernels, batch_invariant=args.batch_invariant).validate()

@@ -134,7 +134,8 @@ def sessions_that_fit(lm, mimi, device: torch.device) -> int:
 
 
 def _per_slot_text(lm, mimi, per_slot: int) -> str:
-    return (f"{per_slot / 1e9:.2f} GB a session: KV caches at full context, the LM's {lm.cfg.context} "
+    size = f"{per_slot / 1e9:.2f} GB" if per_slot >= 1e8 else f"{per_slot / 1e6:.2f} MB"
+    return (f"{size} a session: KV caches at full context, the LM's {lm.cfg.context} "
             f"positions and Mimi's {mimi.cfg.transformer.context}")
 
 

@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="run audio files as concurrent sessions, offline")
     _add_dataclass_flags(gen, EngineConfig, _ENGINE_HELP)
     _add_dataclass_flags(gen, SamplingConfig, _SAMPLING_HELP, _SAMPLING_UNSET)
-    gen.add_argument("--output-dir", required=True)
+    gen.add_argument("--output-dir", required=True,
+                     help="folder for each input's <name>.wav (Moshi's audio) and <name>.json (text and tokens)")
     gen.add_argument("inputs", nargs="+", help="input audio files (wav), one session each")
     gen.set_defaults(func=cmd_generate)
 

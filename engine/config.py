@@ -200,7 +200,7 @@ class MimiConfig:
         return int(self.encoder_frame_rate / self.frame_rate)
 
     def validate(self) -> "MimiConfig":
-        _check_types(self, "")
+        _check_types(self, "the Mimi config's ")
         self.seanet.validate()
         self.quantizer.validate()
         self.transformer.validate()

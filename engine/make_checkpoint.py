@@ -124,6 +124,9 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, co
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     lm_cfg, mimi_cfg = PRESETS[preset]
+    for flag, value in (("--context", context), ("--mimi-context", mimi_context)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
     if context is not None:
         lm_cfg = dataclasses.replace(lm_cfg, context=context)
     if mimi_context is not None:
