@@ -80,7 +80,7 @@ def output_names(paths: list[Path]) -> list[str]:
 def plan_outputs(paths: list[Path], output_dir: Path) -> list[str]:
     """`output_names`, refusing a run whose outputs would overwrite one of its inputs."""
     names = output_names(paths)
-    inputs = {os.path.realpath(p) for p in paths}
+    inputs = {os.path.realpath(p) for p in paths if p.exists()}
     for name in names:
         for ext in (".wav", ".json"):
             if os.path.realpath(output_dir / f"{name}{ext}") in inputs:
