@@ -111,8 +111,10 @@ def resolve(cfg: EngineConfig) -> CheckpointFiles:
     else:
         try:
             raw = _read_json(fetch("config.json"), "config")
-        except MissingFileError as e:
-            print(f"lockstep: {e}; taking the checkpoint for Moshi 7B, as kyutai's loader does", file=sys.stderr)
+        except MissingFileError:
+            print(f"lockstep: {cfg.hf_repo} gives no config.json (the repository has none, or it is not cached "
+                  "and the hub cannot be reached); taking the checkpoint for Moshi 7B, as kyutai's loader does",
+                  file=sys.stderr)
             raw = None
     raw = raw or {}  # kyutai's rule: no config.json means the Moshi 7B defaults
     lm = LMConfig.from_dict(raw)

@@ -126,6 +126,8 @@ def run_sessions(runner: ModelRunner, inputs: dict[str, np.ndarray], sampling: d
 
 def prepare_output_dir(output_dir: Path) -> None:
     """Makes the output folder, or says why it cannot be written, before any model is loaded."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output-dir {output_dir} is a file; name a folder")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -1,6 +1,7 @@
 """Executes one batched frame step for a set of slots: Mimi encode -> LM -> Mimi decode."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,12 @@ class ModelRunner:
         load_weights(lm, files.moshi_weights, cfg.torch_dtype, cfg.device, files.lora)
         # Mimi stays in fp32 whatever the LM dtype, as in kyutai's server.
         load_weights(mimi, files.mimi_weights, torch.float32, cfg.device)
-        return ModelRunner(lm, mimi, TextTokenizer(files.tokenizer), cfg.max_sessions, cfg.kernels,
+        tokenizer = TextTokenizer(files.tokenizer)
+        if tokenizer.vocab_size < files.lm.text_card:  # its text tokens past the tokenizer's would print as nothing
+            print(f"lockstep: the text tokenizer {files.tokenizer} has {tokenizer.vocab_size} pieces, fewer than the "
+                  f"LM's {files.lm.text_card} text tokens (config.json's text_card); is it this model's?",
+                  file=sys.stderr)
+        return ModelRunner(lm, mimi, tokenizer, cfg.max_sessions, cfg.kernels,
                            batch_invariant=cfg.batch_invariant, lora=files.lora, default_sampling=files.sampling)
 
     def rings(self) -> tuple:

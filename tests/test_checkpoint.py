@@ -144,10 +144,17 @@ def test_a_repo_without_config_json_is_moshi_7b_but_an_unreachable_file_is_an_er
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
     files = resolve(EngineConfig(device="cpu", hf_repo="kyutai/legacy"))
     assert files.lm == LMConfig() and asked == ["config.json"]
-    assert "has no file 'config.json'; taking the checkpoint for Moshi 7B" in capsys.readouterr().err
+    assert "gives no config.json (the repository has none" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match=r"cannot get 'other.safetensors' .*\(ConnectionError\); it is "
                                               "neither in the local cache nor downloadable"):
         resolve(EngineConfig(device="cpu", hf_repo="kyutai/legacy", moshi_weight="hf://kyutai/legacy/other.safetensors"))
+
+
+def test_a_tokenizer_smaller_than_the_text_vocabulary_is_pointed_out(ckpt_copy, capsys):
+    from engine.tokenizer import train_tokenizer
+    train_tokenizer(ckpt_copy / "tokenizer_spm_32k_3.model", 64)  # the LM has 256 text tokens
+    load(ckpt_copy)
+    assert "has 64 pieces, fewer than the LM's 256 text tokens" in capsys.readouterr().err
 
 
 def test_kyutai_config_keys_are_understood():
