@@ -144,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     plan_outputs(paths, output_dir)
     runner = ModelRunner.load(cfg)
     sampling = runner.default_sampling.overridden({f.name: getattr(args, f.name)
-                                                   for f in dataclasses.fields(SamplingConfig)})
+                                                   for f in dataclasses.fields(SamplingConfig)}, flag_name)
     results = generate(runner, paths, output_dir, sampling)
     failed = [r for r in results.values() if r.error]
     print(f"generated {len(results) - len(failed)} session(s) into {args.output_dir}"

@@ -10,7 +10,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 SAMPLE_RATE = 24000
 FRAME_RATE = 12.5
@@ -372,19 +372,23 @@ class SamplingConfig:
     text_top_k: int = 25
     seed: int | None = None
 
-    def validate(self) -> "SamplingConfig":
-        _check(all(isinstance(t, (int, float)) and math.isfinite(t) and 0 <= t <= MAX_TEMPERATURE
-                   for t in (self.temperature, self.text_temperature)),
-               f"temperatures must be numbers in 0..{MAX_TEMPERATURE}")
-        _check(all(isinstance(k, int) and 0 <= k <= MAX_TOP_K for k in (self.top_k, self.text_top_k)),
-               f"top_k values must be integers in 0..{MAX_TOP_K} (0, or any value at or past the vocabulary, "
-               "samples over all of it)")
-        _check(self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)")
+    def validate(self, name: Callable[[str], str] = str) -> "SamplingConfig":
+        """`name` says each field as the caller knows it (a CLI flag, a JSON key)."""
+        for f in ("temperature", "text_temperature"):
+            t = getattr(self, f)
+            _check(isinstance(t, (int, float)) and math.isfinite(t) and 0 <= t <= MAX_TEMPERATURE,
+                   f"{name(f)} must be a number in 0..{MAX_TEMPERATURE}, got {t!r}")
+        for f in ("top_k", "text_top_k"):
+            k = getattr(self, f)
+            _check(isinstance(k, int) and 0 <= k <= MAX_TOP_K,
+                   f"{name(f)} must be an integer in 0..{MAX_TOP_K} (0, or any value at or past the vocabulary, "
+                   f"samples over all of it), got {k!r}")
+        _check(self.seed is None or 0 <= self.seed < 2**63, f"{name('seed')} must be in [0, 2**63), got {self.seed}")
         return self
 
-    def overridden(self, given: dict[str, Any]) -> "SamplingConfig":
+    def overridden(self, given: dict[str, Any], name: Callable[[str], str] = str) -> "SamplingConfig":
         """These settings with what a caller gave in their place (None: not given), validated."""
-        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None}).validate()
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None}).validate(name)
 
     @staticmethod
     def from_lm_gen_config(raw: Any) -> "SamplingConfig":

@@ -418,7 +418,7 @@ def test_websocket_garbage_ends_nothing_but_its_own_session(server, expected):
             async with http.ws_connect(base.replace("http", "ws") + "/api/chat?audio_topk=-3") as ws:
                 msg = await ws.receive(timeout=10)
                 assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 1008
-                assert msg.extra.startswith("bad sampling parameters: top_k values must be integers")
+                assert msg.extra.startswith("bad sampling parameters: top_k must be an integer")
 
     asyncio.run(main())
     for _ in range(100):

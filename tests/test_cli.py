@@ -112,3 +112,11 @@ def test_make_checkpoint_refuses_what_the_host_cannot_hold(tmp_path, monkeypatch
         main(["make-checkpoint", str(tmp_path / "big"), "--preset", "7b"])
     assert exc.value.code == 2 and "takes ~47 GB of host memory" in capsys.readouterr().err
     assert not (tmp_path / "big").exists()
+
+
+def test_a_bad_sampling_flag_is_named_as_a_flag(tiny_wrap_ckpt, tmp_path, capsys):
+    for flag, value in (("--text-top-k", "-1"), ("--seed", str(2**63)), ("--temperature", "11")):
+        with pytest.raises(SystemExit) as exc:
+            main(["generate", "--device", "cpu", "--model-dir", str(tiny_wrap_ckpt), "--output-dir", str(tmp_path),
+                  flag, value, "x.wav"])
+        assert exc.value.code == 2 and f"error: {flag} must be" in capsys.readouterr().err
