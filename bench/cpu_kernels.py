@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.args import COUNT, NON_NEGATIVE, at_least, shape
+from bench.args import COUNT, at_least, shape
 from engine.config import MimiConfig
 from engine.make_checkpoint import SMALL_LM
 from engine.transformer import StreamingTransformer
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=["gemm", "elu", "stack"], default=["gemm", "elu", "stack"])
     ap.add_argument("--rows", type=COUNT, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32, 64])
     ap.add_argument("--sessions", type=COUNT, nargs="+", default=[1, 8], help="batch sizes of the ELU and step cases")
-    ap.add_argument("--history", type=NON_NEGATIVE, default=200, help="positions in each ring for the step cases")
+    ap.add_argument("--history", type=at_least(0, int, 10**6), default=200,
+                    help="positions in each ring for the step cases (at most 10^6)")
     ap.add_argument("--shapes", nargs="+", type=shape, default=list(SHAPES), help="IN x OUT, e.g. 512x2048")
     ap.add_argument("--megabytes", type=at_least(0, float, 4096, exclusive=True), default=200,
                     help="weight bytes cycled through per case (at most 4096)")

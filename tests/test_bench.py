@@ -233,6 +233,7 @@ def test_the_floor_reads_each_weight_once_but_only_the_looked_up_rows_of_a_table
                                          ("kernels", ["--iters", "0"]), ("serve", ["--rate", "0"]),
                                          ("soak", ["--join-rate", "2"]), ("cpu_kernels", ["--rows", "0"]),
                                          ("cpu_kernels", ["--shapes", "0x5"]), ("cpu_kernels", ["--megabytes", "1e12"]),
+                                         ("cpu_kernels", ["--history", str(10**12)]),
                                          ("serve", ["--seconds", "1e12"]), ("tick", ["--output", "/proc/nope/x"])])
 def test_benchmark_counts_out_of_range_are_refused_by_name(which, argv, capsys):
     import importlib
