@@ -141,11 +141,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     cfg = engine_config(args)
     paths, output_dir = [Path(p) for p in args.inputs], Path(args.output_dir)
     prepare_output_dir(output_dir)  # before the load, which is what takes time
-    plan_outputs(paths, output_dir)
+    names = plan_outputs(paths, output_dir)
     runner = ModelRunner.load(cfg)
     sampling = runner.default_sampling.overridden({f.name: getattr(args, f.name)
                                                    for f in dataclasses.fields(SamplingConfig)}, flag_name)
-    results = generate(runner, paths, output_dir, sampling)
+    results = generate(runner, paths, names, output_dir, sampling)
     failed = [r for r in results.values() if r.error]
     print(f"generated {len(results) - len(failed)} session(s) into {args.output_dir}"
           + (f"; {len(failed)} input(s) failed" if failed else ""))

@@ -2,6 +2,7 @@
 finished session's slot goes to the next input at the next frame (continuous batching)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -136,26 +137,25 @@ def prepare_output_dir(output_dir: Path) -> None:
         raise ConfigError(f"--output-dir {output_dir}: not writable")
 
 
-def generate(runner: ModelRunner, paths: list[Path], output_dir: Path, sampling: SamplingConfig,
-             seed: int | None = None, progress: bool | None = None) -> dict[str, SessionResult]:
-    """Runs every input as a session; each one's outputs are written as soon as it ends, so an
-    interrupted run keeps the ones that finished."""
-    prepare_output_dir(output_dir)
+def generate(runner: ModelRunner, paths: list[Path], names: list[str], output_dir: Path,
+             sampling: SamplingConfig) -> dict[str, SessionResult]:
+    """Runs every input as a session, named as `plan_outputs` named it into `output_dir` (made by
+    `prepare_output_dir`); each one's outputs are written as soon as it ends, so an interrupted run
+    keeps the ones that finished."""
     inputs: dict[str, np.ndarray] = {}
     configs: dict[str, SamplingConfig] = {}
     failed: dict[str, SessionResult] = {}
-    for path, name in zip(paths, plan_outputs(paths, output_dir)):
+    for path, name in zip(paths, names):
         try:
             inputs[name] = frames(read_audio(path, SAMPLE_RATE), runner.frame_size)
         except (AudioError, OSError) as e:
             print(f"lockstep generate: skipping {path}: {e}", file=sys.stderr)
             failed[name] = SessionResult(name, error=str(e))
             continue
-        s = seed if seed is not None else sampling.seed
-        configs[name] = SamplingConfig(**{**sampling.__dict__, "seed": None if s is None else session_seed(s, name)})
-    if progress is None:
-        progress = sys.stderr.isatty()
-    results = run_sessions(runner, inputs, configs, progress, on_end=lambda res: write_outputs(res, output_dir))
+        seed = sampling.seed
+        configs[name] = dataclasses.replace(sampling, seed=None if seed is None else session_seed(seed, name))
+    results = run_sessions(runner, inputs, configs, sys.stderr.isatty(),
+                           on_end=lambda res: write_outputs(res, output_dir))
     return {**results, **failed}
 
 

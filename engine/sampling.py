@@ -74,6 +74,7 @@ def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     V = logits.shape[-1]
     if logits.dtype == torch.float32:
         return torch.topk(logits, k, dim=-1)
+    x = logits.float()
     ids = torch.arange(V, device=logits.device, dtype=torch.int32)
     if logits.dtype == torch.bfloat16 and V <= 1 << 16:
         # A bf16 is the top half of a float32: the bottom half holds the tie-break (growing toward
@@ -84,10 +85,10 @@ def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
         low = ((~high) >> 31) & 0xFFFF ^ ids  # 0xFFFF - id where the logit is positive, id where negative
         top_i = torch.topk((high | low).view(torch.float32), k, dim=-1).indices
     else:  # other half formats: each float32's order-preserving int32 and the id, in one int64 key
-        bits = logits.float().view(torch.int32)
+        bits = x.view(torch.int32)
         ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
         top_i = torch.topk((ordered.long() << 32) + (V - 1 - ids), k, dim=-1).indices
-    return logits.float().gather(-1, top_i), top_i
+    return x.gather(-1, top_i), top_i
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, stream: int,
