@@ -16,6 +16,11 @@ from engine.audio import AudioError, pcm_to_s16le, read_audio, s16le_to_pcm, wri
 from engine.config import FRAME_SIZE, SAMPLE_RATE
 
 
+# A real-time caller sends this far ahead of the clock, as a jitter buffer: a frame sent exactly on
+# time reaches the server's tick just after it now and then, and the call hears an underrun.
+REALTIME_LEAD_SECONDS = 0.16
+
+
 class ClientError(Exception):
     """A call that could not be made or did not finish; the message says why, and `result` holds
     what had come back by then (None when the call never started)."""
@@ -46,7 +51,8 @@ async def chat(url: str, pcm: np.ndarray, realtime: bool = True, api_key: str | 
     async def body():
         for i, offset in enumerate(range(0, len(pcm), step)):
             if realtime:
-                await asyncio.sleep(max(0.0, start + i * 0.08 * frames_per_chunk - time.monotonic()))
+                due = start + i * 0.08 * frames_per_chunk - REALTIME_LEAD_SECONDS
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
             yield pcm_to_s16le(pcm[offset: offset + step])
 
     headers = {"content-type": "application/octet-stream"}
