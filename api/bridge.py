@@ -1,25 +1,32 @@
-"""Bridges engine sessions (engine thread) to asyncio handlers (event loop)."""
+"""Bridges the engine's sessions (in the engine process, over api/link.py) to asyncio handlers."""
 from __future__ import annotations
 
 import asyncio
 import time
 
-from engine.config import FRAME_RATE, SAMPLE_RATE, SamplingConfig, ServeConfig
-from engine.serving import EngineLoop
-from engine.session import FrameOutput, Session
-
+from api.link import EngineLink, RemoteSession
+from engine.config import FRAME_RATE, SamplingConfig, ServeConfig
+from engine.session import FrameOutput
 
 MAX_UNREAD_FRAMES = 250  # 20 s of output
-# (per second, burst) a connection is read at: far above what any client needs (Kyutai's sends a
-# message per 80 ms frame; HTTP bodies come in chunks of kilobytes), far below a flood.
+# (per second, burst) a websocket is read at: far above what any client needs (Kyutai's sends a
+# message per 80 ms frame), far below a flood. HTTP bodies are capped where their bytes arrive
+# (api/limits.py).
 WS_MESSAGE_RATE = (100.0, 200.0)
-HTTP_CHUNK_RATE = (2000.0, 2000.0)
+
+
+class SessionRefused(Exception):
+    """The engine refused a request about a session; `status` is the HTTP status that says why."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
 
 
 class MessageRate:
     """Caps the messages one connection is read at (a token bucket): a client flooding messages
     that carry no audio (empty, text, unknown kinds) never fills its buffer, so `throttle` would
-    not slow it, yet each message costs the event loop, and through the GIL the engine's ticks."""
+    not slow it, yet each message costs its API process."""
 
     def __init__(self, per_second: float, burst: float):
         self.per_second, self.burst = per_second, burst
@@ -33,111 +40,98 @@ class MessageRate:
         if self.tokens < 0:
             await asyncio.sleep(-self.tokens / self.per_second)
 
-    async def pace(self, session: Session) -> None:
+    async def pace(self, session: RemoteSession) -> None:
         """What every reader does after each message: `throttle`, then this cap."""
         await throttle(session)
         await self.take()
 
 
-async def throttle(session: Session) -> None:
+async def throttle(session: RemoteSession) -> None:
     """Slows a reader whose session already holds `--max-buffer-seconds` of input: what comes on
     still drops the oldest (counted), but a client sending far faster than real time no longer costs
-    the server a decode per message, nor its neighbours their ticks."""
+    the server a decode per message."""
     if session.buffered_samples() >= session.max_buffer:
         await asyncio.sleep(1 / FRAME_RATE)
 
 
 class ApiSession:
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+    """A session's output as one handler reads it: FrameOutput objects, then the end reason."""
+
+    def __init__(self) -> None:
         self.queue: asyncio.Queue[FrameOutput | str] = asyncio.Queue()
-        self.session: Session  # set right after admission
-        self._stream_claimed = False
-        self.uploading = False  # an audio upload is being read
+        self.session: RemoteSession  # set when the engine's reply arrives
 
-    def sink(self, event: FrameOutput | str) -> None:
-        # Called on the engine thread; the queue belongs to the event loop.
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
-
-    def claim_stream(self) -> bool:
-        if self._stream_claimed:
-            return False
-        self._stream_claimed = True
-        return True
+    def deliver(self, event: FrameOutput | str) -> None:
+        if isinstance(event, FrameOutput) and self.queue.qsize() > MAX_UNREAD_FRAMES:
+            # Nobody reads this session's output: stop it before its backlog grows without bound.
+            self.session.link.end_session(self.session.id, "output_not_read")
+        self.queue.put_nowait(event)
 
 
 class SessionRegistry:
-    def __init__(self, engine: EngineLoop, cfg: ServeConfig):
+    def __init__(self, engine: EngineLink, cfg: ServeConfig):
         self.engine = engine
         self.cfg = cfg
-        self._by_id: dict[str, ApiSession] = {}
-        # Set when an admission frees (or draining starts); made on the loop the API runs on, once known.
-        self._freed: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        engine.on_admission_change.append(self._wake_waiters)
-
-    def _wake_waiters(self) -> None:
-        """On the engine thread (or any other): wakes the callers waiting for admission."""
-        loop, freed = self._loop, self._freed
-        if loop is not None and freed is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(freed.set)
-            except RuntimeError:  # closed meanwhile
-                pass
 
     @property
     def defaults(self) -> SamplingConfig:
         """What a session gets for the sampling settings it leaves unset: the checkpoint's."""
-        return self.engine.runner.default_sampling
+        return self.engine.defaults
 
-    async def open(self, sampling: SamplingConfig, end_on_input_end: bool) -> ApiSession | None:
-        api_session = ApiSession(asyncio.get_running_loop())
+    def _receiver(self, api_session: ApiSession, output: bool, input: bool):
+        def on_reply(reply: dict) -> None:
+            if not reply["ok"]:
+                return
+            api_session.session = session = RemoteSession(self.engine, reply)
+            if output:
+                self.engine.outputs[session.handle] = api_session.deliver
+            if input:
+                self.engine.inputs[session.handle] = session
+        return on_reply
 
-        def sink(event: FrameOutput | str) -> None:
-            if isinstance(event, str):
-                self._by_id.pop(api_session.session.id, None)
-            elif api_session.queue.qsize() > MAX_UNREAD_FRAMES:
-                # Nobody reads this session's output: stop it before its backlog grows without bound.
-                self.engine.end_session(api_session.session.id, "output_not_read")
-            api_session.sink(event)
-
-        # Admission may wait for a slot: on the event loop, woken when one frees, since a thread per
-        # waiting caller would exhaust the default pool and make each refusal and admission wait on
-        # the others, and polling would cost the engine's lock a take per waiter per poll.
+    async def open(self, sampling: SamplingConfig, end_on_input_end: bool, realtime: bool = True,
+                   attach: bool = True) -> ApiSession | None:
+        """A new session (its input and output attached to the caller unless `attach` is False), or
+        None when no slot frees within `--admission-wait` (or the server drains). Waiting costs no
+        thread and no engine work: the engine says when an admission frees."""
+        api_session = ApiSession()
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # an asyncio.Event belongs to the loop it first waits on
-            self._loop, self._freed = loop, asyncio.Event()
         deadline = loop.time() + self.cfg.admission_wait
         while True:
-            self._freed.clear()  # before trying: a slot that frees after the try wakes the wait
-            session = self.engine.create_session(sampling, sink, end_on_input_end, count_rejection=False)
+            reply = await self.engine.request(
+                "open", self._receiver(api_session, attach, attach), sampling=sampling.__dict__,
+                end_on_input_end=end_on_input_end, realtime=realtime, input=attach, output=attach)
+            if reply["ok"]:
+                return api_session
+            if reply["status"] != 503:
+                raise SessionRefused(reply["status"], reply["detail"])
             left = deadline - loop.time()
-            if session is not None or self.engine.draining or left <= 0:
-                break
-            try:
-                await asyncio.wait_for(self._freed.wait(), left)
-            except asyncio.TimeoutError:
-                pass
-        if session is None:
-            self.engine.metrics.inc("sessions_rejected_total")
-            return None
-        api_session.session = session
-        self._by_id[session.id] = api_session
+            if self.engine.draining or left <= 0:
+                self.engine.note("rejected")
+                return None
+            await self.engine.admission(left)
+
+    async def attach(self, sid: str, role: str) -> ApiSession:
+        """Takes over a session's output (`role` "output": its stream) or input ("input": an upload)."""
+        api_session = ApiSession()
+        reply = await self.engine.request("attach", self._receiver(api_session, role == "output", role == "input"),
+                                          sid=sid, role=role)
+        if not reply["ok"]:
+            raise SessionRefused(reply["status"], reply["detail"])
         return api_session
+
+    def detach_input(self, session: RemoteSession) -> None:
+        """An upload has ended (the session goes on)."""
+        self.engine.inputs.pop(session.handle, None)
+        self.engine.note("detach", handle=session.handle)
+
+    async def ask(self, op: str, **fields) -> dict:
+        """A request whose refusal is raised as SessionRefused."""
+        reply = await self.engine.request(op, **fields)
+        if not reply["ok"]:
+            raise SessionRefused(reply["status"], reply["detail"])
+        return reply
 
     def refusal(self) -> str:
         """Why `open` just returned None, as every route tells the caller."""
         return "server is shutting down" if self.engine.draining else "all session slots are busy"
-
-    def get(self, sid: str) -> ApiSession | None:
-        return self._by_id.get(sid)
-
-    def describe(self, api_session: ApiSession) -> dict:
-        s = api_session.session
-        return {"id": s.id, "sample_rate": SAMPLE_RATE, "frame_size": s.frame_size, "frame_rate": FRAME_RATE,
-                "format": "s16le", "channels": 1, "end_on_input_end": s.end_on_input_end,
-                "output_delay_frames": self.engine.runner.max_delay,
-                "sampling": s.sampling.__dict__}

@@ -12,7 +12,8 @@ from urllib.parse import parse_qs
 
 from pydantic import ValidationError
 
-from api.bridge import HTTP_CHUNK_RATE, MessageRate, SessionRegistry
+from api.bridge import SessionRefused, SessionRegistry, throttle
+from api.link import EngineUnavailable
 from api.protocol import PcmReassembler, SessionRequest, end_event, frame_events
 from engine.session import FrameOutput
 
@@ -36,9 +37,9 @@ def _parse_query(scope) -> tuple[SessionRequest, bool]:
         return value.lower() in _TRUE
 
     tokens = flag("tokens", raw.pop("tokens", "0"))
-    fields: dict = {"end_on_input_end": True}
+    fields: dict = {"end_on_input_end": True, "realtime": True}
     for key, value in raw.items():
-        fields[key] = flag(key, value) if key in ("greedy", "end_on_input_end") else value
+        fields[key] = flag(key, value) if key in ("greedy", "end_on_input_end", "realtime") else value
     return SessionRequest.model_validate(fields), tokens
 
 
@@ -54,16 +55,28 @@ async def chat_endpoint(scope, receive, send, registry: SessionRegistry,
         req, tokens = _parse_query(scope)
     except (ValidationError, ValueError) as e:
         return await _reply(send, 422, f"invalid query parameters: {e}")
-    api_session = await registry.open(req.sampling(registry.defaults), req.end_on_input_end)
+    limit = int(registry.cfg.max_body_mb * 2**20)
+    try:
+        declared = int(headers.get("content-length") or 0)
+    except ValueError:
+        declared = 0
+    if declared > limit:
+        return await _reply(send, 413, f"audio body over --max-body-mb ({registry.cfg.max_body_mb} MB)")
+    try:
+        api_session = await registry.open(req.sampling(registry.defaults), req.end_on_input_end,
+                                          realtime=bool(req.realtime))
+    except SessionRefused as e:
+        return await _reply(send, e.status, e.detail)
+    except EngineUnavailable as e:
+        return await _reply(send, 503, f"the engine is unavailable: {e}")
     if api_session is None:
         return await _reply(send, 503, registry.refusal(),
                             [(b"retry-after", str(max(1, int(registry.cfg.admission_wait))).encode())])
     session = api_session.session
     engine = registry.engine
-    limit = int(registry.cfg.max_body_mb * 2**20)
 
     async def read_body() -> None:
-        pcm_in, received, chunks = PcmReassembler(), 0, MessageRate(*HTTP_CHUNK_RATE)
+        pcm_in, received = PcmReassembler(), 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -81,7 +94,7 @@ async def chat_endpoint(scope, receive, send, registry: SessionRegistry,
                 session.push(samples)
             if not message.get("more_body", False):
                 break
-            await chunks.pace(session)
+            await throttle(session)
         if session.end_on_input_end:
             session.end_input()
         # The body is in; what `receive` says next is the client going away (it may only listen).

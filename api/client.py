@@ -58,7 +58,7 @@ async def chat(url: str, pcm: np.ndarray, realtime: bool = True, api_key: str | 
     headers = {"content-type": "application/octet-stream"}
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
-    query = {"tokens": "1", **{k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items()}}
+    query = {"tokens": "1", "realtime": "1" if realtime else "0", **{k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items()}}
     if not url.startswith(("http://", "https://")):
         raise ClientError(f"{url!r}: give the server's address as http://HOST:PORT")
     result, failed = ChatResult(), None

@@ -12,6 +12,7 @@ import sphn
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from api.bridge import WS_MESSAGE_RATE, MessageRate, SessionRegistry
+from api.link import EngineUnavailable
 from engine.config import SAMPLE_RATE, SamplingConfig
 from engine.session import FrameOutput
 
@@ -54,7 +55,11 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
         except (ValueError, TypeError) as e:
             await ws.close(code=1008, reason=f"bad sampling parameters: {e}"[:120])
             return
-        api_session = await registry.open(sampling, end_on_input_end=False)
+        try:
+            api_session = await registry.open(sampling, end_on_input_end=False)
+        except EngineUnavailable as e:
+            await ws.close(code=1011, reason=f"the engine is unavailable: {e}"[:120])
+            return
         if api_session is None:
             reason = registry.refusal()
             await ws.close(code=1013, reason=reason if engine.draining else f"{reason}; try again later")

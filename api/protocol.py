@@ -23,6 +23,9 @@ class SessionRequest(BaseModel):
     text_top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
     seed: int | None = Field(None, ge=0, lt=2**63)
     end_on_input_end: bool = False
+    # A live call (its input lag is held under --max-input-lag) rather than an upload of recorded
+    # audio, sent as fast as it goes (held only by --max-buffer-seconds).
+    realtime: bool | None = None
 
     def sampling(self, defaults: SamplingConfig) -> SamplingConfig:
         return defaults.overridden({f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingConfig)})

@@ -1,106 +1,141 @@
-"""`lockstep serve`: the engine thread plus uvicorn, with a graceful drain on SIGTERM."""
+"""`lockstep serve`: a supervisor, one engine process and `--api-workers` API processes.
+
+    supervisor (this process: signals, health, restarts; no model, no connections)
+    ├── engine process (engine/process.py): the device, the scheduler, the 80 ms tick; between
+    │   ticks it serves the API processes over a Unix socket (engine/hub.py)
+    └── API processes (api/worker.py): HTTP, websockets and codecs on one shared listening socket
+
+The engine ticks on a core, an interpreter and a GIL of its own: no connection, however hostile,
+runs on it. An API process that dies loses only its own connections and is started again; an engine
+process that dies, or stops beating for `--engine-timeout` seconds, ends the server with status 1
+(its /healthz already fails after 5 s), so whatever supervises lockstep restarts it.
+
+On the first SIGTERM/SIGINT the engine refuses new sessions and running ones get
+`--shutdown-timeout` seconds to finish; then the API processes close their connections (5 s grace)
+and everything stops. A second signal stops everything at once.
+"""
 from __future__ import annotations
 
-import copy
 import logging
-import threading
+import logging.config
+import signal
+import socket
+import subprocess
+import sys
 import time
 
-import uvicorn
-
-from api.app import create_app
-from engine import capacity, host
-from engine.config import FRAME_RATE, ConfigError, EngineConfig, ServeConfig
-from engine.runner import ModelRunner
-from engine.serving import EngineLoop
-from kernels import linear, stack_cpu
+from api.engine_process import EngineFailed, EngineProcess
+from engine.config import ServeConfig, default_api_workers
+from engine.process import log_config
 
 log = logging.getLogger("lockstep")
+POLL_SECONDS = 0.1
 
 
-class DrainingServer(uvicorn.Server):
-    """First SIGTERM/SIGINT: refuse new sessions and give running ones `shutdown_timeout` seconds
-    to finish; then stop. A second signal stops at once."""
-
-    def __init__(self, config: uvicorn.Config, engine: EngineLoop, shutdown_timeout: float):
-        super().__init__(config)
-        self.engine = engine
-        self.shutdown_timeout = shutdown_timeout
-        self._draining = False
-
-    def handle_exit(self, sig, frame) -> None:
-        if self._draining:  # the second signal, whichever: stop now, open connections or not
-            self.should_exit = self.force_exit = True
-            return
-        self._draining = True
-        self.engine.drain()
-        log.info("draining: %d running session(s), up to %.0f s", len(self.engine.sessions), self.shutdown_timeout)
-        threading.Thread(target=self._wait_then_exit, daemon=True).start()
-
-    def _wait_then_exit(self) -> None:
-        deadline = time.monotonic() + self.shutdown_timeout
-        while self.engine.sessions and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for sid in list(self.engine.sessions):
-            self.engine.end_session(sid, "server_shutdown")
-        time.sleep(0.3)  # let the end events reach their streams
-        self.should_exit = True
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
-def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop:
-    from engine.cli import with_builtin_weights
-    engine_cfg = with_builtin_weights(engine_cfg)
-    runner = ModelRunner.load(engine_cfg)
-    ticks = None
-    if not serve_cfg.no_warmup:
-        start = time.perf_counter()
-        sizes = runner.warm_up()
-        print(f"lockstep: warmed up batch sizes {sizes} in {time.perf_counter() - start:.1f} s", flush=True)
-        ticks = capacity.probe_ticks(runner)
-        print(f"lockstep: {capacity.describe_ticks(ticks, runner.max_sessions, serve_cfg.admit_realtime)}",
-              flush=True)
-    host.settle()
-    lm_dtype = str(engine_cfg.torch_dtype).removeprefix("torch.")
-    invariant = " (batch-invariant: every tick steps them all)" if runner.batch_invariant else ""
-    products = (f", CPU products on {linear.describe()}, {stack_cpu.describe(runner.lm, runner.mimi)}"
-                if runner.device.type == "cpu" else "")
-    adapter = f" + LoRA {runner.lora.path.name} (scaling {runner.lora.scaling:g}, folded in)" if runner.lora else ""
-    print(f"lockstep: {engine_cfg.model_dir or engine_cfg.hf_repo}{adapter} on {runner.device} (LM {lm_dtype}, "
-          f"kernels {runner.kernel_backend}{products}, CUDA graphs {'on' if runner.graphs else 'off'}), "
-          f"{runner.max_sessions} slots{invariant}, http://{serve_cfg.host}:{serve_cfg.port} "
-          "(v1 API, /v1/chat, ws /api/chat, /metrics)", flush=True)
-    loop = EngineLoop(runner, max_buffer_frames=max(1, int(serve_cfg.max_buffer_seconds * FRAME_RATE)),
-                      idle_timeout=serve_cfg.idle_timeout, max_waiting=0)
-    if ticks:
-        fit = capacity.realtime_sessions(ticks)
-        loop.metrics.set_probe(ticks, fit)
-        if serve_cfg.admit_realtime:
-            if fit == 0:
-                raise ConfigError("--admit-realtime: the capacity probe found that even one session runs slower "
-                                  "than real time here, so it would admit no one (use a faster device, or drop "
-                                  "the flag to serve late)")
-            loop.limit_admission(fit)
-    return loop
+class Supervisor:
+    def __init__(self, engine_args: dict, cfg: ServeConfig):
+        self.cfg = cfg
+        self.sockets = [listen(cfg.host, cfg.port)]
+        if cfg.metrics_port is not None:
+            self.sockets.append(listen(cfg.host, cfg.metrics_port))
+        self.engine = EngineProcess(engine_args, cfg)
+        self.workers: list[subprocess.Popen] = []
+        self.signals = 0
+
+    def _spawn_worker(self, index: int) -> subprocess.Popen:
+        fds = [str(s.fileno()) for s in self.sockets]
+        return subprocess.Popen([sys.executable, "-m", "api.worker", str(self.engine.runtime), str(index), *fds],
+                                pass_fds=[s.fileno() for s in self.sockets], start_new_session=True)
+
+    def _on_signal(self, sig, frame) -> None:
+        self.signals += 1
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            self.engine.wait_ready()
+        except EngineFailed as e:
+            return e.code
+        n = self.cfg.api_workers or default_api_workers()
+        self.workers = [self._spawn_worker(i) for i in range(n)]
+        metrics = f", /metrics on port {self.cfg.metrics_port}" if self.cfg.metrics_port else ", /metrics"
+        print(f"lockstep: serving http://{self.cfg.host}:{self.cfg.port} (v1 API, /v1/chat, ws /api/chat{metrics}) "
+              f"from {n} API process(es); the engine ticks in process {self.engine.proc.pid}", flush=True)
+        try:
+            return self._watch()
+        finally:
+            self._stop_all()
+
+    def _watch(self) -> int:
+        while True:
+            if self.signals:
+                return self._drain()
+            problem = self._engine_problem()
+            if problem:
+                log.error("%s: stopping the server", problem)
+                return 1
+            for i, proc in enumerate(self.workers):
+                if proc.poll() is not None:
+                    log.error("API process %d ended with status %s: starting another in its place", i, proc.returncode)
+                    self.workers[i] = self._spawn_worker(i)
+            self.engine.skim()
+            time.sleep(POLL_SECONDS)
+
+    def _engine_problem(self) -> str | None:
+        code = self.engine.proc.poll()
+        if code is not None:
+            return f"the engine process ended with status {code}"
+        age = self.engine.beat_age()
+        if age is not None and age > self.cfg.engine_timeout:
+            self.engine.proc.kill()
+            return f"the engine loop has not come round for {age:.0f} s (--engine-timeout)"
+        return None
+
+    def _drain(self) -> int:
+        """Refuse new sessions, let running ones finish, then stop; a second signal cuts it short."""
+        try:
+            self.engine.note("drain")
+            sessions = self.engine.request("list")["sessions"]
+            log.info("draining: %d running session(s), up to %.0f s", len(sessions), self.cfg.shutdown_timeout)
+            deadline = time.monotonic() + self.cfg.shutdown_timeout
+            while sessions and time.monotonic() < deadline and self.signals < 2 and not self._engine_problem():
+                time.sleep(POLL_SECONDS)
+                sessions = self.engine.request("list")["sessions"]
+            if sessions and self.signals < 2:
+                self.engine.note("end_all", reason="server_shutdown")
+                time.sleep(0.5)  # the end events reach their streams
+        except (OSError, EngineFailed) as e:
+            log.error("the engine went away while draining (%s)", e)
+            return 1
+        return 0
+
+    def _stop_all(self) -> None:
+        """API processes first (5 s for their connections, less after a second signal), then the engine."""
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM if self.signals < 2 else signal.SIGKILL)
+        deadline = time.monotonic() + 7
+        for proc in self.workers:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.engine.stop()
+        for sock in self.sockets:
+            sock.close()
 
 
-def log_config() -> dict:
-    """uvicorn's logging setup plus the engine's logger (sessions joining and ending, late ticks),
-    in the same format on the same stream."""
-    cfg = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    cfg["loggers"]["lockstep"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    return cfg
-
-
-def serve(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> None:
-    # The model is loaded, warmed up and ticked on the engine's own thread (`EngineLoop.spawn`
-    # says why); this thread only serves HTTP.
-    engine = EngineLoop.spawn(lambda: build_engine(engine_cfg, serve_cfg))
-    # Once the sessions have ended, connections still open (an upload trickling in, say) get a few
-    # seconds, not forever.
-    config = uvicorn.Config(create_app(engine, serve_cfg), host=serve_cfg.host, port=serve_cfg.port,
-                            log_level="info", log_config=log_config(), timeout_graceful_shutdown=5)
-    try:
-        DrainingServer(config, engine, serve_cfg.shutdown_timeout).run()
-    finally:
-        engine.stop()
-        host.unsettle()
+def serve(engine_args: dict, cfg: ServeConfig) -> None:
+    logging.config.dictConfig(log_config())
+    sys.exit(Supervisor(engine_args, cfg).run())

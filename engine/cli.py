@@ -67,6 +67,16 @@ _SERVE_HELP = {
     "no_warmup": "accept sessions at once, without first running every batch bucket (CUDA-graph capture, "
                  "kernel compilation) on the scratch slot, nor timing each size at full context (the "
                  "capacity probe); the first tick at each new size then pays for it",
+    "api_workers": "API processes serving HTTP and websockets beside the engine process (0: one per 4 cores, "
+                   "1 to 4)",
+    "max_input_lag": "a real-time call's input lag (audio received, not yet stepped) is held under this many "
+                     "seconds: when its lowest level over a second is above it, its oldest input is dropped "
+                     "(counted); uploads (realtime false) are held only by --max-buffer-seconds",
+    "metrics_port": "serve /metrics (and health) on this port, with no key, instead of on --port (where it is "
+                    "behind --api-key when one is set); keep this port private",
+    "head_timeout": "seconds a connection gets to send a whole request head before it is closed",
+    "engine_timeout": "the engine loop not coming round for this many seconds is a hang: the server stops with "
+                      "status 1 (/healthz fails after 5 s)",
     "admit_realtime": "admit at most as many sessions as the start-up capacity probe found to run in real time "
                       "(callers past them get 503 + Retry-After), rather than one per slot: every admitted "
                       "call then stays on time",
@@ -163,8 +173,9 @@ def serve_config(args: argparse.Namespace, environ=os.environ) -> ServeConfig:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from api.server import serve
-    # Weights are resolved (the built-in checkpoint made) on the engine's thread, with the loading.
-    serve(_from_args(EngineConfig, args), serve_config(args))
+    # The engine process resolves and checks its flags (and makes the built-in checkpoint), so that
+    # the supervisor never loads torch.
+    serve({f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}, serve_config(args))
 
 
 def cmd_client(args: argparse.Namespace) -> None:

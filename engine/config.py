@@ -473,6 +473,23 @@ class EngineConfig:
         return getattr(torch, self.dtype)
 
 
+def from_dict(cls, values: dict):
+    """A config dataclass from a JSON object of its fields (lists back to the tuples it holds)."""
+    return cls(**{f.name: _as_tuple(values[f.name]) for f in dataclasses.fields(cls) if f.name in values})
+
+
+# A real-time loop passes its top at least every frame; this long without it, it is stuck (a hung
+# device, a deadlock) and liveness fails, so an orchestrator restarts the server.
+STALL_SECONDS = 5.0
+
+
+def default_api_workers(cores: int | None = None) -> int:
+    """API processes for a machine: one per 4 cores, at least 1 and at most 4 (at 128 sessions an
+    API core is busy for ~20% of a frame; the rest of the cores stay with the engine's host work)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(4, cores // 4))
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """What `lockstep serve` adds to the engine settings."""
@@ -487,6 +504,11 @@ class ServeConfig:
     no_warmup: bool = False
     admit_realtime: bool = False
     static: str | None = None
+    api_workers: int = 0
+    max_input_lag: float = 0.3
+    metrics_port: int | None = None
+    head_timeout: float = 5.0
+    engine_timeout: float = 30.0
 
     def validate(self) -> "ServeConfig":
         _check(0 < self.port < 65536, f"--port must be in 1..65535, got {self.port}")
@@ -501,6 +523,15 @@ class ServeConfig:
         _check(not (self.admit_realtime and self.no_warmup),
                "--admit-realtime admits as many sessions as the start-up capacity probe finds run in real "
                "time, which --no-warmup skips: drop one of them")
+        _check(0 <= self.api_workers <= 64, f"--api-workers must be in 0..64 (0: by the machine's cores), "
+               f"got {self.api_workers}")
+        _check(0.08 <= self.max_input_lag <= self.max_buffer_seconds,
+               "--max-input-lag must hold at least one 80 ms frame and at most --max-buffer-seconds")
+        _check(self.metrics_port is None or (0 < self.metrics_port < 65536 and self.metrics_port != self.port),
+               f"--metrics-port must be in 1..65535 and differ from --port, got {self.metrics_port}")
+        _check(0 < self.head_timeout <= 600, "--head-timeout must be in (0, 600] seconds")
+        _check(self.engine_timeout > STALL_SECONDS, f"--engine-timeout must be more than {STALL_SECONDS:g} s (when "
+               "liveness already fails)")
         if self.static is not None:
             _check(os.path.isfile(os.path.join(self.static, "index.html")),
                    f"--static {self.static} must be a folder holding index.html (the web UI's built 'dist' folder)")

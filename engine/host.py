@@ -67,3 +67,15 @@ def unsettle() -> None:
     """At exit: lets the last collection see the startup objects again (native bindings check
     for leaks then)."""
     gc.unfreeze()
+
+
+def die_with_parent() -> None:
+    """A child of `lockstep serve` ends with it, even when the supervisor is killed outright (Linux
+    PR_SET_PDEATHSIG; elsewhere the pipes the children hold to it tell them instead)."""
+    if platform.system() != "Linux":
+        return
+    import signal
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the call above
+        os._exit(1)

@@ -49,7 +49,7 @@ class EngineMetrics:
         self.counters = {"sessions_created_total": 0, "sessions_rejected_total": 0,
                          "sessions_finished_total": 0, "ticks_total": 0, "late_ticks_total": 0,
                          "tick_failures_total": 0, "input_underruns_total": 0,
-                         "input_dropped_samples_total": 0}
+                         "input_dropped_samples_total": 0, "input_lag_dropped_samples_total": 0}
         self.gauges = {"num_sessions_running": 0, "num_sessions_waiting": 0, "slots_used": 0}
         p = self.PREFIX
         self.step_duration = Histogram(p + "step_duration_seconds", "Duration of one batched step.", _MS)

@@ -7,7 +7,6 @@ as possible for `lockstep generate` and the benchmarks.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from typing import Callable
@@ -15,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.config import FRAME_RATE, SAMPLE_RATE, SamplingConfig
+from engine.config import FRAME_RATE, SAMPLE_RATE, STALL_SECONDS, SamplingConfig
 from engine.metrics import EngineMetrics
 from engine.runner import ModelRunner
 from engine.scheduler import Plan, Scheduler
@@ -25,12 +24,20 @@ log = logging.getLogger("lockstep")
 FRAME_PERIOD = 1.0 / FRAME_RATE
 MAX_CATCH_UP_FRAMES = 5
 LATE_REPORT_SECONDS = 10.0  # late ticks are summed into one warning per this many seconds
-# A real-time loop passes its top at least every frame; this long without it, it is stuck (a hung
-# device, a deadlock) and liveness fails, so an orchestrator restarts the server.
-STALL_SECONDS = 5.0
 # This many failed ticks in a row is not one session's bad luck but a broken engine (a CUDA error
 # poisons the context for every later launch): liveness then fails too.
 FAILED_TICKS_UNHEALTHY = 3
+
+
+def stall_reason(since_beat: float | None, failed_ticks: int, last_error: str | None) -> str | None:
+    """Why a loop that last came round `since_beat` seconds ago, with `failed_ticks` failed ticks in
+    a row, is not serving (it has not come round for `STALL_SECONDS`, or its last
+    `FAILED_TICKS_UNHEALTHY` ticks or more all failed); None while it is."""
+    if failed_ticks >= FAILED_TICKS_UNHEALTHY:
+        return f"the last {failed_ticks} ticks failed ({last_error})"
+    if since_beat is not None and since_beat > STALL_SECONDS:
+        return f"the engine loop has not come round for {since_beat:.1f} s"
+    return None
 
 
 def describe_sampling(cfg: SamplingConfig) -> str:
@@ -43,9 +50,10 @@ def describe_sampling(cfg: SamplingConfig) -> str:
 
 class EngineLoop:
     def __init__(self, runner: ModelRunner, max_buffer_frames: int = 250, idle_timeout: float | None = None,
-                 max_waiting: int | None = 0):
+                 max_waiting: int | None = 0, max_input_lag: float | None = None):
         """`max_waiting`: sessions admitted beyond the slots, queued until one frees (None: no
-        limit, for offline runs; 0 when serving, so an admitted caller always gets a slot)."""
+        limit, for offline runs; 0 when serving, so an admitted caller always gets a slot).
+        `max_input_lag`: the input lag, in seconds, real-time sessions are held under."""
         self.runner = runner
         self.max_sessions = runner.max_sessions
         self.max_admitted = None if max_waiting is None else runner.max_sessions + max_waiting
@@ -54,6 +62,7 @@ class EngineLoop:
         self.metrics = EngineMetrics(runner.max_sessions)
         self.max_buffer_frames = max_buffer_frames
         self.idle_timeout = idle_timeout
+        self.max_lag = None if max_input_lag is None else int(max_input_lag * SAMPLE_RATE)
         self.draining = False
         self.last_step: tuple[float, int] = (0.0, 0)  # seconds and sessions of the latest step
         self.heartbeat: float | None = None  # when the real-time loop last passed its top
@@ -69,9 +78,10 @@ class EngineLoop:
     # ---- API side -------------------------------------------------------------------------------
     def create_session(self, sampling: SamplingConfig, sink: Callable[[FrameOutput | str], None],
                        end_on_input_end: bool = False, wait: float = 0.0,
-                       count_rejection: bool = True) -> Session | None:
+                       count_rejection: bool = True, realtime: bool = False) -> Session | None:
         """Admits a session if a slot is (or within `wait` seconds becomes) free; None otherwise
-        (counted as a rejection unless `count_rejection` is False: the caller will try again)."""
+        (counted as a rejection unless `count_rejection` is False: the caller will try again).
+        A `realtime` session's input lag is held under the loop's `max_input_lag`."""
         sampling.validate()
         deadline = time.monotonic() + wait
         with self._cond:
@@ -84,7 +94,8 @@ class EngineLoop:
                 if count_rejection:
                     self.metrics.inc("sessions_rejected_total")
                 return None
-            session = Session(sampling, self.runner.frame_size, self.max_buffer_frames, end_on_input_end, sink)
+            session = Session(sampling, self.runner.frame_size, self.max_buffer_frames, end_on_input_end, sink,
+                              max_lag=self.max_lag if realtime else None)
             self.sessions[session.id] = session
             self.sched.submit(session.id)
             self.metrics.inc("sessions_created_total")
@@ -102,6 +113,12 @@ class EngineLoop:
 
     def _full(self) -> bool:
         return self.max_admitted is not None and len(self.sessions) >= self.max_admitted
+
+    def admissions_free(self) -> int:
+        """How many more sessions would be admitted now."""
+        if self.draining:
+            return 0
+        return self.max_sessions if self.max_admitted is None else max(0, self.max_admitted - len(self.sessions))
 
     def end_session(self, sid: str, reason: str) -> None:
         """Ends a session; it leaves the batch at the next tick. Unknown or ended ids are ignored."""
@@ -131,7 +148,8 @@ class EngineLoop:
         state = "ending" if session.end_reason else "waiting" if slot is None else "running"
         return {"state": state, "slot": slot, "frames_out": session.frames_out, "underruns": session.underruns,
                 "buffered_seconds": session.buffered_samples() / SAMPLE_RATE,
-                "dropped_samples": session.dropped_samples, "input_ended": session.input_ended,
+                "dropped_samples": session.dropped_samples, "lag_dropped_samples": session.lag_dropped_samples,
+                "realtime": session.realtime, "input_ended": session.input_ended,
                 "age_seconds": time.monotonic() - session.created}
 
     def _end_locked(self, session: Session, reason: str) -> None:
@@ -150,6 +168,7 @@ class EngineLoop:
         self.metrics.inc("sessions_finished_total")
         self.metrics.inc("input_underruns_total", session.underruns)
         self.metrics.inc("input_dropped_samples_total", session.dropped_samples)
+        self.metrics.inc("input_lag_dropped_samples_total", session.lag_dropped_samples)
         self._admission_changed()
         first = "" if session.first_audio_at is None else \
             f", first audio after {(session.first_audio_at - session.created) * 1e3:.0f} ms"
@@ -241,29 +260,22 @@ class EngineLoop:
             if on_tick is not None:
                 on_tick(plan)
 
-    def run_realtime(self) -> None:
+    def run_realtime(self, wait: Callable[[float], None] | None = None,
+                     after_tick: Callable[[], None] | None = None) -> None:
+        """Ticks on a deadline-driven cadence until `stop()`. `wait(seconds)` is called on every
+        pass, 0 when the loop is behind, so that what it serves (the API processes' messages) is
+        served whatever the ticks cost; `after_tick()` after each tick (to deliver its frames)."""
+        wait = wait or (lambda seconds: self._stop.wait(seconds) if seconds > 0 else None)
         due = time.monotonic()
         late, report_at = 0, due + LATE_REPORT_SECONDS
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
-            now = time.monotonic()
-            if now < due:
-                self._stop.wait(due - now)
+            wait(max(0.0, due - self.heartbeat))
+            if time.monotonic() < due or self._stop.is_set():
                 continue
-            try:
-                if self.tick().step:  # only a tick that stepped sessions shows the engine works
-                    self.failed_ticks = 0
-            except Exception as e:
-                # A bug must not stop the cadence for everyone: end the sessions of the failed
-                # tick (their slot state is suspect) and keep serving the rest.
-                log.exception("tick failed; ending the sessions it was stepping")
-                self.failed_ticks += 1
-                self.last_error = f"{type(e).__name__}: {e}"
-                self.metrics.inc("tick_failures_total")
-                with self._cond:
-                    stepping = list(self.sched.slot_of)
-                for sid in stepping:
-                    self.end_session(sid, "engine_error")
+            self._guarded_tick()
+            if after_tick is not None:
+                after_tick()
             due += FRAME_PERIOD
             behind = time.monotonic() - due
             if behind > 0:
@@ -282,54 +294,36 @@ class EngineLoop:
                                 sessions, FRAME_PERIOD * 1e3)
                 late, report_at = 0, now + LATE_REPORT_SECONDS
 
+    def _guarded_tick(self) -> None:
+        try:
+            if self.tick().step:  # only a tick that stepped sessions shows the engine works
+                self.failed_ticks = 0
+        except Exception as e:
+            # A bug must not stop the cadence for everyone: end the sessions of the failed tick
+            # (their slot state is suspect) and keep serving the rest.
+            log.exception("tick failed; ending the sessions it was stepping")
+            self.failed_ticks += 1
+            self.last_error = f"{type(e).__name__}: {e}"
+            self.metrics.inc("tick_failures_total")
+            with self._cond:
+                stepping = list(self.sched.slot_of)
+            for sid in stepping:
+                self.end_session(sid, "engine_error")
+
     def start(self) -> None:
+        """Ticks on a thread of this process (tests, benchmarks); `lockstep serve` ticks on its
+        engine process's main thread instead."""
         self._thread = threading.Thread(target=self.run_realtime, name="lockstep-engine", daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def spawn(build: Callable[[], "EngineLoop"]) -> "EngineLoop":
-        """Runs `build` on a new thread and then ticks the loop it returns there in real time;
-        returns the loop once built, or re-raises what `build` raised.
-
-        All of the engine's CPU work (loading, warm-up, ticks) stays on that one thread. With GNU
-        OpenMP each thread that runs parallel ops gets its own pool of workers, and once a process
-        holds more OpenMP threads than cores libgomp stops spinning between parallel regions, so
-        every parallel op waits for a worker to wake: a CPU tick of 2 sessions took 71 ms on the
-        engine thread of a model loaded on the main thread, 44 ms with one thread doing it all."""
-        built: queue.Queue = queue.Queue(maxsize=1)
-
-        def main() -> None:
-            try:
-                loop = build()
-            except BaseException as e:  # handed to the caller, which re-raises it
-                built.put(e)
-                return
-            built.put(loop)
-            loop.run_realtime()
-
-        thread = threading.Thread(target=main, name="lockstep-engine", daemon=True)
-        thread.start()
-        result = built.get()
-        if isinstance(result, BaseException):
-            thread.join()
-            raise result
-        result._thread = thread
-        return result
-
     def stalled(self) -> str | None:
-        """Why the real-time loop is not serving (its thread ended, it has not come round for
-        `STALL_SECONDS`, or its last `FAILED_TICKS_UNHEALTHY` ticks or more all failed), or None
-        while it is, or before it was started."""
+        """Why the real-time loop is not serving, or None while it is, or before it was started."""
         if self._thread is None:
             return None
         if not self._thread.is_alive():
             return "the engine thread has ended"
-        if self.failed_ticks >= FAILED_TICKS_UNHEALTHY:
-            return f"the last {self.failed_ticks} ticks failed ({self.last_error})"
-        since = time.monotonic() - (self.heartbeat or time.monotonic())
-        if since > STALL_SECONDS:
-            return f"the engine loop has not come round for {since:.1f} s"
-        return None
+        return stall_reason(time.monotonic() - (self.heartbeat or time.monotonic()), self.failed_ticks,
+                            self.last_error)
 
     def stop(self) -> None:
         self._stop.set()

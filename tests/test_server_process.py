@@ -1,6 +1,7 @@
 """`lockstep serve` as a process: SIGTERM refuses new sessions and lets running ones finish."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,39 +12,16 @@ import urllib.request
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import LiveServer, free_port, http
 
 
 def post(url: str, body: dict | bytes):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    return http("POST", url, body)
 
 
 def start_server(ckpt, *flags: str) -> tuple[subprocess.Popen, int]:
-    """`lockstep serve` in a process, once it answers /healthz: (process, port)."""
-    port = free_port()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--device", "cpu", "--model-dir", str(ckpt),
-                             "--port", str(port), *flags], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-            return proc, port
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(proc.stderr.read().decode()[-2000:])
-            time.sleep(0.1)
-    proc.kill()
-    pytest.fail("the server did not start")
+    srv = LiveServer(ckpt, *flags)
+    return srv.proc, srv.port
 
 
 def test_sigterm_drains(tiny_wrap_ckpt):
@@ -72,7 +50,7 @@ def test_sigterm_drains(tiny_wrap_ckpt):
 def test_build_engine_warms_up_and_freezes_the_startup_heap(tiny_wrap_ckpt, capsys):
     import gc
 
-    from api.server import build_engine
+    from engine.process import build_engine
     from engine import capacity
     from engine.config import EngineConfig, ServeConfig
     try:
@@ -92,7 +70,7 @@ def test_build_engine_warms_up_and_freezes_the_startup_heap(tiny_wrap_ckpt, caps
 def test_a_batch_invariant_server_warms_and_probes_its_one_shape(tiny_wrap_ckpt, capsys):
     import gc
 
-    from api.server import build_engine
+    from engine.process import build_engine
     from engine.config import EngineConfig, ServeConfig
     try:
         cfg = EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=3, batch_invariant=True)
@@ -109,7 +87,7 @@ def test_a_batch_invariant_server_warms_and_probes_its_one_shape(tiny_wrap_ckpt,
 def test_admit_realtime_caps_admission_at_the_probed_capacity(tiny_wrap_ckpt, monkeypatch, capsys, probe, admitted):
     import gc
 
-    from api.server import build_engine
+    from engine.process import build_engine
     from engine import capacity
     from engine.config import ConfigError, EngineConfig, SamplingConfig, ServeConfig
     monkeypatch.setattr(capacity, "probe_ticks", lambda runner: probe)
@@ -163,3 +141,117 @@ def test_a_trickling_upload_does_not_hold_the_shutdown(tiny_wrap_ckpt):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_engine_ticks_in_a_process_of_its_own(tiny_wrap_ckpt):
+    srv = LiveServer(tiny_wrap_ckpt, "--max-sessions", "1", "--no-warmup", "--api-workers", "2")
+    try:
+        pids = srv.pids()
+        assert len(pids["engine"]) == 1 and len(pids["api"]) == 2
+        assert srv.proc.pid not in pids["engine"] + pids["api"]
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_dead_engine_fails_health_and_ends_the_server_with_status_1(tiny_wrap_ckpt):
+    srv = LiveServer(tiny_wrap_ckpt, "--max-sessions", "1", "--no-warmup")
+    try:
+        sid = json.loads(post(srv.url + "/v1/sessions", {})[1])["id"]
+        stream = urllib.request.urlopen(f"{srv.url}/v1/sessions/{sid}/stream", timeout=10)
+        os.kill(srv.pids()["engine"][0], signal.SIGKILL)
+        # The stream says why it ended rather than hang; the server exits with status 1.
+        assert [json.loads(line) for line in stream] == [{"type": "end", "reason": "engine_lost"}]
+        assert srv.proc.wait(timeout=20) == 1
+        assert "the engine process ended" in srv.log()
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_a_hung_engine_fails_liveness_then_ends_the_server(tiny_wrap_ckpt):
+    srv = LiveServer(tiny_wrap_ckpt, "--max-sessions", "1", "--no-warmup", "--engine-timeout", "6")
+    engine = srv.pids()["engine"][0]
+    try:
+        os.kill(engine, signal.SIGSTOP)  # as a hung device or a deadlock would
+        deadline = time.monotonic() + 10
+        while srv.get("/healthz")[0] == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status, body = srv.get("/healthz")
+        assert status == 503 and "the engine loop has not come round for" in json.loads(body)["reason"]
+        assert srv.get("/readyz")[0] == 503
+        assert srv.proc.wait(timeout=20) == 1
+        assert "--engine-timeout" in srv.log()
+    finally:
+        try:
+            os.kill(engine, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        srv.stop(signal.SIGKILL)
+
+
+def open_call(port: int) -> tuple[socket.socket, str]:
+    """A /v1/chat call on a raw connection, two frames of audio in: (connection, session id)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"POST /v1/chat?greedy=1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    send_frames(s, 2)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(4096)
+    return s, re.search(rb"x-session-id: (\S+)", head).group(1).decode()
+
+
+def send_frames(s: socket.socket, n: int) -> None:
+    frame = b"\x00\x01" * 1920
+    for _ in range(n):
+        s.sendall(b"%x\r\n" % len(frame) + frame + b"\r\n")
+
+
+def test_a_dead_api_process_loses_only_its_own_calls_and_is_replaced(tiny_wrap_ckpt):
+    """Two API processes: killing one cuts the calls it held; a call held by the other goes on to
+    its end, and the supervisor starts a new API process in the dead one's place."""
+    srv = LiveServer(tiny_wrap_ckpt, "--max-sessions", "4", "--no-warmup", "--api-workers", "2")
+    calls = []
+    try:
+        owners: dict[str, list] = {}
+        for _ in range(4):  # connections land on either process: keep one call on each, if the kernel obliges
+            s, sid = open_call(srv.port)
+            calls.append(s)
+            owner = next(x["api_process"] for x in srv.sessions() if x["id"] == sid)
+            owners.setdefault(owner, []).append((s, sid))
+        if len(owners) < 2:
+            pytest.skip("the kernel handed every connection to one API process")
+        (victim, cut), (_, kept) = sorted(owners.items())[:2]
+        victim_pid = srv.pids()["api"][int(victim.split("-")[1])]
+        os.kill(victim_pid, signal.SIGKILL)
+        for s, sid in kept:  # the other process's calls run to their end, with their output
+            send_frames(s, 5)
+            s.sendall(b"0\r\n\r\n")
+        for s, sid in kept:
+            got = b""
+            while b"input_end" not in got:
+                data = s.recv(1 << 16)
+                assert data, f"call {sid} was cut"
+                got += data
+            assert got.count(b"\"type\": \"audio\"") >= 6  # and more where its input ran dry meanwhile
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (len(srv.pids()["api"]) == 2 and victim_pid not in srv.pids()["api"]):
+            time.sleep(0.1)
+        assert len(srv.pids()["api"]) == 2 and victim_pid not in srv.pids()["api"]
+        assert srv.wait_idle()  # the cut calls' sessions ended too (api_process_lost)
+        assert "starting another in its place" in srv.log()
+    finally:
+        for c in calls:
+            c.close()
+        assert srv.stop() == 0
+
+
+def test_metrics_on_a_port_of_their_own(tiny_wrap_ckpt):
+    port = free_port()
+    srv = LiveServer(tiny_wrap_ckpt, "--max-sessions", "1", "--no-warmup", "--metrics-port", str(port),
+                     "--api-key", "k", key="k")
+    try:
+        assert srv.get("/metrics")[0] == 404  # not on the API port
+        status, body = http("GET", f"http://127.0.0.1:{port}/metrics")  # no key there
+        assert status == 200 and b"lockstep:ticks_total" in body
+        assert http("GET", f"http://127.0.0.1:{port}/v1/sessions")[0] == 404
+    finally:
+        assert srv.stop() == 0

@@ -69,46 +69,6 @@ def test_buffer_bound_drops_oldest_and_idle_sessions_expire(runner):
     assert events == ["idle_timeout"] and not loop.sessions
 
 
-def test_spawn_builds_and_ticks_on_one_thread(runner, monkeypatch):
-    """`EngineLoop.spawn`: the loop is built on the thread that then ticks it, and the caller gets it
-    once built."""
-    import threading
-    import time
-    threads = {}
-
-    def build():
-        threads["build"] = threading.get_ident()
-        return EngineLoop(runner, max_buffer_frames=10)
-
-    step = runner.step
-
-    def record(*args):
-        threads.setdefault("step", threading.get_ident())
-        return step(*args)
-
-    monkeypatch.setattr(runner, "step", record)
-    loop = EngineLoop.spawn(build)
-    try:
-        events, sink = collector()
-        session = loop.create_session(SamplingConfig(greedy=True), sink)
-        session.push(np.zeros(3 * runner.frame_size, dtype=np.float32))
-        deadline = time.monotonic() + 10
-        while "step" not in threads and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        loop.stop()
-    assert threads["step"] == threads["build"] != threading.get_ident()
-    assert not loop._thread.is_alive()
-
-
-def test_spawn_reraises_what_building_raised():
-    def build():
-        raise ValueError("no weights here")
-
-    with pytest.raises(ValueError, match="no weights here"):
-        EngineLoop.spawn(build)
-
-
 def test_sessions_joining_and_ending_are_logged(runner, caplog):
     loop = EngineLoop(runner)
     s = loop.create_session(SamplingConfig(top_k=7, seed=3), collector()[1], end_on_input_end=True)
@@ -286,3 +246,69 @@ def test_an_input_that_ends_before_a_frame_ends_its_session(runner):
     s = loop.create_session(SamplingConfig(), sink)  # even without end_on_input_end: it could never join
     s.end_input()
     assert loop.tick().joins == [] and events == ["input_end"] and not loop.sessions
+
+
+def test_a_realtime_sessions_lag_comes_back_and_an_uploads_does_not(runner):
+    """A standing backlog (a stall, a client's burst) is dropped down to half the limit once a whole
+    window stayed above it; a backlog that drains in the window is left alone, and so is an upload."""
+    from engine.session import LAG_WINDOW_TICKS
+    loop = EngineLoop(runner, max_buffer_frames=250, max_input_lag=0.3, max_waiting=None)
+    live = loop.create_session(SamplingConfig(greedy=True), collector()[1], realtime=True)
+    upload = loop.create_session(SamplingConfig(greedy=True), collector()[1])
+    assert live.max_lag == 7200 and upload.max_lag is None
+    for s in (live, upload):
+        s.push(np.arange(10 * 24000, dtype=np.float32))  # a 10 s burst
+    for _ in range(LAG_WINDOW_TICKS):
+        for s in (live, upload):
+            s.pop_frame()
+            s.push(np.full(1920, -1, np.float32))  # and real time from then on
+    # Judged right after the window's last pop, when 10 s - 1 frame was waiting; one push since.
+    assert live.buffered_samples() == 3600 + 1920 and live.lag_dropped_samples == 10 * 24000 - 1920 - 3600
+    assert live.dropped_samples == live.lag_dropped_samples and loop.status(live.id)["lag_dropped_samples"] > 0
+    assert upload.buffered_samples() == 10 * 24000 and upload.dropped_samples == 0
+    frame, _ = live.pop_frame()  # what is kept is the newest audio
+    assert frame[0] == -1 and live.underruns == 0
+    burst = loop.create_session(SamplingConfig(), collector()[1], realtime=True)
+    burst.push(np.zeros(6 * 1920, np.float32))
+    for _ in range(LAG_WINDOW_TICKS):  # drains within the window: a burst, not a standing lag
+        burst.pop_frame()
+    assert burst.lag_dropped_samples == 0 and burst.underruns == LAG_WINDOW_TICKS - 6
+
+
+def test_sample_queue_takes_and_drops_across_chunks():
+    from engine.session import SampleQueue
+    q = SampleQueue()
+    for start in range(0, 100, 7):
+        q.push(np.arange(start, min(start + 7, 100), dtype=np.float32))
+    q.push(np.zeros(0, np.float32))
+    assert q.size == 100
+    assert q.take(10).tolist() == list(range(10))
+    q.drop(15)
+    assert q.take(3).tolist() == [25, 26, 27] and q.size == 72
+    assert q.take(1000).tolist() == list(range(28, 100)) and q.size == 0 and len(q.take(5)) == 0
+
+
+def test_the_realtime_loop_serves_between_ticks_even_when_behind(runner, monkeypatch):
+    """`wait` is called on every pass, with 0 when the loop is behind: a slow engine still serves
+    its API processes; `after_tick` follows every tick."""
+    loop = EngineLoop(runner)
+    waits, ticks = [], []
+    step = runner.step
+
+    def slow(slots, pcm):
+        time.sleep(0.1)
+        return step(slots, pcm)
+
+    monkeypatch.setattr(runner, "step", slow)
+    s = loop.create_session(SamplingConfig(greedy=True), collector()[1])
+    s.push(np.zeros(40 * 1920, np.float32))
+    thread = threading.Thread(target=loop.run_realtime,
+                              kwargs={"wait": lambda t: (waits.append(t), time.sleep(min(t, 0.01))),
+                                      "after_tick": lambda: ticks.append(time.monotonic())})
+    thread.start()
+    time.sleep(0.6)
+    loop.stop()
+    thread.join(5)
+    assert len(ticks) >= 3 and waits.count(0.0) >= 2
+    loop.end_session(s.id, "done")
+    loop.tick()
