@@ -3,7 +3,6 @@ its heartbeat, tell it to drain or stop. Used by `lockstep serve`'s supervisor.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from engine import wire
 from engine.config import ServeConfig
-from engine.process import CONFIG_NAME, HEARTBEAT_NAME, SOCKET_NAME
+from engine.runtime import HEARTBEAT_NAME, SOCKET_NAME, write_config
 
 
 class EngineFailed(RuntimeError):
@@ -35,8 +34,7 @@ class EngineProcess:
     def __init__(self, engine_args: dict, serve_cfg: ServeConfig):
         self.runtime = Path(tempfile.mkdtemp(prefix="lockstep-"))
         os.chmod(self.runtime, 0o700)  # the engine socket takes any API process that can reach it
-        (self.runtime / CONFIG_NAME).write_text(json.dumps({"engine": engine_args,
-                                                            "serve": dataclasses.asdict(serve_cfg)}))
+        write_config(self.runtime, engine_args, serve_cfg)
         self.socket_path = str(self.runtime / SOCKET_NAME)
         self.heartbeat_path = str(self.runtime / HEARTBEAT_NAME)
         self.proc = subprocess.Popen([sys.executable, "-m", "engine.process", str(self.runtime)],

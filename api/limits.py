@@ -24,7 +24,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 BYTES_PER_SECOND = 8 << 20  # 170x a real-time upload's 48 KB/s
 EVENTS_PER_SECOND = 1000.0  # a real-time client sends 12.5 chunks a second
 MAX_HEAD_BYTES = 64 << 10
-SLICE = 16 << 10
+SLICE = 4 << 10
 
 
 class Bucket:

@@ -16,7 +16,7 @@ import numpy as np
 
 from engine import wire
 from engine.config import SamplingConfig
-from engine.serving import stall_reason
+from engine.cadence import stall_reason
 from engine.session import FrameOutput
 
 log = logging.getLogger("lockstep")

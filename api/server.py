@@ -26,7 +26,7 @@ import time
 
 from api.engine_process import EngineFailed, EngineProcess
 from engine.config import ServeConfig, default_api_workers
-from engine.process import log_config
+from engine.runtime import log_config
 
 log = logging.getLogger("lockstep")
 POLL_SECONDS = 0.1

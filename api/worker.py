@@ -8,7 +8,6 @@ supervisor starts another in its place.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging.config
 import socket
 import sys
@@ -22,7 +21,7 @@ from api.limits import guarded_http
 from api.link import EngineLink
 from engine import host
 from engine.config import ServeConfig, from_dict
-from engine.process import CONFIG_NAME, HEARTBEAT_NAME, SOCKET_NAME, log_config
+from engine.runtime import HEARTBEAT_NAME, SOCKET_NAME, log_config, read_config
 
 
 async def report_counters(link: EngineLink, counters: Counter) -> None:
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime, index, fds = Path(argv[0]), int(argv[1]), [int(fd) for fd in argv[2:]]
     host.die_with_parent()
     logging.config.dictConfig(log_config())
-    cfg = from_dict(ServeConfig, json.loads((runtime / CONFIG_NAME).read_text())["serve"])
+    cfg = from_dict(ServeConfig, read_config(runtime)["serve"])
     sockets = [socket.socket(fileno=fd) for fd in fds]
     asyncio.run(serve(runtime, index, sockets, cfg))
 

@@ -14,7 +14,6 @@ import wave
 from functools import lru_cache
 
 import numpy as np
-import torch
 
 WAVE_FORMAT_PCM = 1
 WAVE_FORMAT_IEEE_FLOAT = 3
@@ -183,7 +182,8 @@ def _kernel(t: np.ndarray, up: int, down: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=16)
-def _polyphase_table(up: int, down: int) -> tuple[torch.Tensor, int]:
+def _polyphase_table(up: int, down: int) -> tuple["torch.Tensor", int]:
+    import torch  # here, not at the top: the API processes read WAVs and never load torch
     half = _half_width(up, down)
     # Output phase j sits at j*down/up input samples past the block start; with `half`
     # samples of left padding, tap k of the stride-`down` convolution reads input
@@ -195,6 +195,7 @@ def _polyphase_table(up: int, down: int) -> tuple[torch.Tensor, int]:
 
 
 def _resample_polyphase(pcm: np.ndarray, up: int, down: int) -> np.ndarray:
+    import torch
     table, half = _polyphase_table(up, down)
     n = pcm.size
     with torch.no_grad():

@@ -8,8 +8,6 @@ is ready. A configuration or checkpoint error ends it with status 2 and the mess
 """
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import logging.config
 import os
@@ -24,20 +22,9 @@ from engine.checkpoint import CheckpointError
 from engine.config import FRAME_RATE, ConfigError, EngineConfig, ServeConfig, from_dict
 from engine.hub import Hub
 from engine.runner import ModelRunner
+from engine.runtime import HEARTBEAT_NAME, SOCKET_NAME, log_config, read_config
 from engine.serving import EngineLoop
 from kernels import linear, stack_cpu
-
-SOCKET_NAME, HEARTBEAT_NAME, CONFIG_NAME = "engine.sock", "heartbeat", "config.json"
-
-
-def log_config() -> dict:
-    """uvicorn's logging setup plus the engine's logger (sessions joining and ending, late ticks),
-    in the same format on the same stream, in every process of the server."""
-    import uvicorn.config
-    cfg = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    cfg["loggers"]["lockstep"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    return cfg
-
 
 def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop:
     from engine.cli import with_builtin_weights
@@ -95,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     host.die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to act on: it drains
     logging.config.dictConfig(log_config())
-    cfgs = json.loads((runtime / CONFIG_NAME).read_text())
+    cfgs = read_config(runtime)
     try:
         engine_cfg = from_dict(EngineConfig, cfgs["engine"]).validate()
         run(runtime, engine_cfg, from_dict(ServeConfig, cfgs["serve"]).validate())

@@ -1,8 +1,8 @@
 """The engine loop: admits sessions, ticks the scheduler and runner every 80 ms, delivers frames.
 
 `tick()` is one frame for every active session; `run_realtime` calls it on a deadline-driven
-cadence (tick i is due at t0 + i * 80 ms, whatever the previous tick took), `run_offline` as fast
-as possible for `lockstep generate` and the benchmarks.
+cadence (engine/cadence.py), `run_offline` as fast as possible for `lockstep generate` and the
+benchmarks.
 """
 from __future__ import annotations
 
@@ -14,30 +14,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.config import FRAME_RATE, SAMPLE_RATE, STALL_SECONDS, SamplingConfig
+from engine.cadence import Cadence, stall_reason
+from engine.config import SAMPLE_RATE, SamplingConfig
 from engine.metrics import EngineMetrics
 from engine.runner import ModelRunner
 from engine.scheduler import Plan, Scheduler
 from engine.session import FrameOutput, Session
 
 log = logging.getLogger("lockstep")
-FRAME_PERIOD = 1.0 / FRAME_RATE
-MAX_CATCH_UP_FRAMES = 5
-LATE_REPORT_SECONDS = 10.0  # late ticks are summed into one warning per this many seconds
-# This many failed ticks in a row is not one session's bad luck but a broken engine (a CUDA error
-# poisons the context for every later launch): liveness then fails too.
-FAILED_TICKS_UNHEALTHY = 3
-
-
-def stall_reason(since_beat: float | None, failed_ticks: int, last_error: str | None) -> str | None:
-    """Why a loop that last came round `since_beat` seconds ago, with `failed_ticks` failed ticks in
-    a row, is not serving (it has not come round for `STALL_SECONDS`, or its last
-    `FAILED_TICKS_UNHEALTHY` ticks or more all failed); None while it is."""
-    if failed_ticks >= FAILED_TICKS_UNHEALTHY:
-        return f"the last {failed_ticks} ticks failed ({last_error})"
-    if since_beat is not None and since_beat > STALL_SECONDS:
-        return f"the engine loop has not come round for {since_beat:.1f} s"
-    return None
 
 
 def describe_sampling(cfg: SamplingConfig) -> str:
@@ -266,33 +250,16 @@ class EngineLoop:
         pass, 0 when the loop is behind, so that what it serves (the API processes' messages) is
         served whatever the ticks cost; `after_tick()` after each tick (to deliver its frames)."""
         wait = wait or (lambda seconds: self._stop.wait(seconds) if seconds > 0 else None)
-        due = time.monotonic()
-        late, report_at = 0, due + LATE_REPORT_SECONDS
+        cadence = Cadence(lambda: self.metrics.inc("late_ticks_total"), lambda: self.last_step)
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
-            wait(max(0.0, due - self.heartbeat))
-            if time.monotonic() < due or self._stop.is_set():
+            wait(cadence.until_due())
+            if cadence.until_due() > 0 or self._stop.is_set():
                 continue
             self._guarded_tick()
             if after_tick is not None:
                 after_tick()
-            due += FRAME_PERIOD
-            behind = time.monotonic() - due
-            if behind > 0:
-                # The tick overran its frame: count it; after several frames of lag, resync the
-                # cadence rather than bursting ticks to catch up.
-                self.metrics.inc("late_ticks_total")
-                late += 1
-                if behind > MAX_CATCH_UP_FRAMES * FRAME_PERIOD:
-                    due = time.monotonic()
-            now = time.monotonic()
-            if now >= report_at:
-                if late:
-                    seconds, sessions = self.last_step
-                    log.warning("%d late tick(s) in the last %.0f s: the latest step took %.0f ms with %d "
-                                "session(s) (a frame is %.0f ms)", late, LATE_REPORT_SECONDS, seconds * 1e3,
-                                sessions, FRAME_PERIOD * 1e3)
-                late, report_at = 0, now + LATE_REPORT_SECONDS
+            cadence.ticked()
 
     def _guarded_tick(self) -> None:
         try:

@@ -83,8 +83,8 @@ def test_sessions_joining_and_ending_are_logged(runner, caplog):
 
 
 def test_late_ticks_are_counted_and_reported(runner, caplog, monkeypatch):
-    import engine.serving as serving
-    monkeypatch.setattr(serving, "LATE_REPORT_SECONDS", 0.3)
+    import engine.cadence as cadence
+    monkeypatch.setattr(cadence, "LATE_REPORT_SECONDS", 0.3)
     loop = EngineLoop(runner)
     s = loop.create_session(SamplingConfig(greedy=True), collector()[1])
     s.push(np.zeros(40 * 1920, np.float32))
@@ -110,8 +110,8 @@ def test_late_ticks_are_counted_and_reported(runner, caplog, monkeypatch):
 
 
 def test_a_stuck_loop_fails_liveness(runner, monkeypatch):
-    import engine.serving as serving
-    monkeypatch.setattr(serving, "STALL_SECONDS", 0.3)
+    import engine.cadence as cadence
+    monkeypatch.setattr(cadence, "STALL_SECONDS", 0.3)
     loop = EngineLoop(runner)
     assert loop.stalled() is None  # not started
     s = loop.create_session(SamplingConfig(greedy=True), collector()[1])
