@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import subprocess
@@ -123,19 +124,27 @@ async def measure(url: str, server_pid: int, transport: str, n: int, seconds: fl
     roles = _roles(server_pid)
     window = (start + 4.0, start + seconds - 1.0)  # every caller in and settled; none ending yet
     await asyncio.sleep(max(0.0, window[0] - time.monotonic()))
+    asked = time.monotonic()
     before = await scrape(url, ("late_ticks_total", "input_underruns_total", "step_batch_size_sum"))
-    cpu0 = {r: sum(_cpu_seconds(p) for p in pids) for r, pids in roles.items()}
+    t0, cpu0 = time.monotonic(), {r: sum(_cpu_seconds(p) for p in pids) for r, pids in roles.items()}
+    slow = t0 - asked
     await asyncio.sleep(max(0.0, window[1] - time.monotonic()))
+    asked = time.monotonic()
     after = await scrape(url, ("late_ticks_total", "input_underruns_total", "step_batch_size_sum"))
-    cpu1 = {r: sum(_cpu_seconds(p) for p in pids) for r, pids in roles.items()}
+    t1, cpu1 = time.monotonic(), {r: sum(_cpu_seconds(p) for p in pids) for r, pids in roles.items()}
+    slow = max(slow, t1 - asked)
     results = [q.get(timeout=seconds + 60) for q in queues]
     for p in procs:
         p.join(10)
     times = [t for r in results for t in r[0]]
     errors = [e for r in results for e in r[1]]
+    if slow > 1.0 or any(math.isnan(v) for v in (*before.values(), *after.values())):
+        # /metrics goes through the API processes: one too busy to answer it at once is overloaded.
+        return {"transport": transport, "sessions": n, "api_workers": len(roles["api"]), "overloaded": True,
+                "failed_callers": len(errors), "errors": errors[:3]}
     session_frames = after["step_batch_size_sum"] - before["step_batch_size_sum"]
     gaps = [max((b - a for a, b in zip(t, t[1:]) if window[0] <= a and b <= window[1]), default=0.0) for t in times]
-    wall = window[1] - window[0]
+    wall = t1 - t0
     return {"transport": transport, "sessions": n, "api_workers": len(roles["api"]),
             "session_frames": int(session_frames),
             "api_us_per_session_frame": round((cpu1["api"] - cpu0["api"]) / max(1, session_frames) * 1e6),
@@ -143,7 +152,8 @@ async def measure(url: str, server_pid: int, transport: str, n: int, seconds: fl
             "api_cores": round((cpu1["api"] - cpu0["api"]) / wall, 2),
             "late_ticks": int(after["late_ticks_total"] - before["late_ticks_total"]),
             "underruns": int(after["input_underruns_total"] - before["input_underruns_total"]),
-            "worst_gap_ms": round(max(gaps, default=0.0) * 1e3), "errors": errors[:3], "failed_callers": len(errors)}
+            "worst_gap_ms": round(max(gaps, default=0.0) * 1e3), "errors": errors[:3], "failed_callers": len(errors),
+            "overloaded": False}
 
 
 def _wait_ready(server: subprocess.Popen, url: str, api_workers: int) -> None:
@@ -166,15 +176,18 @@ def _wait_ready(server: subprocess.Popen, url: str, api_workers: int) -> None:
 def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for transport in dict.fromkeys(r["transport"] for r in rows):
-        mine = [r for r in rows if r["transport"] == transport]
+        mine = [r for r in rows if r["transport"] == transport and not r["overloaded"]]
         clean = [r["sessions"] for r in mine if not r["late_ticks"] and not r["underruns"] and not r["failed_callers"]]
-        cost = min(r["api_us_per_session_frame"] for r in mine)
+        cost = min((r["api_us_per_session_frame"] for r in mine), default=float("inf"))
         out.append({"transport": transport, "largest_clean": max(clean, default=0),
-                    "sessions_per_api_core": int(1e6 / (FRAME_RATE * max(1, cost)))})
+                    "sessions_per_api_core": int(1e6 / (FRAME_RATE * max(1, cost))) if mine else 0})
     return out
 
 
 def _line(r: dict) -> str:
+    if r["overloaded"]:
+        return (f"{r['transport']:<5} {r['sessions']:>4} sessions  OVERLOADED: the API processes could not answer "
+                f"/metrics in time  failed callers {r['failed_callers']}")
     return (f"{r['transport']:<5} {r['sessions']:>4} sessions  API {r['api_us_per_session_frame']:>5} us/session-frame "
             f"({r['api_cores']:.2f} cores over {r['api_workers']} process(es))  engine "
             f"{r['engine_us_per_session_frame']:>4} us  late ticks {r['late_ticks']:>3}  underruns "
