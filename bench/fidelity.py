@@ -20,14 +20,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.args import COUNT, POSITIVE, writable_prefix
-from bench.fidelity_metrics import RunDeviation, deviation_ratio
+from bench.fidelity_metrics import PairedTop1, RunDeviation, deviation_ratio
 from bench.fidelity_reference import ReferenceStepper, load_reference
 from engine import host
-from engine.audio import frames, read_audio
-from engine.config import EngineConfig
+from engine.audio import AudioError, frames, read_audio
+from engine.config import ConfigError, EngineConfig
 from engine.make_checkpoint import PRESETS
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     cfg = EngineConfig(model_dir=args.model_dir, device=args.device, dtype=args.dtype, max_sessions=1,
                        kernels=args.kernels).validate()
+    inputs = read_inputs(args.inputs, args.frames)  # before the models: a bad input is named at once
     with tempfile.TemporaryDirectory(prefix="lockstep-fidelity-") as scratch:
         if args.dummy:
             from engine.make_checkpoint import make_checkpoint
@@ -64,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from engine.cli import with_builtin_weights
             model_dir = Path(with_builtin_weights(cfg).model_dir)
-        # Inputs read before the models load: an unreadable one is named before minutes are spent.
-        inputs = {Path(p): frames(read_audio(p))[: args.frames] for p in args.inputs}
         doc = compare(Path(model_dir), dataclasses.replace(cfg, model_dir=str(model_dir)), inputs)
     doc["meta"]["checkpoint"] = args.dummy and f"make-checkpoint --preset {args.dummy}" or str(model_dir)
     lock, ref = doc["lockstep"]["all"], doc["reference"]["all"]
@@ -83,52 +83,76 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if doc["goal"]["met"] else 1
 
 
-def compare(model_dir: Path, cfg: EngineConfig, inputs: dict[Path, "object"]) -> dict:
+def read_inputs(paths: list[str], limit: int | None) -> dict[Path, np.ndarray]:
+    inputs = {}
+    for p in paths:
+        try:
+            inputs[Path(p)] = frames(read_audio(p))[:limit]
+        except (OSError, AudioError) as e:
+            raise ConfigError(f"cannot read input {p}: {e}") from None
+        if len(inputs[Path(p)]) == 0:
+            raise ConfigError(f"input {p} holds no audio")
+    return inputs
+
+
+def compare(model_dir: Path, cfg: EngineConfig, inputs: dict[Path, np.ndarray]) -> dict:
     from bench.fidelity_lockstep import LockstepStepper
     from engine.runner import ModelRunner
     dtype, device = cfg.torch_dtype, torch.device(cfg.device)
+    if device.type == "cuda":  # the oracle in true float32 (cuDNN's convolutions default to TF32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     mimi, oracle_lm = load_reference(model_dir, torch.float32, device)
     _, ref_lm = load_reference(model_dir, dtype, device)
     runner = ModelRunner.load(cfg)
     mine = LockstepStepper(runner)
     lm_cfg, sampling = runner.lm.cfg, runner.default_sampling
-    n_user = lm_cfg.n_q - lm_cfg.dep_q
     mimi.set_num_codebooks(lm_cfg.mimi_codebooks)
     temperatures = [sampling.text_temperature] + [sampling.temperature] * lm_cfg.dep_q
-    runs = {"reference": RunDeviation(lm_cfg.dep_q), "lockstep": RunDeviation(lm_cfg.dep_q)}
-    codes_agree = torch.zeros(lm_cfg.mimi_codebooks, dtype=torch.long)
-    n_frames = 0
-    for path, pcm in inputs.items():
-        F = len(pcm)
-        # The tokens a session receives: stream k of output frame j is generated at step j + delay[k],
-        # and the first max_delay steps' outputs are dropped, so only these steps are compared.
-        emitted = [[lm_cfg.delays[k] <= t <= F - 1 - lm_cfg.max_delay + lm_cfg.delays[k]
-                    for k in range(1 + lm_cfg.dep_q)] for t in range(F)]
+    tally = Tally(RunDeviation(lm_cfg.dep_q), RunDeviation(lm_cfg.dep_q), PairedTop1(),
+                  torch.zeros(lm_cfg.mimi_codebooks, dtype=torch.long))
+    for pcm in inputs.values():
         mine.start()
         with torch.no_grad(), mimi.streaming(1), ReferenceStepper(oracle_lm, 1) as oracle, \
                 ReferenceStepper(ref_lm, 1) as ref:
-            for t, frame in enumerate(torch.from_numpy(pcm)):
-                codes = mimi.encode(frame.to(device).view(1, 1, -1))[0, :, 0]
-                codes_agree += (mine.encode(frame).cpu() == codes.cpu()).long()
-                user = codes[None, :n_user]
-                want = oracle.step(user)
-                got = {"reference": ref.step(user, want.top1), "lockstep": mine.step(user, want.top1)}
-                for name, step in got.items():
-                    for k, (temperature, deviation) in enumerate(zip(temperatures, runs[name].streams)):
-                        if not emitted[t][k]:
-                            continue
-                        oracle_logits, logits = (want.text, step.text) if k == 0 else (want.audio[:, k - 1],
-                                                                                       step.audio[:, k - 1])
-                        deviation.add(oracle_logits, logits, want.top1[:, k], step.top1[:, k], temperature)
-        n_frames += F
+            run_input(torch.from_numpy(pcm), lm_cfg, mimi, oracle, ref, mine, temperatures, tally)
     cpu = host.cpuinfo("model name") or "unknown CPU"
+    n_frames = sum(len(pcm) for pcm in inputs.values())
     meta = {"dtype": str(dtype).replace("torch.", ""), "kernels": runner.kernel_backend,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu})",
             "cuda_graphs": mine.replay is not None, "inputs": [str(p) for p in inputs], "frames": n_frames,
             "temperatures": {"text": temperatures[0], "audio": temperatures[-1]}, "lm": lm_cfg.to_dict()}
-    return {"meta": meta, "reference": runs["reference"].summary(), "lockstep": runs["lockstep"].summary(),
-            "mimi_codes": {"agreement": (codes_agree.double() / max(n_frames, 1)).tolist(),
-                           "all": float(codes_agree.sum()) / max(n_frames * len(codes_agree), 1)}}
+    return {"meta": meta, "reference": tally.reference.summary(), "lockstep": tally.lockstep.summary(),
+            "paired_top1": tally.paired.summary(),
+            "mimi_codes": {"agreement": (tally.codes.double() / max(n_frames, 1)).tolist(),
+                           "all": float(tally.codes.sum()) / max(n_frames * len(tally.codes), 1)}}
+
+
+@dataclasses.dataclass
+class Tally:
+    reference: RunDeviation
+    lockstep: RunDeviation
+    paired: PairedTop1
+    codes: torch.Tensor  # frames whose Mimi code agreed, per codebook
+
+
+def run_input(pcm: torch.Tensor, lm_cfg, mimi, oracle: ReferenceStepper, ref: ReferenceStepper, mine,
+              temperatures: list[float], tally: Tally) -> None:
+    """One input's frames through the three LMs (and both Mimi encoders), into `tally`."""
+    F, n_user = len(pcm), lm_cfg.n_q - lm_cfg.dep_q
+    for t, frame in enumerate(pcm):
+        codes = mimi.encode(frame.to(oracle.initial.device).view(1, 1, -1))[0, :, 0]
+        tally.codes += (mine.encode(frame).cpu() == codes.cpu()).long()
+        user = codes[None, :n_user]
+        want = oracle.step(user)
+        theirs, ours = ref.step(user, want.top1), mine.step(user, want.top1)
+        for k, temperature in enumerate(temperatures):
+            # Only the tokens a session receives: stream k of output frame j is generated at step
+            # j + delay[k], and the outputs of the first max_delay steps are dropped.
+            if not lm_cfg.delays[k] <= t <= F - 1 - lm_cfg.max_delay + lm_cfg.delays[k]:
+                continue
+            for step, run in ((theirs, tally.reference), (ours, tally.lockstep)):
+                run.streams[k].add(want.stream(k), step.stream(k), want.top1[:, k], step.top1[:, k], temperature)
+            tally.paired.add(want.top1[:, k], theirs.top1[:, k], ours.top1[:, k])
 
 
 def table(doc: dict) -> str:
@@ -145,6 +169,9 @@ def table(doc: dict) -> str:
         lines.append(f"| {name} | {r['tokens']} | {100 * r['top1_agreement']:.1f}% / {100 * s['top1_agreement']:.1f}% "
                      f"| {r['kl_mean']:.2e} / {s['kl_mean']:.2e} | {r['kl_p99']:.2e} / {s['kl_p99']:.2e} "
                      f"| {r['max_abs_logit_diff']:.3g} / {s['max_abs_logit_diff']:.3g} |")
+    p = doc["paired_top1"]
+    lines.append(f"top-1 misses (all streams): the reference's alone {p['lockstep_only_right']}, lockstep's alone "
+                 f"{p['reference_only_right']}, both {p['both_wrong']}")
     codes = doc["mimi_codes"]
     lines.append(f"Mimi codes (encoder, float32 in both): lockstep's agree with the reference's on "
                  f"{100 * codes['all']:.2f}% (per codebook: {', '.join(f'{100 * a:.1f}' for a in codes['agreement'])})")

@@ -33,9 +33,10 @@ class TeacherForcing:
 
 class LockstepStepper:
     """One session in slot 0 of a one-slot runner, sampling greedily (the sampler's choice is then
-    the engine's top-1, tie-break included), its LM step teacher-forced."""
+    the engine's top-1, tie-break included), its LM step teacher-forced. `graphed` (default: on
+    CUDA, as the engine serves) replays the step from a CUDA graph."""
 
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, graphed: bool | None = None):
         if runner.max_sessions != 1:
             raise ValueError("the fidelity stepper drives a runner of one slot")
         self.runner = runner
@@ -46,7 +47,7 @@ class LockstepStepper:
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)
         self.user = torch.zeros(1, cfg.n_q - cfg.dep_q, dtype=torch.long, device=dev)
         self.replay = None
-        if dev.type == "cuda":
+        if dev.type == "cuda" if graphed is None else graphed:
             # Captured on the scratch slot (the warm-up runs write its state), then pointed at slot 0.
             runner.slots.assign(runner.scratch_slot, self.greedy)
             self.slot.fill_(runner.scratch_slot)

@@ -80,6 +80,24 @@ class RunDeviation:
         return out
 
 
+class PairedTop1:
+    """Which of the two runs picked the oracle's token, token by token: misses of one run alone
+    against the other's alone say whether a gap in top-1 agreement is more than chance."""
+
+    def __init__(self):
+        self.counts = [[0, 0], [0, 0]]  # [reference right][lockstep right]
+
+    def add(self, oracle_tokens: torch.Tensor, reference: torch.Tensor, lockstep: torch.Tensor) -> None:
+        oracle_tokens = oracle_tokens.cpu()
+        for r, s in zip((reference.cpu() == oracle_tokens).tolist(), (lockstep.cpu() == oracle_tokens).tolist()):
+            self.counts[int(r)][int(s)] += 1
+
+    def summary(self) -> dict:
+        c = self.counts
+        return {"both_right": c[1][1], "reference_only_right": c[1][0], "lockstep_only_right": c[0][1],
+                "both_wrong": c[0][0]}
+
+
 def deviation_ratio(lockstep: dict, reference: dict) -> float:
     """lockstep's mean KL over the reference's (both at the same dtype), each floored at `KL_FLOOR`."""
     return max(lockstep["kl_mean"], KL_FLOOR) / max(reference["kl_mean"], KL_FLOOR)

@@ -46,6 +46,10 @@ class StepLogits:
     def __init__(self, text: torch.Tensor, audio: torch.Tensor, top1: torch.Tensor):
         self.text, self.audio, self.top1 = text, audio, top1
 
+    def stream(self, k: int) -> torch.Tensor:
+        """Stream k's logits: 0 text, 1.. the audio codebooks."""
+        return self.text if k == 0 else self.audio[:, k - 1]
+
 
 class ReferenceStepper:
     """The reference LM over one batch of sessions, a frame per `step`. Use as a context manager
