@@ -23,13 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.args import COUNT, POSITIVE, writable_prefix
+from bench.args import COUNT, POSITIVE, at_least, writable_prefix
 from bench.fidelity_metrics import PairedTop1, RunDeviation, deviation_ratio
 from bench.fidelity_reference import ReferenceStepper, load_reference
 from engine import host
+from engine.capacity import check_device
 from engine.audio import AudioError, frames, read_audio
 from engine.config import ConfigError, EngineConfig
 from engine.make_checkpoint import PRESETS
+from kernels.dispatch import resolve_backend
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -47,7 +49,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--frames", type=COUNT, default=None, help="at most this many frames of each input")
     ap.add_argument("--max-ratio", type=POSITIVE, default=1.1,
                     help="the goal: lockstep's mean KL at most this times the reference's")
-    ap.add_argument("--max-top1-drop", type=float, default=0.5,
+    ap.add_argument("--max-top1-drop", type=at_least(0, float), default=0.5,
                     help="the goal: lockstep's top-1 agreement at most this many points below the reference's")
     ap.add_argument("--json", type=writable_prefix, default="bench/out/fidelity.json", help="where the JSON goes")
     ap.add_argument("inputs", nargs="+", help="input audio files, one session each")
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     cfg = EngineConfig(model_dir=args.model_dir, device=args.device, dtype=args.dtype, max_sessions=1,
                        kernels=args.kernels).validate()
+    check_device(cfg.device)  # before minutes of loading: no GPU, or Triton on a CPU without the interpreter
+    resolve_backend(cfg.kernels, cfg.device)
     inputs = read_inputs(args.inputs, args.frames)  # before the models: a bad input is named at once
     with tempfile.TemporaryDirectory(prefix="lockstep-fidelity-") as scratch:
         if args.dummy:

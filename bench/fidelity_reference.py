@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from engine.config import MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, ConfigError
+
 # The reference torch.compiles its norms, gating and RoPE unless told not to: minutes per shape on
 # CPU, and inductor's fused kernels would round differently from the eager ops measured here.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
@@ -25,15 +27,19 @@ CONFIG_KEYS_NOT_LM = ("moshi_name", "mimi_name", "tokenizer_name", "mimi_config_
 
 
 def load_reference(model_dir: Path, dtype: torch.dtype, device: torch.device | str):
-    """(Mimi in float32, the LM in `dtype`), as kyutai's server loads a checkpoint directory (a
-    LoRA adapter folded in)."""
+    """(Mimi in float32, the LM in `dtype`), as kyutai's server loads a checkpoint directory: a LoRA
+    adapter folded in, and no config.json taken for Moshi 7B with the repository's file names."""
     from moshi.models.loaders import CheckpointInfo
-    raw = json.loads((model_dir / "config.json").read_text())
-    lm_config = {k: v for k, v in raw.items() if k not in CONFIG_KEYS_NOT_LM}
+    path = model_dir / "config.json"
+    raw = json.loads(path.read_text()) if path.exists() else {}
+    if raw.get("quantize"):
+        raise ConfigError(f"{model_dir} holds int8 (q8) weights, which kyutai's package loads only through "
+                          "bitsandbytes; compare the bf16 checkpoint they were made from")
+    lm_config = {k: v for k, v in raw.items() if k not in CONFIG_KEYS_NOT_LM} or None
     mimi_config = json.loads((model_dir / raw["mimi_config_name"]).read_text()) if "mimi_config_name" in raw else None
-    info = CheckpointInfo(model_dir / raw["moshi_name"], model_dir / raw["mimi_name"],
-                          model_dir / raw["tokenizer_name"], lm_config=lm_config, raw_config=raw,
-                          mimi_config=mimi_config,
+    info = CheckpointInfo(model_dir / raw.get("moshi_name", MOSHI_NAME), model_dir / raw.get("mimi_name", MIMI_NAME),
+                          model_dir / raw.get("tokenizer_name", TOKENIZER_NAME), lm_config=lm_config,
+                          raw_config=raw or None, mimi_config=mimi_config,
                           lora_weights=model_dir / raw["lora_name"] if raw.get("lora_name") else None)
     mimi = info.get_mimi(device=device).eval()
     return mimi, info.get_moshi(device=device, dtype=dtype).eval()
