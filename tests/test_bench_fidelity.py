@@ -123,3 +123,22 @@ def test_an_unreadable_input_is_named_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "fidelity", "--model-dir", str(tmp_path / "nowhere"), str(bad)])
     assert exc.value.code == 2 and "broken.wav" in capsys.readouterr().err
+
+
+def test_a_run_cut_short_reports_the_frames_stepped(tiny_wrap_ckpt, wav_inputs, tmp_path, capsys, monkeypatch):
+    """A time limit (SIGINT) in the second input: the first input's figures are written and printed."""
+    import bench.fidelity as fidelity
+    whole = fidelity.run_input
+    calls = []
+
+    def limited(pcm, *args):
+        calls.append(len(pcm))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        whole(pcm, *args)
+
+    monkeypatch.setattr(fidelity, "run_input", limited)
+    status, doc, summary = run_bench(["--model-dir", str(tiny_wrap_ckpt), "--dtype", "float32", "--frames", "6",
+                                      str(wav_inputs[3]), str(wav_inputs[0])], tmp_path, capsys)
+    assert status == 130 and doc["meta"]["cut_short"] and doc["meta"]["frames"] == 6
+    assert doc["lockstep"]["all"]["tokens"] == 5 * 9 and summary.group(1) == "float32"
