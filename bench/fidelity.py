@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +59,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    # A time limit stops a run with SIGINT (bench/gpu_checks.sh), which the run answers with the
+    # frames stepped so far; but a shell starts its background jobs with SIGINT ignored, and Python
+    # then never raises KeyboardInterrupt: the limit's SIGKILL would follow and lose every figure.
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
+    try:
+        return run(parse(argv))
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, before)
+
+
+def run(args: argparse.Namespace) -> int:
     cfg = EngineConfig(model_dir=args.model_dir, device=args.device, dtype=args.dtype, max_sessions=1,
                        kernels=args.kernels).validate()
     check_device(cfg.device)  # before minutes of loading: no GPU, or Triton on a CPU without the interpreter

@@ -142,3 +142,19 @@ def test_a_run_cut_short_reports_the_frames_stepped(tiny_wrap_ckpt, wav_inputs, 
                                       str(wav_inputs[3]), str(wav_inputs[0])], tmp_path, capsys)
     assert status == 130 and doc["meta"]["cut_short"] and doc["meta"]["frames"] == 6
     assert doc["lockstep"]["all"]["tokens"] == 5 * 9 and summary.group(1) == "float32"
+
+
+def test_a_background_run_still_answers_a_time_limit(tmp_path, monkeypatch):
+    """A shell starts its background jobs with SIGINT ignored: the tool takes SIGINT back for the run
+    (a time limit's SIGINT must reach it as KeyboardInterrupt) and gives the old handler back after."""
+    import signal
+
+    import bench.fidelity as fidelity
+    seen = []
+    monkeypatch.setattr(fidelity, "run", lambda args: seen.append(signal.getsignal(signal.SIGINT)) or 0)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert fidelity.main([str(tmp_path / "in.wav")]) == 0
+        assert seen == [signal.default_int_handler] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
