@@ -21,6 +21,7 @@ from api.chat import chat_endpoint
 from api.limits import RefuseUnread
 from api.link import EngineLink, EngineUnavailable
 from api.moshi_ws import add_moshi_websocket
+from api.realtime import add_realtime_websocket
 from api.protocol import PcmReassembler, SessionRequest, end_event, frame_events
 from engine.config import ServeConfig
 from engine.session import FrameOutput
@@ -180,6 +181,7 @@ def create_app(engine: EngineLink, cfg: ServeConfig, metrics_here: bool = True):
 
     add_moshi_websocket(app, registry, lambda ws: check_key(cfg, ws.headers.get("authorization"),
                                                             ws.query_params.get("api_key")))
+    add_realtime_websocket(app, registry, lambda ws, key: check_key(cfg, ws.headers.get("authorization"), key))
     if cfg.static is not None:
         # Last, so every API route above takes precedence over a file of the same path.
         from fastapi.staticfiles import StaticFiles
