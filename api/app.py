@@ -22,6 +22,7 @@ from api.limits import RefuseUnread
 from api.link import EngineLink, EngineUnavailable
 from api.moshi_ws import add_moshi_websocket
 from api.realtime import add_realtime_websocket
+from api.web_page import add_web_page
 from api.protocol import PcmReassembler, SessionRequest, end_event, frame_events
 from engine.config import ServeConfig
 from engine.session import FrameOutput
@@ -182,10 +183,7 @@ def create_app(engine: EngineLink, cfg: ServeConfig, metrics_here: bool = True):
     add_moshi_websocket(app, registry, lambda ws: check_key(cfg, ws.headers.get("authorization"),
                                                             ws.query_params.get("api_key")))
     add_realtime_websocket(app, registry, lambda ws, key: check_key(cfg, ws.headers.get("authorization"), key))
-    if cfg.static is not None:
-        # Last, so every API route above takes precedence over a file of the same path.
-        from fastapi.staticfiles import StaticFiles
-        app.mount("/", StaticFiles(directory=cfg.static, html=True), name="static")
+    add_web_page(app, registry)  # last: every API route above takes precedence over a file of the same path
 
     async def asgi(scope, receive, send):
         if scope["type"] == "http" and scope["path"] == "/v1/chat":

@@ -53,8 +53,10 @@ def strict(raw: bytes | str):
     return event
 
 
-def start_server(ckpt, log_path, *flags: str) -> tuple[subprocess.Popen, int]:
+def start_server(ckpt, log_path, *flags: str, scheme: str = "http") -> tuple[subprocess.Popen, int]:
     """`lockstep serve` in a process, its log in a file (a pipe nobody reads would fill and block it)."""
+    import ssl
+    unverified = ssl._create_unverified_context() if scheme == "https" else None  # a self-signed test certificate
     port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     log = open(log_path, "wb")
@@ -62,7 +64,7 @@ def start_server(ckpt, log_path, *flags: str) -> tuple[subprocess.Popen, int]:
                              "--port", str(port), *flags], cwd=root, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(600):
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/healthz", timeout=1, context=unverified)
             return proc, port
         except OSError:
             if proc.poll() is not None:
