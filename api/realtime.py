@@ -54,11 +54,15 @@ def add_realtime_websocket(app: FastAPI, registry: SessionRegistry,
         async def refuse(code: int, err: RealtimeError, reason: str) -> None:
             try:
                 await ws.send_text(json.dumps(error_event(ids, err, None)))
-                await ws.close(code=code, reason=reason[:120])
+                await ws.close(code=code, reason=reason.encode()[:120].decode(errors="ignore"))  # 123 bytes at most
             except (WebSocketDisconnect, RuntimeError, OSError):
                 pass  # gone already
 
-        if not authorized(ws, key):
+        try:
+            allowed = authorized(ws, key)
+        except (TypeError, ValueError):  # a key compare_digest cannot take (not ASCII): a wrong key
+            allowed = False
+        if not allowed:
             msg = "missing or wrong API key (send 'Authorization: Bearer KEY' or the 'openai-insecure-api-key.KEY' subprotocol)"
             return await refuse(1008, RealtimeError(msg, "invalid_api_key"), "missing or wrong API key")
         try:
