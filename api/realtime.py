@@ -19,7 +19,8 @@ from typing import Callable
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from api.bridge import WS_MESSAGE_RATE, ApiSession, MessageRate, SessionRegistry
+from api.bridge import WS_MESSAGE_RATE, ApiSession, MessageRate, SessionRefused, SessionRegistry
+from api.link import EngineUnavailable
 from api.protocol import SessionRequest
 from api.realtime_audio import InputDecoder, OutputEncoder
 from api.realtime_events import (UNSUPPORTED, Ids, ResponseEvents, client_event_id, error_event,
@@ -31,13 +32,19 @@ log = logging.getLogger("lockstep")
 KEY_PROTOCOL = "openai-insecure-api-key."  # how browsers, which cannot set headers, send a key
 # How the websocket closes after a call ends that does not leave it open (as /api/chat's codes).
 _CLOSE_CODES = {"server_shutdown": 1001, "output_not_read": 1008, "engine_error": 1011, "join_failed": 1011,
-                "sink_error": 1011}
+                "sink_error": 1011, "engine_lost": 1011, "api_process_lost": 1011}
 
 
-def sampling_from_query(params, registry: SessionRegistry):
-    """The same query parameters and checks as /v1/chat (`model` aside: any value, echoed)."""
+def settings_from_query(params, registry: SessionRegistry) -> tuple:
+    """(sampling, realtime) from the same query parameters and checks as /v1/chat (`model` aside:
+    any value, echoed). `realtime=false` lets a client send recorded audio faster than real time
+    (held only by --max-buffer-seconds, not --max-input-lag)."""
     fields = {k: v for k, v in params.items() if k != "model"}
-    return SessionRequest.model_validate(fields).sampling(registry.defaults)
+    if "end_on_input_end" in fields:
+        raise ValueError("end_on_input_end does not apply: a realtime call's input has no end (it ends when the "
+                         "client closes or sends response.cancel)")
+    req = SessionRequest.model_validate(fields)
+    return req.sampling(registry.defaults), req.realtime is not False
 
 
 def add_realtime_websocket(app: FastAPI, registry: SessionRegistry,
@@ -66,22 +73,24 @@ def add_realtime_websocket(app: FastAPI, registry: SessionRegistry,
             msg = "missing or wrong API key (send 'Authorization: Bearer KEY' or the 'openai-insecure-api-key.KEY' subprotocol)"
             return await refuse(1008, RealtimeError(msg, "invalid_api_key"), "missing or wrong API key")
         try:
-            sampling = sampling_from_query(ws.query_params, registry)
+            sampling, live = settings_from_query(ws.query_params, registry)
         except (ValidationError, ValueError) as e:
             msg = f"bad sampling parameters: {e}"
             return await refuse(1008, RealtimeError(msg, "invalid_query_parameter"), msg)
-        api_session = await registry.open(sampling, end_on_input_end=False)
-        if api_session is None:
-            reason = registry.refusal()
-            reason = reason if registry.engine.draining else f"{reason}; try again later"
-            return await refuse(1013, RealtimeError(reason, "no_free_slot", kind="server_error"), reason)
-        settings = Settings(model=ws.query_params.get("model", "moshi"))
-        await RealtimeConnection(ws, registry, ids, settings, sampling).run(api_session)
+        connection = RealtimeConnection(ws, registry, ids, Settings(model=ws.query_params.get("model", "moshi")),
+                                        sampling, live)
+        try:
+            api_session = await connection.open()
+        except RealtimeError as err:
+            return await refuse(1011 if err.code == "engine_unavailable" else 1013, err, err.message)
+        await connection.run(api_session)
 
 
 class RealtimeConnection:
-    def __init__(self, ws: WebSocket, registry: SessionRegistry, ids: Ids, settings: Settings, sampling):
+    def __init__(self, ws: WebSocket, registry: SessionRegistry, ids: Ids, settings: Settings, sampling,
+                 live: bool):
         self.ws, self.registry, self.ids, self.settings, self.sampling = ws, registry, ids, settings, sampling
+        self.live = live
         self.engine = registry.engine
         self.decoder = InputDecoder(settings.input_format)
         self.encoder = OutputEncoder(settings.output_format)
@@ -244,13 +253,25 @@ class RealtimeConnection:
             self.call.session.push(pcm)
         self.appended += len(data)
 
+    async def open(self) -> ApiSession:
+        """A new engine session for a call, or a RealtimeError saying why there is none."""
+        try:
+            api_session = await self.registry.open(self.sampling, end_on_input_end=False, realtime=self.live)
+        except EngineUnavailable as e:
+            raise RealtimeError(f"the engine is unavailable: {e}", "engine_unavailable", kind="server_error") from None
+        except SessionRefused as e:
+            raise RealtimeError(e.detail, "session_refused", kind="server_error") from None
+        if api_session is None:
+            reason = self.registry.refusal()
+            reason = reason if self.engine.draining else f"{reason}; try again later"
+            raise RealtimeError(reason, "no_free_slot", kind="server_error")
+        return api_session
+
     async def start_call(self) -> None:
         if self.call is not None:
             raise RealtimeError("Moshi's response runs for the whole call (it listens and speaks at once) and "
                                 "is in progress; response.cancel ends it", "conversation_already_has_active_response")
-        api_session = await self.registry.open(self.sampling, end_on_input_end=False)
-        if api_session is None:
-            raise RealtimeError(self.registry.refusal(), "no_free_slot", kind="server_error")
+        api_session = await self.open()
         self.call = self.paced = api_session
         self.told_no_call = False
         self.decoder.reset()

@@ -5,12 +5,8 @@ GET /v1/sessions."""
 import asyncio
 import base64
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 import warnings
 
 import numpy as np
@@ -26,7 +22,7 @@ from engine.audio import frames, pcm_to_s16le, read_audio, s16le_to_pcm
 from engine.config import EngineConfig, SamplingConfig
 from engine.generate import run_sessions
 from engine.runner import ModelRunner
-from test_server_process import free_port
+from servers import LiveServer
 
 with warnings.catch_warnings():  # an independent G.711 reference: Python 3.11 still ships it
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -53,48 +49,14 @@ def strict(raw: bytes | str):
     return event
 
 
-def start_server(ckpt, log_path, *flags: str, scheme: str = "http") -> tuple[subprocess.Popen, int]:
-    """`lockstep serve` in a process, its log in a file (a pipe nobody reads would fill and block it)."""
-    import ssl
-    unverified = ssl._create_unverified_context() if scheme == "https" else None  # a self-signed test certificate
-    port = free_port()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--device", "cpu", "--model-dir", str(ckpt),
-                             "--port", str(port), *flags], cwd=root, stdout=log, stderr=subprocess.STDOUT)
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/healthz", timeout=1, context=unverified)
-            return proc, port
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(open(log_path).read()[-3000:])
-            time.sleep(0.1)
-    proc.kill()
-    pytest.fail("the server did not start")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-def sessions(port: int, key: str | None = None) -> list[dict]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/sessions",
-                                 headers={"authorization": f"Bearer {key}"} if key else {})
-    with urllib.request.urlopen(req, timeout=5) as r:
-        return json.loads(r.read())["sessions"]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_wrap_ckpt, tmp_path_factory):
-    proc, port = start_server(tiny_wrap_ckpt, tmp_path_factory.mktemp("rt") / "serve.log", "--max-sessions", "10",
-                               # a loaded machine may tick slower than real time: input sent ahead
-                               # must not look idle while it waits its turn
-                               "--idle-timeout", "120")
-    yield port
-    stop(proc)
+    srv = LiveServer(tiny_wrap_ckpt, "--max-sessions", "10",
+                     # a loaded machine may tick slower than real time: input sent ahead must not
+                     # look idle while it waits its turn
+                     "--idle-timeout", "120")
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +116,8 @@ class Call:
             await self.conn.input_audio_buffer.append(audio=base64.b64encode(data[offset:offset + chunk]).decode())
 
 
-def client(port: int, key: str = "unused") -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
+def client(server: LiveServer, key: str = "unused") -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=f"{server.url}/v1", api_key=key)
 
 
 def check_response_ids(events) -> None:
@@ -217,7 +179,9 @@ def test_input_buffer_commit_and_clear(server):
     """Audio reaches Moshi as it arrives: `commit` only marks a user item; `clear` drops what is
     buffered and not yet stepped (seen in the session's status)."""
     async def main():
-        async with client(server).realtime.connect(model="m") as conn:
+        # realtime=false: 5 s sent at once must stay buffered (a live call drops input lag past
+        # --max-input-lag), so that clear has something to drop.
+        async with client(server).realtime.connect(model="m", extra_query={"realtime": "false"}) as conn:
             call = Call(conn)
             await call.until("response.content_part.added")
             await conn.input_audio_buffer.commit(event_id="c0")
@@ -229,10 +193,10 @@ def test_input_buffer_commit_and_clear(server):
             added = await call.until("conversation.item.added")
             assert added.item.id == committed.item_id
             assert added.item.role == "user" and added.item.content[0].type == "input_audio"
-            (before,) = sessions(server)
+            (before,) = server.sessions()
             await conn.input_audio_buffer.clear()
             await call.until("input_audio_buffer.cleared")
-            (after,) = sessions(server)
+            (after,) = server.sessions()
             return before, after
 
     before, after = asyncio.run(main())
@@ -246,6 +210,7 @@ def test_g711_round_trip_at_8k(server, runner, wav_inputs, law, encode, decode):
     """G.711 in and out at 8 kHz: Moshi hears exactly the input decoded and resampled chunk by chunk
     (python-soxr's stream, state kept across messages), and what comes back is its output resampled
     and encoded the same way."""
+    # Sent all at once (realtime=false: nothing dropped as lag), so the output can be compared.
     pcm8 = soxr.resample(read_audio(wav_inputs[0]), 24000, 8000)
     sent = getattr(audioop, encode)(pcm_to_s16le(pcm8), 2)
     chunks = [sent[i:i + 160] for i in range(0, len(sent), 160)]  # 20 ms, as telephony sends
@@ -257,7 +222,7 @@ def test_g711_round_trip_at_8k(server, runner, wav_inputs, law, encode, decode):
     want = b"".join(getattr(audioop, encode)(pcm_to_s16le(down.resample_chunk(f)), 2) for f in out_frames)
 
     async def main():
-        async with client(server).realtime.connect(model="m", extra_query={"greedy": "1"}) as conn:
+        async with client(server).realtime.connect(model="m", extra_query={"greedy": "1", "realtime": "false"}) as conn:
             call = Call(conn)
             fmt = {"type": law}
             await conn.session.update(session={"type": "realtime", "audio": {"input": {"format": fmt},
@@ -309,14 +274,15 @@ def test_streaming_resampler_keeps_its_state_across_chunks():
 
 def test_eight_realtime_sessions_beside_v1_and_moshi_websocket_sessions(server, expected):
     """Ten callers at once over three protocols; the realtime ones greedy, against generate (to the
-    last bit of the PCM but one: sharing a batch moves the float's last bits, see batch_invariant)."""
+    last bit of the PCM but one: sharing a batch moves the float's last bits, see batch_invariant).
+    The realtime callers send their audio at once, as uploads (realtime=false)."""
     import aiohttp
     import sphn
     names = list(expected) * 2
 
     async def realtime(name):
         fr, want_pcm, want_text, _ = expected[name]
-        async with client(server).realtime.connect(model="m", extra_query={"greedy": "true"}) as conn:
+        async with client(server).realtime.connect(model="m", extra_query={"greedy": "true", "realtime": "false"}) as conn:
             call = Call(conn)
             await call.send_audio(pcm_to_s16le(fr), 3840 * 2)
             got = await call.audio_bytes(len(want_pcm))
@@ -327,7 +293,7 @@ def test_eight_realtime_sessions_beside_v1_and_moshi_websocket_sessions(server, 
     async def moshi_ws():
         writer, got = sphn.OpusStreamWriter(24000), 0
         async with aiohttp.ClientSession() as http:
-            async with http.ws_connect(f"ws://127.0.0.1:{server}/api/chat") as ws:
+            async with http.ws_connect(f"ws://127.0.0.1:{server.port}/api/chat") as ws:
                 assert await ws.receive_bytes(timeout=20) == b"\x00"
                 pcm = expected["charlie"][0].reshape(-1)
                 for i in range(0, len(pcm), 1920):
@@ -339,7 +305,7 @@ def test_eight_realtime_sessions_beside_v1_and_moshi_websocket_sessions(server, 
         return got
 
     async def main():
-        v1 = chat(f"http://127.0.0.1:{server}", expected["delta"][0].reshape(-1), realtime=False,
+        v1 = chat(server.url, expected["delta"][0].reshape(-1), realtime=False,
                   params={"greedy": True, "tokens": True})
         return await asyncio.gather(v1, moshi_ws(), *[realtime(n) for n in names])
 
@@ -391,7 +357,7 @@ def test_bad_input_gets_an_error_naming_it_and_the_call_goes_on(server):
             updated = await call.until("session.updated")
             await call.send_audio(b"\x00\x01" * 1920 * 8, 3840)
             await call.audio_bytes(3840 * 3)  # still serving
-            (status,) = sessions(server)
+            (status,) = server.sessions()
             return errors, updated, status
 
     errors, updated, status = asyncio.run(main())
@@ -416,10 +382,10 @@ def test_cancel_ends_the_call_and_create_starts_another(server):
             await conn.response.cancel()
             assert (await call.until("response.done")).response.status == "cancelled"
             for _ in range(40):
-                if not sessions(server):
+                if not server.sessions():
                     break
                 await asyncio.sleep(0.05)
-            assert sessions(server) == []  # the slot is free while no call runs
+            assert server.sessions() == []  # the slot is free while no call runs
             await conn.response.cancel(event_id="c1")
             assert (await call.until("error")).error.code == "response_cancel_not_active"
             await conn.input_audio_buffer.append(audio=base64.b64encode(b"\0\0" * 100).decode(), event_id="a1")
@@ -438,17 +404,17 @@ def test_cancel_ends_the_call_and_create_starts_another(server):
 
 def test_a_client_that_vanishes_frees_its_slot(server):
     async def main():
-        ws = await websockets.connect(f"ws://127.0.0.1:{server}/v1/realtime?model=m")
+        ws = await websockets.connect(f"ws://127.0.0.1:{server.port}/v1/realtime?model=m")
         strict(await ws.recv())
         audio = base64.b64encode(b"\x00\x01" * 1920 * 10).decode()
         await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
         while strict(await ws.recv()).type != "response.output_audio.delta":
             pass
-        (status,) = sessions(server)
+        (status,) = server.sessions()
         assert status["state"] == "running"
         ws.transport.abort()  # no close frame: the process died, the cable was pulled
         start = time.monotonic()
-        while sessions(server) and time.monotonic() - start < 3:
+        while server.sessions() and time.monotonic() - start < 3:
             await asyncio.sleep(0.02)
         return time.monotonic() - start
 
@@ -457,7 +423,7 @@ def test_a_client_that_vanishes_frees_its_slot(server):
 
 def test_bad_sampling_parameters_are_refused_with_an_error_then_close(server):
     async def main():
-        async with websockets.connect(f"ws://127.0.0.1:{server}/v1/realtime?model=m&temperature=-1") as ws:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/v1/realtime?model=m&temperature=-1") as ws:
             error = strict(await ws.recv())
             with pytest.raises(websockets.ConnectionClosed):
                 await ws.recv()
@@ -471,10 +437,9 @@ def test_bad_sampling_parameters_are_refused_with_an_error_then_close(server):
 def test_keys_busy_idle_and_drain(tiny_wrap_ckpt, tmp_path):
     """A server with a key and one slot: the key by header or browser subprotocol, a wrong one
     refused, a second caller told no slot is free, an idle call ended, then a drain ending a call."""
-    proc, port = start_server(tiny_wrap_ckpt, tmp_path / "serve.log", "--max-sessions", "1", "--no-warmup",
-                              "--api-key", "sekret", "--idle-timeout", "1", "--shutdown-timeout", "0.5",
-                              "--admission-wait", "0.2")
-    url = f"ws://127.0.0.1:{port}/v1/realtime?model=m"
+    srv = LiveServer(tiny_wrap_ckpt, "--max-sessions", "1", "--no-warmup", "--api-key", "sekret",
+                     "--idle-timeout", "1", "--shutdown-timeout", "0.5", "--admission-wait", "0.2", key="sekret")
+    url = f"ws://127.0.0.1:{srv.port}/v1/realtime?model=m"
 
     async def refused(**kwargs):
         async with websockets.connect(url, **kwargs) as ws:
@@ -501,11 +466,11 @@ def test_keys_busy_idle_and_drain(tiny_wrap_ckpt, tmp_path):
                     events.append(strict(await asyncio.wait_for(ws.recv(), 10)))
             assert events[-1].type == "response.done" and events[-1].response.status == "completed"
             assert (ws.close_code, ws.close_reason) == (1000, "idle_timeout")
-        async with client(port, "sekret").realtime.connect(model="m") as conn:
+        async with client(srv, "sekret").realtime.connect(model="m") as conn:
             call = Call(conn)
             sender = asyncio.create_task(call.send_audio(b"\x00\x01" * 1920 * 100, 3840, pace=0.08))
             await call.audio_bytes(3840 * 2)
-            proc.send_signal(signal.SIGTERM)
+            srv.proc.send_signal(signal.SIGTERM)
             done = await call.until("response.done", 20)
             sender.cancel()
             return done
@@ -514,6 +479,6 @@ def test_keys_busy_idle_and_drain(tiny_wrap_ckpt, tmp_path):
         done = asyncio.run(main())
         assert done.response.status == "incomplete"
         assert done.response.status_details.error.code == "server_shutdown"
-        assert proc.wait(timeout=30) == 0
+        assert srv.proc.wait(timeout=30) == 0
     finally:
-        stop(proc)
+        srv.stop()
