@@ -5,6 +5,7 @@ GET /v1/sessions."""
 import asyncio
 import base64
 import json
+import os
 import signal
 import time
 import warnings
@@ -482,3 +483,38 @@ def test_keys_busy_idle_and_drain(tiny_wrap_ckpt, tmp_path):
         assert srv.proc.wait(timeout=30) == 0
     finally:
         srv.stop()
+
+
+def test_an_unavailable_or_lost_engine_is_said_then_closes_1011(tiny_wrap_ckpt):
+    """A hung engine: a new caller gets an `error` (engine_unavailable) and close 1011 once the
+    engine link's request times out. A dead one: a call in progress closes its response as failed
+    (engine_lost) and the socket with 1011."""
+    srv = LiveServer(tiny_wrap_ckpt, "--max-sessions", "2", "--no-warmup", "--idle-timeout", "120")
+    engine = srv.pids()["engine"][0]
+    url = f"ws://127.0.0.1:{srv.port}/v1/realtime?model=m"
+
+    async def main():
+        async with client(srv).realtime.connect(model="m") as conn:
+            call = Call(conn)
+            await call.send_audio(b"\x00\x01" * 1920 * 4, 3840)
+            await call.audio_bytes(3840)
+            os.kill(engine, signal.SIGSTOP)  # as a hung device or a deadlock would
+            try:
+                async with websockets.connect(url) as ws:
+                    error = strict(await asyncio.wait_for(ws.recv(), 30))
+                    with pytest.raises(websockets.ConnectionClosed):
+                        await ws.recv()
+            finally:
+                os.kill(engine, signal.SIGCONT)
+            assert error.error.code == "engine_unavailable" and ws.close_code == 1011
+            os.kill(engine, signal.SIGKILL)
+            done = await call.until("response.done", 30)
+            with pytest.raises(AssertionError, match=r"closed \(1011"):
+                await call.next()
+            return done
+
+    try:
+        done = asyncio.run(main())
+        assert done.response.status == "failed" and done.response.status_details.error.code == "engine_lost"
+    finally:
+        srv.stop(signal.SIGKILL)

@@ -5,13 +5,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
 
 import pytest
 
 from engine.config import ConfigError, ServeConfig
-from test_realtime import sessions, start_server, stop
+from servers import LiveServer, http
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -39,10 +38,9 @@ def browser(playwright, wav_inputs):
 
 @pytest.fixture(scope="module")
 def server(tiny_wrap_ckpt, tmp_path_factory):
-    proc, port = start_server(tiny_wrap_ckpt, tmp_path_factory.mktemp("page") / "serve.log", "--max-sessions", "2",
-                              "--idle-timeout", "120")
-    yield port
-    stop(proc)
+    srv = LiveServer(tiny_wrap_ckpt, "--max-sessions", "2", "--idle-timeout", "120")
+    yield srv
+    srv.stop()
 
 
 def stats(page) -> dict:
@@ -54,16 +52,14 @@ def wait_for(page, condition: str, timeout_s: float = 60) -> None:
                            timeout=timeout_s * 1000)
 
 
-def gone(port: int, key: str | None = None, timeout: float = 5) -> bool:
-    deadline = time.monotonic() + timeout
-    while sessions(port, key) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not sessions(port, key)
+def gone(server: LiveServer, timeout: float = 5) -> bool:
+    """Whether every session on the server has ended within `timeout` seconds."""
+    return server.wait_idle(timeout)
 
 
 def test_the_page_talks_to_moshi_and_hangs_up(server, browser):
     page = browser.new_page(viewport={"width": 860, "height": 900})
-    page.goto(f"http://127.0.0.1:{server}/")
+    page.goto(f"{server.url}/")
     assert page.title() == "lockstep · talk to Moshi"
     page.click("#settings summary")
     assert page.locator("#temperature").is_visible() and page.locator("#key-row").is_hidden()  # no key wanted
@@ -74,7 +70,7 @@ def test_the_page_talks_to_moshi_and_hangs_up(server, browser):
     assert s["state"] == "in-call" and s["sentFrames"] > 0 and s["firstAudioMs"] is not None
     assert page.locator("#download").is_hidden() and page.locator("#message").is_hidden()
     assert page.locator("#transcript").inner_text().strip()
-    (status,) = sessions(server)
+    (status,) = server.sessions()
     assert status["state"] == "running" and status["frames_out"] > 3 * 12.5
     if os.environ.get("LOCKSTEP_SCREENSHOT"):  # the picture in docs/web-page.md
         page.screenshot(path=os.environ["LOCKSTEP_SCREENSHOT"], clip={"x": 50, "y": 0, "width": 760, "height": 520})
@@ -106,7 +102,7 @@ window.AudioContext = class extends Native {
 def test_the_worklets_resample_where_the_context_cannot_run_at_24k(server, browser):
     page = browser.new_page()
     page.add_init_script(ONE_RATE_BROWSER)
-    page.goto(f"http://127.0.0.1:{server}/")
+    page.goto(f"{server.url}/")
     page.click("#connect")
     wait_for(page, f"s.playedSamples >= {SECOND} && s.sentFrames >= 12")
     assert stats(page)["contextRate"] != 24000
@@ -118,24 +114,24 @@ def test_the_worklets_resample_where_the_context_cannot_run_at_24k(server, brows
 def test_built_in_files_are_served_and_static_replaces_them(server, tiny_wrap_ckpt, tmp_path):
     for path, kind in (("/", "text/html"), ("/app.js", "javascript"), ("/worklets.js", "javascript"),
                        ("/style.css", "text/css"), ("/page-config.json", "application/json")):
-        with urllib.request.urlopen(f"http://127.0.0.1:{server}{path}", timeout=5) as r:
+        with urllib.request.urlopen(f"{server.url}{path}", timeout=5) as r:
             assert kind in r.headers["content-type"], path
     (tmp_path / "index.html").write_text("<title>another UI</title>")
-    proc, port = start_server(tiny_wrap_ckpt, tmp_path / "serve.log", "--no-warmup", "--static", str(tmp_path))
+    other = LiveServer(tiny_wrap_ckpt, "--no-warmup", "--static", str(tmp_path))
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
-            assert b"another UI" in r.read()
+        assert b"another UI" in http("GET", other.url + "/")[1]
+        assert "--static page at /" in other.log()
     finally:
-        stop(proc)
+        other.stop()
 
 
 def test_busy_server_wrong_key_and_lost_connection_are_said(tiny_wrap_ckpt, tmp_path, browser):
-    proc, port = start_server(tiny_wrap_ckpt, tmp_path / "serve.log", "--max-sessions", "1", "--no-warmup",
-                              "--api-key", "sekret", "--admission-wait", "0.2", "--idle-timeout", "120")
+    srv = LiveServer(tiny_wrap_ckpt, "--max-sessions", "1", "--no-warmup", "--api-key", "sekret",
+                     "--admission-wait", "0.2", "--idle-timeout", "120")
     try:
         first, second = browser.new_page(), browser.new_page()
         for page in (first, second):
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(f"{srv.url}/")
             # The server wants a key: the settings open on the key field.
             page.wait_for_selector("#api-key", state="visible")
         second.fill("#api-key", "wrong")
@@ -149,11 +145,12 @@ def test_busy_server_wrong_key_and_lost_connection_are_said(tiny_wrap_ckpt, tmp_
         second.click("#connect")
         wait_for(second, 's.state === "failed"', 20)
         assert "busy" in second.locator("#message").inner_text()
-        proc.send_signal(signal.SIGKILL)  # the server dies mid-call
+        for pid in srv.pids()["api"]:  # the server's connections die mid-call
+            os.kill(pid, signal.SIGKILL)
         wait_for(first, 's.state === "failed"', 20)
         assert "connection to the server was lost" in first.locator("#message").inner_text()
     finally:
-        stop(proc)
+        srv.stop()
 
 
 def test_a_denied_microphone_is_said(playwright, server):
@@ -162,11 +159,11 @@ def test_a_denied_microphone_is_said(playwright, server):
                                    args=[*FLAGS, "--use-fake-device-for-media-stream"])
     try:
         page = b.new_page()
-        page.goto(f"http://127.0.0.1:{server}/")
+        page.goto(f"{server.url}/")
         page.click("#connect")
         wait_for(page, 's.state === "failed"', 20)
         assert "microphone is not available" in page.locator("#message").inner_text()
-        assert sessions(server) == []  # no slot was taken for it
+        assert server.sessions() == []  # no slot was taken for it
     finally:
         b.close()
 
@@ -175,22 +172,22 @@ def test_the_page_works_over_https_with_a_certificate(playwright, tiny_wrap_ckpt
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    proc, port = start_server(tiny_wrap_ckpt, tmp_path / "serve.log", "--max-sessions", "1", "--no-warmup",
-                              "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--idle-timeout", "120",
-                              scheme="https")
+    srv = LiveServer(tiny_wrap_ckpt, "--max-sessions", "1", "--no-warmup", "--ssl-certfile", str(cert),
+                     "--ssl-keyfile", str(key), "--idle-timeout", "120")
     b = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
         *FLAGS, *FAKE_MIC, f"--use-file-for-fake-audio-capture={wav_inputs[0]}"])
     try:
-        assert "https://" in open(tmp_path / "serve.log").read()  # the start-up line says so
+        assert f"serving https://127.0.0.1:{srv.port}" in srv.log()  # the start-up line says so
         page = b.new_context(ignore_https_errors=True).new_page()  # self-signed
-        page.goto(f"https://localhost:{port}/")
+        page.goto(f"https://localhost:{srv.port}/")
         page.click("#connect")
         wait_for(page, f"s.receivedSamples >= {SECOND}")
         assert page.evaluate("window.isSecureContext")
         page.click("#connect")
+        assert gone(srv)
     finally:
         b.close()
-        stop(proc)
+        srv.stop()
 
 
 def test_tls_flags_are_checked(tmp_path):

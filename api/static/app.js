@@ -41,6 +41,7 @@ const MESSAGES = {
   insecure: "The browser gives the microphone only to secure pages: open this page over https:// (see the " +
             "server's --ssl-certfile) or from localhost.",
   draining: "The server is shutting down.",
+  engine: "The server cannot take calls right now: its engine is unavailable. Try again later.",
 };
 
 async function loadConfig() {
@@ -193,6 +194,7 @@ function onEvent(c, event) {
       const code = event.error.code;
       if (code === "invalid_api_key") c.refusal = "key";
       else if (code === "no_free_slot") c.refusal = /shutting down/.test(event.error.message) ? "draining" : "busy";
+      else if (code === "engine_unavailable") c.refusal = "engine";
       else say("error", `The server said: ${event.error.message}`);
       break;
     }
