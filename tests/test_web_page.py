@@ -72,7 +72,7 @@ def test_the_page_talks_to_moshi_and_hangs_up(server, browser):
     assert page.locator("#transcript").inner_text().strip()
     (status,) = server.sessions()
     assert status["state"] == "running" and status["frames_out"] > 3 * 12.5
-    if os.environ.get("LOCKSTEP_SCREENSHOT"):  # the picture in docs/web-page.md
+    if os.environ.get("LOCKSTEP_SCREENSHOT"):  # the picture in docs/web.md
         page.screenshot(path=os.environ["LOCKSTEP_SCREENSHOT"], clip={"x": 50, "y": 0, "width": 760, "height": 520})
     page.click("#connect")  # hang up
     assert gone(server)
