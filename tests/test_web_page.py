@@ -43,6 +43,21 @@ def server(tiny_wrap_ckpt, tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture
+def new_page(browser):
+    """`new_page(**options)`: a page closed when the test ends, passed or not (a page left in a
+    call would hold a slot of the module's server through the tests that follow)."""
+    made = []
+
+    def make(**options):
+        made.append(browser.new_page(**options))
+        return made[-1]
+
+    yield make
+    for page in made:
+        page.close()
+
+
 def stats(page) -> dict:
     return page.evaluate("window.lockstepStats")
 
@@ -57,8 +72,8 @@ def gone(server: LiveServer, timeout: float = 5) -> bool:
     return server.wait_idle(timeout)
 
 
-def test_the_page_talks_to_moshi_and_hangs_up(server, browser):
-    page = browser.new_page(viewport={"width": 860, "height": 900})
+def test_the_page_talks_to_moshi_and_hangs_up(server, new_page):
+    page = new_page(viewport={"width": 860, "height": 900})
     page.goto(f"{server.url}/")
     assert page.title() == "lockstep · talk to Moshi"
     page.click("#settings summary")
@@ -82,7 +97,6 @@ def test_the_page_talks_to_moshi_and_hangs_up(server, browser):
     with page.expect_download() as download:
         page.click("#download")
     assert os.path.getsize(download.value.path()) == s["downloadBytes"]
-    page.close()
 
 
 # A browser that cannot connect a microphone to a context at another rate than its own (Firefox):
@@ -99,8 +113,8 @@ window.AudioContext = class extends Native {
 """
 
 
-def test_the_worklets_resample_where_the_context_cannot_run_at_24k(server, browser):
-    page = browser.new_page()
+def test_the_worklets_resample_where_the_context_cannot_run_at_24k(server, new_page):
+    page = new_page()
     page.add_init_script(ONE_RATE_BROWSER)
     page.goto(f"{server.url}/")
     page.click("#connect")
@@ -108,7 +122,6 @@ def test_the_worklets_resample_where_the_context_cannot_run_at_24k(server, brows
     assert stats(page)["contextRate"] != 24000
     page.click("#connect")
     assert gone(server)
-    page.close()
 
 
 def test_built_in_files_are_served_and_static_replaces_them(server, tiny_wrap_ckpt, tmp_path):
