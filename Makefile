@@ -14,12 +14,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps moshi==0.2.13
 	touch $(STAMP)
 
-install: $(STAMP)
+# Debian's chromium, for the web page's browser tests (Playwright drives it; nothing downloads a browser).
+browser:
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+install: $(STAMP) browser
 
 run: $(STAMP)
 	$(VENV)/bin/lockstep serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
 
-.PHONY: install run test
+.PHONY: browser install run test

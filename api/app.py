@@ -21,6 +21,8 @@ from api.chat import chat_endpoint
 from api.limits import RefuseUnread
 from api.link import EngineLink, EngineUnavailable
 from api.moshi_ws import add_moshi_websocket
+from api.realtime import add_realtime_websocket
+from api.web_page import add_web_page
 from api.protocol import PcmReassembler, SessionRequest, end_event, frame_events
 from engine.config import ServeConfig
 from engine.session import FrameOutput
@@ -180,10 +182,8 @@ def create_app(engine: EngineLink, cfg: ServeConfig, metrics_here: bool = True):
 
     add_moshi_websocket(app, registry, lambda ws: check_key(cfg, ws.headers.get("authorization"),
                                                             ws.query_params.get("api_key")))
-    if cfg.static is not None:
-        # Last, so every API route above takes precedence over a file of the same path.
-        from fastapi.staticfiles import StaticFiles
-        app.mount("/", StaticFiles(directory=cfg.static, html=True), name="static")
+    add_realtime_websocket(app, registry, lambda ws, key: check_key(cfg, ws.headers.get("authorization"), key))
+    add_web_page(app, registry)  # last: every API route above takes precedence over a file of the same path
 
     async def asgi(scope, receive, send):
         if scope["type"] == "http" and scope["path"] == "/v1/chat":

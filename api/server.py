@@ -70,7 +70,9 @@ class Supervisor:
         n = self.cfg.api_workers or default_api_workers()
         self.workers = [self._spawn_worker(i) for i in range(n)]
         metrics = f", /metrics on port {self.cfg.metrics_port}" if self.cfg.metrics_port else ", /metrics"
-        print(f"lockstep: serving http://{self.cfg.host}:{self.cfg.port} (v1 API, /v1/chat, ws /api/chat{metrics}) "
+        page = "--static page" if self.cfg.static else "web page"
+        print(f"lockstep: serving {self.cfg.url} ({page} at /, v1 API, /v1/chat, ws /api/chat, ws /v1/realtime"
+              f"{metrics}) "
               f"from {n} API process(es); the engine ticks in process {self.engine.proc.pid}", flush=True)
         try:
             return self._watch()

@@ -49,7 +49,8 @@ def by_port(main_app, metrics, metrics_port: int | None):
 def build_server(link: EngineLink, cfg: ServeConfig, counters: Counter) -> uvicorn.Server:
     app = by_port(create_app(link, cfg, metrics_here=cfg.metrics_port is None), metrics_app(link), cfg.metrics_port)
     return uvicorn.Server(uvicorn.Config(app, http=guarded_http(cfg.head_timeout, counters), log_config=None,
-                                         timeout_graceful_shutdown=5, backlog=2048))
+                                         timeout_graceful_shutdown=5, backlog=2048,
+                                         ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile))
 
 
 async def serve(runtime: Path, index: int, sockets: list[socket.socket], cfg: ServeConfig) -> None:

@@ -62,8 +62,11 @@ _SERVE_HELP = {
     "idle_timeout": "end a session that sends no audio for this many seconds",
     "shutdown_timeout": "on SIGTERM, seconds running sessions get to finish",
     "max_buffer_seconds": "input audio buffered ahead of real time beyond this is dropped (oldest first)",
-    "static": "serve this folder at / (e.g. the built 'dist' folder of Kyutai's Moshi web UI, which talks "
-              "to ws /api/chat): open the server's address in a browser to talk to Moshi",
+    "static": "serve this folder at / instead of the built-in page (e.g. the built 'dist' folder of Kyutai's "
+              "Moshi web UI, which talks to ws /api/chat)",
+    "ssl_certfile": "serve HTTPS with this certificate (PEM; with --ssl-keyfile): browsers on other machines "
+                    "give the page the microphone only over HTTPS",
+    "ssl_keyfile": "the certificate's private key (PEM)",
     "no_warmup": "accept sessions at once, without first running every batch bucket (CUDA-graph capture, "
                  "kernel compilation) on the scratch slot, nor timing each size at full context (the "
                  "capacity probe); the first tick at each new size then pays for it",

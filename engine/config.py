@@ -509,6 +509,8 @@ class ServeConfig:
     metrics_port: int | None = None
     head_timeout: float = 5.0
     engine_timeout: float = 30.0
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
 
     def validate(self) -> "ServeConfig":
         _check(0 < self.port < 65536, f"--port must be in 1..65535, got {self.port}")
@@ -535,4 +537,13 @@ class ServeConfig:
         if self.static is not None:
             _check(os.path.isfile(os.path.join(self.static, "index.html")),
                    f"--static {self.static} must be a folder holding index.html (the web UI's built 'dist' folder)")
+        # Browsers give the microphone only to secure contexts: another machine needs HTTPS.
+        _check((self.ssl_certfile is None) == (self.ssl_keyfile is None),
+               "--ssl-certfile and --ssl-keyfile go together (a certificate and its private key)")
+        for flag, path in (("--ssl-certfile", self.ssl_certfile), ("--ssl-keyfile", self.ssl_keyfile)):
+            _check(path is None or os.path.isfile(path), f"{flag} {path} is not a file")
         return self
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.ssl_certfile else 'http'}://{self.host}:{self.port}"

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -31,30 +32,34 @@ def free_port() -> int:
 
 
 def http(method: str, url: str, body: dict | bytes | None = None, headers: dict | None = None,
-         timeout: float = 10) -> tuple[int, bytes]:
+         timeout: float = 10, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
 
 
 class LiveServer:
-    """`lockstep serve` in a process of its own, once it answers /healthz."""
+    """`lockstep serve` in a process of its own, once it answers /healthz; its output (start-up
+    lines and log) in `log()`. With --ssl-certfile it is reached over HTTPS, its certificate unchecked
+    (the tests' are self-signed)."""
 
     def __init__(self, ckpt, *flags: str, key: str | None = None):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        https = "--ssl-certfile" in flags
+        self.url = f"{'https' if https else 'http'}://127.0.0.1:{self.port}"
+        self.context = ssl._create_unverified_context() if https else None
         self.headers = {"authorization": f"Bearer {key}"} if key else {}
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--device", "cpu", "--model-dir",
                                       str(ckpt), "--port", str(self.port), *flags], cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=self.stderr)
+                                     stdout=self.stderr, stderr=subprocess.STDOUT)
         for _ in range(600):
             try:
-                urllib.request.urlopen(self.url + "/healthz", timeout=1)
+                urllib.request.urlopen(self.url + "/healthz", timeout=1, context=self.context)
                 return
             except OSError:
                 if self.proc.poll() is not None:
@@ -68,7 +73,7 @@ class LiveServer:
         return self.stderr.read().decode(errors="replace")
 
     def get(self, path: str) -> tuple[int, bytes]:
-        return http("GET", self.url + path, headers=self.headers)
+        return http("GET", self.url + path, headers=self.headers, context=self.context)
 
     def sessions(self) -> list[dict]:
         return json.loads(self.get("/v1/sessions")[1])["sessions"]
