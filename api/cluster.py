@@ -197,7 +197,7 @@ def replica_options(engine_args: dict, serve_cfg: ServeConfig, cluster: ClusterC
     if cluster.min_replicas is not None:
         options["autoscaling_config"] = {
             "min_replicas": cluster.min_replicas, "max_replicas": cluster.max_replicas,
-            "initial_replicas": max(1, cluster.min_replicas), "upscale_delay_s": 5.0,
+            "initial_replicas": cluster.replicas or max(1, cluster.min_replicas), "upscale_delay_s": 5.0,
             "downscale_delay_s": cluster.downscale_delay, "metrics_interval_s": 1.0, "look_back_period_s": 10.0,
             "policy": {"policy_function": "api.cluster_scaling:SlotUsagePolicy",
                        "policy_kwargs": {"target_slot_usage": cluster.target_slot_usage}}}
@@ -215,7 +215,11 @@ def build(engine_args: dict, serve_cfg: ServeConfig, cluster: ClusterConfig):
     board = serve.deployment(Board, name="LockstepBoard", num_replicas=1, ray_actor_options={"num_cpus": 0})
     engines = serve.deployment(LockstepReplica, name="LockstepReplica",
                                **replica_options(engine_args, serve_cfg, cluster, gpus))
-    return engines.bind(engine_args, dataclasses.asdict(serve_cfg), board.bind())
+    # The router holds a new session while no replica has a free slot, up to --admission-wait; a
+    # replica itself then only waits out a stale report (a slot the router saw free, taken since).
+    replica_cfg = dataclasses.replace(serve_cfg, admission_wait=min(serve_cfg.admission_wait,
+                                                                    max(0.5, 2 * cluster.routing_stats_period)))
+    return engines.bind(engine_args, dataclasses.asdict(replica_cfg), board.bind())
 
 
 def app_builder(args: dict):

@@ -75,10 +75,12 @@ class LockstepRouter(RequestRouter):
     def initialize_state(self, admission_wait: float = 2.0, **kwargs) -> None:
         self.admission_wait = float(admission_wait)
         self.sent: dict[ReplicaID, tuple[int, int]] = {}  # replica -> (report seq, sessions sent since)
+        self.seq: dict[ReplicaID, int] = {}  # replica -> the latest report seen
 
     def _sent_since_report(self, replica: RunningReplica) -> int:
-        seq, n = self.sent.get(replica.replica_id, (-1, 0))
-        return n if seq == replica.routing_stats.get("seq", 0) else 0
+        seq = self.seq[replica.replica_id] = (replica.routing_stats or {}).get("seq", 0)
+        last_seq, n = self.sent.get(replica.replica_id, (-1, 0))
+        return n if last_seq == seq else 0
 
     def rank(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
         """Serving replicas first (not draining, not stalled), then those with a free admission,
@@ -117,7 +119,6 @@ class LockstepRouter(RequestRouter):
         scope = request_scope(pending_request)
         if scope is None or not opens_session(scope):
             return
-        replica = self.curr_replicas.get(replica_id)
-        seq = (replica.routing_stats or {}).get("seq", 0) if replica is not None else -1
+        seq = self.seq.get(replica_id, 0)
         last_seq, n = self.sent.get(replica_id, (seq, 0))
         self.sent[replica_id] = (seq, n + 1 if last_seq == seq else 1)

@@ -87,7 +87,8 @@ _CLUSTER_HELP = {
     "ray": "serve on a Ray cluster: one engine per replica (one per GPU), every replica behind Ray Serve's "
            "proxy on --host/--port (docs/cluster.md)",
     "address": "Ray cluster to join (e.g. auto, or ray://HEAD:10001); unset: join $RAY_ADDRESS or start one here",
-    "replicas": "fixed number of replicas (0: one per GPU in the cluster, or 1 when it has none)",
+    "replicas": "number of replicas (0: one per GPU in the cluster, or 1 when it has none); with "
+                "--min-replicas/--max-replicas, the number to start with",
     "min_replicas": "autoscale between --min-replicas and --max-replicas on slot usage",
     "max_replicas": "upper bound for autoscaling",
     "target_slot_usage": "autoscaling aims at this fraction of the replicas' slots busy",

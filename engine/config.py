@@ -559,9 +559,10 @@ class ClusterConfig:
         bounds = (self.min_replicas, self.max_replicas)
         _check((bounds[0] is None) == (bounds[1] is None), "give --min-replicas and --max-replicas together")
         if bounds[0] is not None:
-            _check(not self.replicas, "give --replicas, or --min-replicas with --max-replicas, not both")
             _check(0 <= bounds[0] <= bounds[1] and bounds[1] >= 1,
                    f"--min-replicas/--max-replicas must satisfy 0 <= min <= max, max >= 1; got {bounds}")
+            _check(not self.replicas or bounds[0] <= self.replicas <= bounds[1],
+                   "with --min-replicas/--max-replicas, --replicas (the count to start with) must lie between them")
         _check(0 < self.target_slot_usage <= 1, "--target-slot-usage must be in (0, 1]")
         _check(self.downscale_delay >= 0, "--downscale-delay must be >= 0 seconds")
         _check(self.replica_cpus > 0, "--replica-cpus must be positive")
