@@ -63,6 +63,13 @@ def ready_replicas(front: Front) -> set[str]:
     return {r for r, v in body.get("replicas", {}).items() if v["ready"]} if status == 200 else set()
 
 
+def node_args() -> dict:
+    """A node of two CPUs whose agents listen on ports given here: a raylet then need not wait for
+    its agents to report theirs (which, on a loaded machine, can outlast its startup timeout)."""
+    return {"num_cpus": 2, "metrics_agent_port": free_port(), "metrics_export_port": free_port(),
+            "dashboard_agent_listen_port": free_port(), "runtime_env_agent_port": free_port()}
+
+
 @pytest.fixture(scope="module")
 def front(tiny_wrap_ckpt):
     from ray import serve
@@ -75,9 +82,10 @@ def front(tiny_wrap_ckpt):
     env = {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(port2), **PROXY_MIDDLEWARE}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster = Cluster()
     try:
-        cluster.add_node(num_cpus=2)
+        cluster.add_node(include_dashboard=False, **node_args())
+        cluster.add_node(**node_args())
         ray.init(address=cluster.address, log_to_driver=False)
         engine_args = {"device": "cpu", "model_dir": str(tiny_wrap_ckpt), "max_sessions": SLOTS}
         serve_cfg = ServeConfig(port=port, admission_wait=ADMISSION_WAIT, idle_timeout=10)

@@ -219,3 +219,18 @@ def test_the_builder_takes_lockstep_settings_by_name():
     options = replica_options({"device": "cpu"}, ServeConfig(), ClusterConfig(min_replicas=0, max_replicas=3), gpus=8)
     assert options["ray_actor_options"]["num_gpus"] == 0 and "num_replicas" not in options
     assert options["autoscaling_config"]["policy"]["policy_function"] == "api.cluster_scaling:SlotUsagePolicy"
+
+
+def test_the_example_serve_config_is_valid_and_builds():
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from api.cluster import app_builder
+    from tests.servers import ROOT
+    with open(f"{ROOT}/deploy/ray-serve.yaml") as f:
+        config = yaml.safe_load(f)
+    ServeDeploySchema.model_validate(config)
+    app = config["applications"][0]
+    assert app["import_path"] == "api.cluster:app_builder"
+    assert isinstance(app_builder(app["args"]), Application)
