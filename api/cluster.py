@@ -140,9 +140,11 @@ class LockstepReplica:
         code = self.engine.proc.poll()
         if code is not None:
             raise RuntimeError(f"replica {self.id}: the engine process ended with status {code}")
-        problem = self.link.stalled()
-        if problem:
-            raise RuntimeError(f"replica {self.id}: {problem}")
+        # As `lockstep serve` does: /readyz says "stalled" after 5 s (the router then prefers other
+        # replicas), but only a loop stuck for --engine-timeout is a hang worth a new replica.
+        age = self.link.heartbeat.age() if self.link.heartbeat else None
+        if self.link.lost or (age is not None and age > self.cfg.engine_timeout):
+            raise RuntimeError(f"replica {self.id}: {self.link.stalled() or 'the engine loop is stuck'}")
 
     async def _report(self) -> None:
         while not self.link.lost:

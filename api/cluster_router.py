@@ -8,7 +8,8 @@ A custom Ray Serve request router (Ray's RequestRouter, an alpha API), run by ev
   replica with the most free admissions, by the load each replica reports (slots used, callers
   waiting: `record_routing_stats`) plus what this router sent it since that report. While no replica
   has a free slot the request is held here, up to --admission-wait; then it goes to the least
-  loaded replica, whose own admission wait ends in 503 + Retry-After when no slot frees there;
+  loaded replica, which answers 503 + Retry-After unless a slot frees there within its own short
+  wait (two report periods: what covers a report gone stale);
 - anything else (health, metrics, listing) goes to the least loaded replica.
 """
 from __future__ import annotations

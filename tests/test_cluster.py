@@ -88,7 +88,7 @@ def front(tiny_wrap_ckpt):
         cluster.add_node(**node_args())
         ray.init(address=cluster.address, log_to_driver=False)
         engine_args = {"device": "cpu", "model_dir": str(tiny_wrap_ckpt), "max_sessions": SLOTS}
-        serve_cfg = ServeConfig(port=port, admission_wait=ADMISSION_WAIT, idle_timeout=10)
+        serve_cfg = ServeConfig(port=port, admission_wait=ADMISSION_WAIT, idle_timeout=60)
         # Two CPUs per replica and per node: one replica on each node.
         deploy(engine_args, serve_cfg, ClusterConfig(replicas=2, replica_cpus=2))
         srv = Front(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port2}")
