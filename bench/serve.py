@@ -46,8 +46,9 @@ async def scrape(url: str) -> dict[str, float]:
     out = {}
     for name in ("late_ticks_total", "input_underruns_total", "sessions_rejected_total",
                  "realtime_capacity_sessions"):
-        m = re.search(rf"^lockstep:{name} (\S+)$", text, re.M)
-        out[name] = float(m.group(1)) if m else float("nan")
+        # Summed over replicas: a Ray front labels each replica's series (api/cluster_board.py).
+        values = re.findall(rf"^lockstep:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        out[name] = sum(float(v) for v in values) if values else float("nan")
     return out
 
 
