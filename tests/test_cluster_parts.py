@@ -234,3 +234,19 @@ def test_the_example_serve_config_is_valid_and_builds():
     app = config["applications"][0]
     assert app["import_path"] == "api.cluster:app_builder"
     assert isinstance(app_builder(app["args"]), Application)
+
+
+def test_serve_takes_the_cluster_flags():
+    from engine.cli import _from_args, build_parser
+    args = build_parser().parse_args(["serve", "--ray", "--address", "auto", "--min-replicas", "1",
+                                      "--max-replicas", "4", "--target-slot-usage", "0.5"])
+    cluster = _from_args(ClusterConfig, args)
+    assert (cluster.ray, cluster.address, cluster.min_replicas, cluster.max_replicas) == (True, "auto", 1, 4)
+    assert cluster.target_slot_usage == 0.5 and not _from_args(ClusterConfig, build_parser().parse_args(["serve"])).ray
+
+
+def test_serve_refuses_bad_cluster_flags_before_starting_anything(capsys):
+    from engine.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--ray", "--min-replicas", "2"])
+    assert e.value.code == 2 and "together" in capsys.readouterr().err
