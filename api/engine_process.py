@@ -29,15 +29,15 @@ class EngineFailed(RuntimeError):
 
 class EngineProcess:
     """`engine_args`: EngineConfig's fields as given (the engine resolves and checks them, so this
-    process never imports torch)."""
+    process never imports torch). `module` runs the engine: engine.process, or a benchmark's stub."""
 
-    def __init__(self, engine_args: dict, serve_cfg: ServeConfig):
+    def __init__(self, engine_args: dict, serve_cfg: ServeConfig, module: str = "engine.process"):
         self.runtime = Path(tempfile.mkdtemp(prefix="lockstep-"))
         os.chmod(self.runtime, 0o700)  # the engine socket takes any API process that can reach it
         write_config(self.runtime, engine_args, serve_cfg)
         self.socket_path = str(self.runtime / SOCKET_NAME)
         self.heartbeat_path = str(self.runtime / HEARTBEAT_NAME)
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.process", str(self.runtime)],
+        self.proc = subprocess.Popen([sys.executable, "-m", module, str(self.runtime)],
                                      start_new_session=True)
         self._control: socket.socket | None = None
         self._reader = wire.Reader()

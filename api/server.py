@@ -43,12 +43,12 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 class Supervisor:
-    def __init__(self, engine_args: dict, cfg: ServeConfig):
+    def __init__(self, engine_args: dict, cfg: ServeConfig, engine_module: str = "engine.process"):
         self.cfg = cfg
         self.sockets = [listen(cfg.host, cfg.port)]
         if cfg.metrics_port is not None:
             self.sockets.append(listen(cfg.host, cfg.metrics_port))
-        self.engine = EngineProcess(engine_args, cfg)
+        self.engine = EngineProcess(engine_args, cfg, engine_module)
         self.workers: list[subprocess.Popen] = []
         self.signals = 0
 
@@ -136,6 +136,6 @@ class Supervisor:
             sock.close()
 
 
-def serve(engine_args: dict, cfg: ServeConfig) -> None:
+def serve(engine_args: dict, cfg: ServeConfig, engine_module: str = "engine.process") -> None:
     logging.config.dictConfig(log_config())
-    sys.exit(Supervisor(engine_args, cfg).run())
+    sys.exit(Supervisor(engine_args, cfg, engine_module).run())

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     runtime, index, fds = Path(argv[0]), int(argv[1]), [int(fd) for fd in argv[2:]]
     host.die_with_parent()
+    host.yield_to_engine()
     logging.config.dictConfig(log_config())
     cfg = from_dict(ServeConfig, read_config(runtime)["serve"])
     sockets = [socket.socket(fileno=fd) for fd in fds]

@@ -126,6 +126,8 @@ async def fill_slots(url: str, key: str | None, stop: asyncio.Event, seconds: fl
     headers = {"authorization": f"Bearer {key}"} if key else {}
     async with aiohttp.ClientSession() as http:
         async with http.get(url + "/v1/sessions", headers=headers) as r:
+            if r.status != 200:
+                raise RuntimeError(f"GET /v1/sessions answered {r.status}: {await r.text()}")
             free = (await r.json())["free_slots"]
     silence = np.zeros(int(SAMPLE_RATE * seconds), np.float32)
     tasks = [asyncio.create_task(witness_call(url, key, silence, Witness(), stop)) for _ in range(free)]

@@ -281,7 +281,14 @@ def parallel(n: int, attack: Callable[..., dict], *args, **kwargs) -> dict:
     return {f"#{i}": r for i, r in enumerate(results)}
 
 
+def none(url: str, seconds: float) -> dict:
+    """The control: no attack, so a row says what the witnesses get from the machine alone."""
+    time.sleep(seconds)
+    return {}
+
+
 ATTACKS: dict[str, Callable[..., dict]] = {
+    "none": lambda url, s, key: none(url, s),
     "chunks-unauth-sessions": lambda url, s, key: chunk_flood(url, s, "/v1/sessions"),
     "chunks-auth-sessions": lambda url, s, key: chunk_flood(url, s, "/v1/sessions", key),
     "chunks-unauth-chat": lambda url, s, key: chunk_flood(url, s, "/v1/chat"),

@@ -2,14 +2,14 @@
 # Everything that needs a GPU, for a session that is lent one. Paste the figures (with the device
 # name) into bench/RESULTS.md.
 #
-#   bash bench/gpu_checks.sh [tests] [kernels] [tick]      # default: all three
+#   bash bench/gpu_checks.sh [tests] [kernels] [tick] [fidelity]   # default: all four
 #   bash bench/gpu_checks.sh soak                          # when time is left (~2.5 min): churn under graphs
 #
-# One call runs all three within ~9.5 minutes: each step has a time limit (seconds, overridable:
-# T_TESTS T_KERNELS T_TICK T_REF, 540 in all), shortened where needed so that the whole call ends
+# One call runs all four within ~9.5 minutes: each step has a time limit (seconds, overridable:
+# T_TESTS T_KERNELS T_TICK T_REF T_FID, 565 in all), shortened where needed so that the whole call ends
 # within DEADLINE seconds (570: the device tool stops a command at 600), and a step cut short keeps
 # what it measured (pytest prints its summary, bench.kernels writes each row as it comes,
-# bench.tick its JSON after each batch size). The side-by-side runs kyutai's package with its CUDA
+# bench.tick its JSON after each batch size; bench.fidelity writes its JSON at the end). The side-by-side runs kyutai's package with its CUDA
 # graphs but without its torch.compile (NO_TORCH_COMPILE=1: its compiles would not fit the step;
 # REF_COMPILE=1 keeps them), which its JSON records. A lent GPU has 15 minutes of device time for
 # the whole task, machine start included, so plan on one call, and rerun a single stage only if
@@ -18,7 +18,8 @@
 # torch, triton, numpy, safetensors, sentencepiece, tqdm, pytest, einops, huggingface_hub and
 # matplotlib but no network (this script ran on CPU in a venv of that image's versions: Python
 # 3.12, torch 2.11, triton 3.6, numpy 2.5, huggingface_hub 1.33; tests/test_bench.py runs it on
-# every CPU test run): kyutai's `moshi` (for the side-by-side) travels as a wheel. Before the call, here:
+# every CPU test run): kyutai's `moshi` (for the side-by-side and the fidelity check) travels as a wheel.
+# Before the call, here:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl moshi==0.2.13
 # and name ".whl" in the call's carry. Outputs go to $OUT when set (the device tool brings those
@@ -34,7 +35,7 @@ export TRITON_INTERPRET=0  # compiled kernels, not the CPU interpreter the CPU s
 export PYTHONUNBUFFERED=1
 out=${OUT:-bench/out}
 mkdir -p "$out"
-stages=${*:-tests kernels tick}
+stages=${*:-tests kernels tick fidelity}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$out/log.txt"
 failed=0
 deadline=$((SECONDS + ${DEADLINE:-570}))
@@ -64,21 +65,34 @@ for stage in $stages; do
       # 64, its capacity, right after them.
       mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
       big=""; more=""; [ "${mib:-0}" -ge 120000 ] 2>/dev/null && { big=64; more=48; }
-      step "${T_TICK:-170}" $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 32 $big 8 16 24 $more \
+      step "${T_TICK:-140}" $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --batch 1 32 $big 8 16 24 $more \
           --full-context --no-reference --warmup 3 --ticks 20 --output "$out/tick-7b-full"
       if $PY -c "import moshi" 2>/dev/null; then
         compile=1; [ "${REF_COMPILE:-0}" = 1 ] && compile=""
-        step "${T_REF:-90}" env ${compile:+NO_TORCH_COMPILE=1} $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 \
+        step "${T_REF:-70}" env ${compile:+NO_TORCH_COMPILE=1} $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 \
             --batch 1 4 8 --warmup 3 --ticks 20 --output "$out/tick-7b-vs-reference"
       else
         echo "moshi is not importable: skipping the side-by-side (carry its wheel, see the header)" | tee -a "$out/log.txt"
+      fi ;;
+    fidelity)
+      # lockstep in bf16 as a GPU serves it (Triton kernels, the LM step in a CUDA graph) beside kyutai's
+      # bf16, both teacher-forced against kyutai's fp32 (docs/precision.md); on the `small` random
+      # checkpoint (the 7B one takes minutes to write) and 3 x 8 s of synthetic speech. Exit 1: the
+      # goal (lockstep/reference KL ratio <= 1.1, top-1 within 0.5 points) was missed.
+      if $PY -c "import moshi" 2>/dev/null; then
+        ins=${TMPDIR:-/tmp}/lockstep-fidelity-inputs
+        $PY -m bench.fidelity_inputs "$ins" --count 3 --seconds 8 >>"$out/log.txt" 2>&1
+        step "${T_FID:-75}" $PY -m bench.fidelity --dummy small --device cuda --dtype bfloat16 --kernels triton \
+            --json "$out/fidelity-bf16.json" "$ins"/speech-0.wav "$ins"/speech-1.wav "$ins"/speech-2.wav
+      else
+        echo "moshi is not importable: skipping the fidelity check (carry its wheel, see the header)" | tee -a "$out/log.txt"
       fi ;;
     soak)  # callers churning through CUDA graphs: no memory growth, witnesses' tokens exact
       ck=${TMPDIR:-/tmp}/lockstep-soak-ck
       [ -f "$ck/config.json" ] || $PY -m engine.cli make-checkpoint "$ck" --preset tiny 2>&1 | tee -a "$out/log.txt"
       step "${T_SOAK:-150}" $PY -m bench.soak --model-dir "$ck" --device cuda --max-sessions 8 --ticks 800 \
           --output "$out/soak.json" ;;
-    *) echo "unknown stage $stage (tests, kernels, tick, soak)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, kernels, tick, fidelity, soak)"; exit 2 ;;
   esac
 done
 exit $failed

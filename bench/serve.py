@@ -38,14 +38,16 @@ def synthetic_speech(seconds: float, seed: int) -> np.ndarray:
     return (0.2 * voiced * sig + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-async def scrape(url: str) -> dict[str, float]:
+SCRAPED = ("late_ticks_total", "input_underruns_total", "sessions_rejected_total", "realtime_capacity_sessions")
+
+
+async def scrape(url: str, names: tuple[str, ...] = SCRAPED) -> dict[str, float]:
     import aiohttp
     async with aiohttp.ClientSession() as http:
         async with http.get(url + "/metrics") as r:
             text = await r.text()
     out = {}
-    for name in ("late_ticks_total", "input_underruns_total", "sessions_rejected_total",
-                 "realtime_capacity_sessions"):
+    for name in names:
         # Summed over replicas: a Ray front labels each replica's series (api/cluster_board.py).
         values = re.findall(rf"^lockstep:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
         out[name] = sum(float(v) for v in values) if values else float("nan")
@@ -82,22 +84,31 @@ async def run_callers(url: str, n: int, rate: float, audio: list[np.ndarray], se
     return row
 
 
-def spawn_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), *extra],
-                            env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+        return s.getsockname()[1]
+
+
+def wait_listening(proc: subprocess.Popen, port: int) -> None:
     for _ in range(600):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, url
+                return
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+                err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+                raise RuntimeError(f"server exited with status {proc.returncode}: {err}")
             time.sleep(0.2)
     raise RuntimeError("server did not start")
+
+
+def spawn_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), *extra],
+                            env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_listening(proc, port)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,7 @@ sending, and hang up mid-call. Through all of it:
 - churn never reaches a session's tokens: every tenth caller is a witness with a fixed seed and a
   known input, replayed afterwards beside filler sessions in batches of the sizes it had, which
   must give the same tokens and PCM, to the bit (a product's rounding depends on its row count, so a replay in other
-  batch sizes may part ways at a near-tie; see README, "Sampling").
+  batch sizes may part ways at a near-tie; see docs/sampling.md).
 Exit status 1 when any check fails.
 
     lockstep bench soak [--model-dir DIR] [--device D] [--max-sessions 8] [--ticks 3000]

@@ -284,8 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=cmd_client)
 
     bn = sub.add_parser("bench", help="benchmarks: tick (offline sweep), serve (HTTP callers), kernels, "
-                                      "soak (churn for many ticks: no leaks, no drift), cpu_kernels (the CPU path's C kernels)")
-    bn.add_argument("which", choices=["tick", "serve", "kernels", "soak", "cpu_kernels", "abuse"])
+                                      "soak (churn for many ticks: no leaks, no drift), cpu_kernels (the CPU path's C kernels), "
+                                      "abuse (hostile clients beside real-time calls), host (the API side's cost per "
+                                      "session, the model stubbed), "
+                                      "fidelity (a dtype's logits beside the reference's, teacher-forced)")
+    bn.add_argument("which", choices=["tick", "serve", "kernels", "soak", "cpu_kernels", "abuse", "host", "fidelity"])
     bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help of each)")
     bn.set_defaults(func=cmd_bench)
     return parser

@@ -7,7 +7,7 @@ read for real output. Inputs go into static buffers and a tick is one graph repl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -72,15 +72,23 @@ class GraphedStep:
 
     def _record(self, fn: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
         """Captures `fn` (whose static inputs all point at the scratch slot) into a CUDA graph."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up runs only touch the scratch slot
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            tokens, audio = fn()
-        return graph.replay, tokens, audio
+        replay, (tokens, audio) = capture(fn, self.pool)
+        return replay, tokens, audio
+
+
+def capture(fn: Callable[[], Any], pool=None) -> tuple[Callable[[], None], Any]:
+    """(replay, outputs): `fn` captured into a CUDA graph after two warm-up runs on a side stream,
+    and the tensors it returned, which each replay refreshes. The warm-up runs really execute:
+    `fn`'s static inputs must point at state that may be written (the runner's scratch slot)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph.replay, out

@@ -79,3 +79,19 @@ def die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if os.getppid() == 1:  # the parent died before the call above
         os._exit(1)
+
+
+API_NICE = 5
+
+
+def yield_to_engine(by: int = API_NICE) -> None:
+    """Lowers this process's CPU priority (an API process's), so that on a machine whose cores are
+    all busy the engine's tick still runs first: under a flood, connections wait, calls do not.
+    Linux groups the processes of a session for scheduling (autogroup) and each API process leads a
+    session of its own, so the group is lowered too, where the kernel has them."""
+    os.nice(by)
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(by))
+    except OSError:  # no autogroups here (or not Linux): the process's own nice is the priority
+        pass

@@ -4,12 +4,23 @@ Parameter names mirror kyutai's `LMModel` so its checkpoints load by name.
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
 from engine.config import LMConfig
 from engine.sampling import SamplingParams, race_noise, sample, stream_rule
 from engine.transformer import Linear, StreamingTransformer, make_norm
+
+
+class TokenProbe(Protocol):
+    """Sees each stream's logits as a step forms them and may replace the token sampled from them,
+    for measuring (teacher forcing: `bench.fidelity`). Called with the stream (0 text, 1.. the
+    audio codebooks), its logits [B, V] and the sampled tokens [B]; returns the tokens [B] the step
+    goes on with. It runs inside the step, so one made of device ops alone is graph-capturable."""
+
+    def __call__(self, stream: int, logits: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor: ...
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -59,8 +70,9 @@ class MoshiLM(nn.Module):
         return out, self.text_linear(out)[:, 0]
 
     def depth_step(self, text_token: torch.Tensor, transformer_out: torch.Tensor, slots: torch.Tensor,
-                   params: SamplingParams) -> torch.Tensor:
-        """Samples the dep_q audio codebooks one after another -> [B, dep_q]."""
+                   params: SamplingParams, probe: TokenProbe | None = None) -> torch.Tensor:
+        """Samples the dep_q audio codebooks one after another -> [B, dep_q]; each next codebook is
+        conditioned on the previous one's token (`probe`'s, when given)."""
         self.depformer.reset(slots)
         prev = text_token
         tokens = []
@@ -72,5 +84,7 @@ class MoshiLM(nn.Module):
             x = x + emb(prev[:, None])
             logits = self.linears[cb](self.depformer(x, slots, step=cb, position=cb))
             prev = sample(logits[:, 0], params, stream=cb + 1, noise=noise[:, cb], rule=rule)
+            if probe is not None:
+                prev = probe(cb + 1, logits[:, 0], prev)
             tokens.append(prev)
         return torch.stack(tokens, dim=1)

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from engine.lm import MoshiLM
+from engine.lm import MoshiLM, TokenProbe
 from engine.profiling import StageTimer
 from engine.sampling import SamplingParams, sample
 
@@ -40,11 +40,12 @@ class LMGen:
 
     @torch.no_grad()
     def step(self, slots: torch.Tensor, user_tokens: torch.Tensor, params: SamplingParams,
-             timer: StageTimer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             timer: StageTimer | None = None, probe: TokenProbe | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """user_tokens [B, n_q - dep_q] for `slots` -> (tokens [B, dep_q + 1], ready [B]).
 
         tokens[:, 0] is the text token and tokens[:, 1:] the audio codes of one aligned output
-        frame; rows where `ready` is False are still inside the initial delay and hold -2."""
+        frame; rows where `ready` is False are still inside the initial delay and hold -2.
+        `probe` sees every stream's logits and chooses the tokens kept (`TokenProbe`)."""
         cfg = self.cfg
         B = slots.shape[0]
         user_tokens = user_tokens[:, : cfg.num_user_codebooks]
@@ -66,8 +67,10 @@ class LMGen:
         with timer("lm_temporal"):
             transformer_out, text_logits = self.lm.forward_text(inputs, slots)
             text_token = sample(text_logits, params, stream=0)
+            if probe is not None:
+                text_token = probe(0, text_logits, text_token)
         with timer("lm_depth"):
-            audio_tokens = self.lm.depth_step(text_token, transformer_out, slots, params)
+            audio_tokens = self.lm.depth_step(text_token, transformer_out, slots, params, probe)
 
         offsets = offsets + 1
         gen = torch.cat([text_token[:, None], audio_tokens], dim=1)  # [B, dep_q + 1]

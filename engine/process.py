@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from engine import capacity, host, wire
 from engine.checkpoint import CheckpointError
@@ -25,6 +26,7 @@ from engine.runner import ModelRunner
 from engine.runtime import HEARTBEAT_NAME, SOCKET_NAME, log_config, read_config
 from engine.serving import EngineLoop
 from kernels import linear, stack_cpu
+
 
 def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop:
     from engine.cli import with_builtin_weights
@@ -62,8 +64,9 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
     return loop
 
 
-def run(runtime: Path, engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> None:
-    loop = build_engine(engine_cfg, serve_cfg)
+def run(runtime: Path, engine_cfg: EngineConfig, serve_cfg: ServeConfig,
+        build: Callable[[EngineConfig, ServeConfig], EngineLoop] = build_engine) -> None:
+    loop = build(engine_cfg, serve_cfg)
     heartbeat = wire.Heartbeat(str(runtime / HEARTBEAT_NAME), create=True)
     heartbeat.beat()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -77,7 +80,8 @@ def run(runtime: Path, engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> None
         host.unsettle()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None,
+         build: Callable[[EngineConfig, ServeConfig], EngineLoop] = build_engine) -> None:
     argv = sys.argv[1:] if argv is None else argv
     runtime = Path(argv[0])
     host.die_with_parent()
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     cfgs = read_config(runtime)
     try:
         engine_cfg = from_dict(EngineConfig, cfgs["engine"]).validate()
-        run(runtime, engine_cfg, from_dict(ServeConfig, cfgs["serve"]).validate())
+        run(runtime, engine_cfg, from_dict(ServeConfig, cfgs["serve"]).validate(), build)
     except (ConfigError, CheckpointError) as e:
         print(f"lockstep: error: {e}", file=sys.stderr, flush=True)
         os._exit(2)

@@ -4,7 +4,7 @@ The reference samples `argmax(p / q)` with q ~ Exp(1) over the top-k probabiliti
 a counter-based hash of (slot seed, frame, stream, candidate rank) instead of a stateful generator,
 so a seeded session draws the same noise whichever sessions share its batch, with no per-slot
 Python loop and no host sync (graph-capturable). (Its logits still round by the batch's shape, so a
-near-tie may fall another way in another batch: README, "Sampling".)
+near-tie may fall another way in another batch: docs/sampling.md.)
 """
 from __future__ import annotations
 

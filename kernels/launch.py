@@ -6,10 +6,15 @@ compiles exactly the specializations the engine launches.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from kernels import interpreter
+    interpreter.install()  # bf16 rounded as compiled kernels round it
 
 
 @dataclass

@@ -76,13 +76,15 @@ def test_gpu_checks_script_gets_every_stage_to_the_gpu(tmp_path):
     assert summary and "failed" not in summary[-1] and "error" not in summary[-1], log
     assert "bench.kernels needs a CUDA device" in log
     script = (root / "bench/gpu_checks.sh").read_text()
-    assert log.count("sees no CUDA device here") == script.count("-m bench.tick"), log
+    on_gpu = script.count("-m bench.tick") + script.count("-m bench.fidelity ")  # the benchmarks that need one
+    assert log.count("sees no CUDA device here") == on_gpu, log
     assert "unrecognized arguments" not in log and "Traceback" not in log, log
-    assert proc.returncode == 1  # the tick stages, which need the GPU
+    assert "speech-2.wav" in log  # the fidelity stage made its inputs
+    assert proc.returncode == 1  # the tick and fidelity stages, which need the GPU
     soak = subprocess.run(["bash", "bench/gpu_checks.sh", "soak"], cwd=root, env={**env, "TMPDIR": str(tmp_path)},
                           capture_output=True, text=True, timeout=300)
     log = (tmp_path / "log.txt").read_text()
-    assert "wrote tiny checkpoint" in log and log.count("sees no CUDA device here") == script.count("-m bench.tick") + 1
+    assert "wrote tiny checkpoint" in log and log.count("sees no CUDA device here") == on_gpu + 1
     assert "Traceback" not in log and soak.returncode == 1, log
 
 
@@ -234,7 +236,9 @@ def test_the_floor_reads_each_weight_once_but_only_the_looked_up_rows_of_a_table
                                          ("soak", ["--join-rate", "2"]), ("cpu_kernels", ["--rows", "0"]),
                                          ("cpu_kernels", ["--shapes", "0x5"]), ("cpu_kernels", ["--megabytes", "1e12"]),
                                          ("cpu_kernels", ["--history", str(10**12)]),
-                                         ("serve", ["--seconds", "1e12"]), ("tick", ["--output", "/proc/nope/x"])])
+                                         ("serve", ["--seconds", "1e12"]), ("tick", ["--output", "/proc/nope/x"]),
+                                         ("fidelity", ["--frames", "0"]), ("fidelity", ["--max-top1-drop", "-1"]),
+                                         ("fidelity_inputs", ["--count", "0"])])
 def test_benchmark_counts_out_of_range_are_refused_by_name(which, argv, capsys):
     import importlib
     with pytest.raises(SystemExit) as exc:

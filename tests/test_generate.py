@@ -51,7 +51,7 @@ def test_mimi_pcm_matches_reference_closely(tiny_wrap_ckpt, wav_inputs):
 
 def test_seeded_sampling_is_batch_invariant(tiny_wrap_ckpt, wav_inputs):
     # Exact here: this checkpoint's logits meet no near-tie that batch-shape rounding could tip
-    # (README, "Sampling"); `bench.soak` checks the general case in batches of the same shapes.
+    # (docs/sampling.md); `bench.soak` checks the general case in batches of the same shapes.
     inputs = load_inputs(wav_inputs)
     sampling = {k: SamplingConfig(seed=1234 + i, top_k=5, text_top_k=3) for i, k in enumerate(inputs)}
     runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=4))

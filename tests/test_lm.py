@@ -98,3 +98,62 @@ def test_7b_state_dict_matches_reference_on_meta():
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in mine.state_dict().items()}
     assert got == want
+
+
+class Forcing:
+    """A TokenProbe that records what it is shown and makes the step go on with `tokens` (or, with
+    None, with what was sampled)."""
+
+    def __init__(self, tokens=None):
+        self.tokens, self.seen = tokens, []
+
+    def __call__(self, stream, logits, sampled):
+        self.seen.append((stream, logits.clone(), sampled.clone()))
+        return sampled if self.tokens is None else self.tokens[:, stream]
+
+
+def run(lm, user, probes=None):
+    """Greedy frames of one LMGen over user [F, B, n_user] (slots B-1..0), with probes[t] at frame t."""
+    gen = LMGen(lm, max_sessions=user.shape[1])  # the LM's streaming state is made afresh
+    slots = torch.arange(user.shape[1] - 1, -1, -1)
+    return [gen.step(slots, user[t], greedy(user.shape[1]), probe=None if probes is None else probes[t])
+            for t in range(len(user))]
+
+
+def test_a_probe_sees_every_stream_and_a_passive_one_changes_nothing():
+    cfg = tiny_cfg(7)
+    _, mine = make_pair(cfg)
+    user = torch.randint(0, cfg.card, (6, 2, cfg.n_q - cfg.dep_q))
+    probes = [Forcing() for _ in range(6)]
+    for (want, _), (got, _) in zip(run(mine, user), run(mine, user, probes)):
+        assert torch.equal(got, want)
+    for probe in probes:
+        assert [s for s, _, _ in probe.seen] == list(range(cfg.dep_q + 1))
+        assert probe.seen[0][1].shape == (2, cfg.text_card) and probe.seen[1][1].shape == (2, cfg.card)
+        # What the probe is shown as sampled is the greedy choice of the logits it is shown.
+        assert all(torch.equal(sampled, logits.argmax(-1)) for _, logits, sampled in probe.seen)
+
+
+def test_forced_tokens_are_what_the_step_goes_on_with():
+    """Forcing every token to what the free run chose reproduces the free run, logits included; forced
+    other tokens are what the step goes on with: the next codebook within the frame sees them, and
+    they come out, the delays undone, as the frame's tokens."""
+    cfg = tiny_cfg(7)
+    _, mine = make_pair(cfg)
+    F = 6
+    user = torch.randint(0, cfg.card, (F, 1, cfg.n_q - cfg.dep_q))
+    recorded = [Forcing() for _ in range(F)]
+    free = run(mine, user, recorded)
+    chosen = [torch.stack([sampled for _, _, sampled in p.seen], dim=1) for p in recorded]  # [1, 1 + dep_q]
+    again = [Forcing(c) for c in chosen]
+    for (want, _), (got, _) in zip(free, run(mine, user, again)):
+        assert torch.equal(got, want)
+    assert all(torch.equal(a[1], b[1]) for p, q in zip(recorded, again) for a, b in zip(p.seen, q.seen))
+    imposed = [torch.full((1, cfg.dep_q + 1), 3 + t) for t in range(F)]
+    moved = [Forcing(i) for i in imposed]
+    out = run(mine, user, moved)
+    assert chosen[0][0, 0] != imposed[0][0, 0]
+    assert not torch.equal(moved[0].seen[1][1], recorded[0].seen[1][1])  # codebook 1 saw the forced text
+    for t in range(cfg.max_delay, F):
+        assert out[t][0][0].tolist() == [int(imposed[t - cfg.max_delay + d][0, k])
+                                         for k, d in enumerate(cfg.delays[: cfg.dep_q + 1])]

@@ -9,9 +9,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
+from engine.host import API_NICE
 from tests.servers import LiveServer, free_port, http
 
 
@@ -149,6 +151,14 @@ def test_the_engine_ticks_in_a_process_of_its_own(tiny_wrap_ckpt):
         pids = srv.pids()
         assert len(pids["engine"]) == 1 and len(pids["api"]) == 2
         assert srv.proc.pid not in pids["engine"] + pids["api"]
+        # The API processes yield the CPU to the tick (each lowers itself once it has started).
+        def nice(pid: int) -> int:  # the 19th field of /proc/PID/stat
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+        expected = min(19, nice(pids["engine"][0]) + API_NICE)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(nice(a) != expected for a in srv.pids()["api"]):
+            time.sleep(0.1)
+        assert [nice(a) for a in srv.pids()["api"]] == [expected] * 2
     finally:
         assert srv.stop() == 0
 
