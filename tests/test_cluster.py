@@ -337,7 +337,17 @@ def test_a_killed_replica_ends_its_calls_others_finish_and_it_is_replaced(front,
 
     results = asyncio.run(again())
     assert all(tokens_of(events) == (short[1], short[2]) for _, events in results)
-    assert {owner(info["id"]) for info, _ in results} & replacement
+
+    def placed_on_replacement() -> bool:  # once the routers have it in their lists too
+        async def two():
+            async with aiohttp.ClientSession() as http:
+                made = [await front.json(http, "POST", "/v1/sessions", json={}) for _ in range(2)]
+                for _, info, _ in made:
+                    await front.json(http, "DELETE", f"/v1/sessions/{info['id']}")
+                return {owner(info["id"]) for status, info, _ in made if status == 201}
+        return bool(asyncio.run(two()) & replacement)
+
+    wait_for(placed_on_replacement, timeout=60, what="a new session placed on the replacement")
 
 
 def test_scaling_down_drains_the_removed_replica(front, long_calls):
@@ -347,7 +357,7 @@ def test_scaling_down_drains_the_removed_replica(front, long_calls):
 
     from engine.config import ClusterConfig
     front.redeploy(ClusterConfig(replicas=2, min_replicas=1, max_replicas=2, downscale_delay=5.0, replica_cpus=2))
-    wait_for(lambda: len(ready_replicas(front)) == 2, what="two autoscaled replicas")
+    wait_for(lambda: len(ready_replicas(front)) == 2, timeout=300, what="two autoscaled replicas")
     pcm, want_text, want_audio = long_calls["charlie3"]
     pcm = pcm.reshape(-1)
 
