@@ -48,8 +48,9 @@ async def scrape(url: str, names: tuple[str, ...] = SCRAPED) -> dict[str, float]
             text = await r.text()
     out = {}
     for name in names:
-        m = re.search(rf"^lockstep:{name} (\S+)$", text, re.M)
-        out[name] = float(m.group(1)) if m else float("nan")
+        # Summed over replicas: a Ray front labels each replica's series (api/cluster_board.py).
+        values = re.findall(rf"^lockstep:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        out[name] = sum(float(v) for v in values) if values else float("nan")
     return out
 
 

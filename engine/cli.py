@@ -10,7 +10,7 @@ from pathlib import Path
 
 from engine import host
 from engine.checkpoint import CheckpointError
-from engine.config import ConfigError, EngineConfig, SamplingConfig, ServeConfig, flag_name
+from engine.config import ClusterConfig, ConfigError, EngineConfig, SamplingConfig, ServeConfig, flag_name
 
 BUILTIN_PRESET = "tiny-lm"
 
@@ -83,6 +83,21 @@ _SERVE_HELP = {
     "admit_realtime": "admit at most as many sessions as the start-up capacity probe found to run in real time "
                       "(callers past them get 503 + Retry-After), rather than one per slot: every admitted "
                       "call then stays on time",
+    "session_prefix": "start every session id with this (tells servers apart behind a balancer; --ray sets "
+                      "each replica's id)",
+}
+_CLUSTER_HELP = {
+    "ray": "serve on a Ray cluster: one engine per replica (one per GPU), every replica behind Ray Serve's "
+           "proxy on --host/--port (docs/cluster.md)",
+    "address": "Ray cluster to join (e.g. auto, or ray://HEAD:10001); unset: join $RAY_ADDRESS or start one here",
+    "replicas": "number of replicas (0: one per GPU in the cluster, or 1 when it has none); with "
+                "--min-replicas/--max-replicas, the number to start with",
+    "min_replicas": "autoscale between --min-replicas and --max-replicas on slot usage",
+    "max_replicas": "upper bound for autoscaling",
+    "target_slot_usage": "autoscaling aims at this fraction of the replicas' slots busy",
+    "downscale_delay": "seconds slot usage must stay below the target before autoscaling removes a replica",
+    "replica_cpus": "CPUs Ray reserves for each replica (its engine and API)",
+    "routing_stats_period": "seconds between each replica's load reports to the router",
 }
 
 
@@ -175,6 +190,12 @@ def serve_config(args: argparse.Namespace, environ=os.environ) -> ServeConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    cluster = _from_args(ClusterConfig, args)
+    if cluster.ray:
+        from api.cluster import serve_on_ray
+        serve_on_ray({f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)},
+                     serve_config(args), cluster)
+        return
     from api.server import serve
     # The engine process resolves and checks its flags (and makes the built-in checkpoint), so that
     # the supervisor never loads torch.
@@ -252,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve the streaming HTTP / websocket API")
     _add_dataclass_flags(srv, EngineConfig, _ENGINE_HELP)
     _add_dataclass_flags(srv, ServeConfig, _SERVE_HELP)
+    _add_dataclass_flags(srv.add_argument_group("cluster (Ray Serve)"), ClusterConfig, _CLUSTER_HELP)
     srv.set_defaults(func=cmd_serve)
 
     cl = sub.add_parser("client", help="stream an audio file to a server in real time")

@@ -511,6 +511,7 @@ class ServeConfig:
     engine_timeout: float = 30.0
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    session_prefix: str = ""
 
     def validate(self) -> "ServeConfig":
         _check(0 < self.port < 65536, f"--port must be in 1..65535, got {self.port}")
@@ -534,6 +535,8 @@ class ServeConfig:
         _check(0 < self.head_timeout <= 600, "--head-timeout must be in (0, 600] seconds")
         _check(self.engine_timeout > STALL_SECONDS, f"--engine-timeout must be more than {STALL_SECONDS:g} s (when "
                "liveness already fails)")
+        _check(re.fullmatch(r"[A-Za-z0-9_.-]{0,40}", self.session_prefix) is not None,
+               "--session-prefix must be at most 40 letters, digits, '_', '.' or '-'")
         if self.static is not None:
             _check(os.path.isfile(os.path.join(self.static, "index.html")),
                    f"--static {self.static} must be a folder holding index.html (the web UI's built 'dist' folder)")
@@ -547,3 +550,31 @@ class ServeConfig:
     @property
     def url(self) -> str:
         return f"{'https' if self.ssl_certfile else 'http'}://{self.host}:{self.port}"
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """What `lockstep serve --ray` adds: one engine per replica on a Ray cluster (api/cluster.py)."""
+    ray: bool = False
+    address: str | None = None
+    replicas: int = 0
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_slot_usage: float = 0.75
+    downscale_delay: float = 60.0
+    replica_cpus: float = 1.0
+    routing_stats_period: float = 0.25
+
+    def validate(self) -> "ClusterConfig":
+        _check(self.replicas >= 0, f"--replicas must be >= 0 (0: one per GPU, or 1 without), got {self.replicas}")
+        bounds = (self.min_replicas, self.max_replicas)
+        _check((bounds[0] is None) == (bounds[1] is None), "give --min-replicas and --max-replicas together")
+        if bounds[0] is not None:
+            _check(0 <= bounds[0] <= bounds[1] and bounds[1] >= 1,
+                   f"--min-replicas/--max-replicas must satisfy 0 <= min <= max, max >= 1; got {bounds}")
+            _check(not self.replicas or bounds[0] <= self.replicas <= bounds[1],
+                   "with --min-replicas/--max-replicas, --replicas (the count to start with) must lie between them")
+        _check(0 < self.target_slot_usage <= 1, "--target-slot-usage must be in (0, 1]")
+        _check(self.downscale_delay >= 0, "--downscale-delay must be >= 0 seconds")
+        _check(self.replica_cpus > 0, "--replica-cpus must be positive")
+        _check(0.05 <= self.routing_stats_period <= 60, "--routing-stats-period must be in [0.05, 60] seconds")
+        return self

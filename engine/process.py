@@ -50,7 +50,8 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
           f"kernels {runner.kernel_backend}{products}, CUDA graphs {'on' if runner.graphs else 'off'}), "
           f"{runner.max_sessions} slots{invariant}", flush=True)
     loop = EngineLoop(runner, max_buffer_frames=max(1, int(serve_cfg.max_buffer_seconds * FRAME_RATE)),
-                      idle_timeout=serve_cfg.idle_timeout, max_waiting=0, max_input_lag=serve_cfg.max_input_lag)
+                      idle_timeout=serve_cfg.idle_timeout, max_waiting=0, max_input_lag=serve_cfg.max_input_lag,
+                      session_prefix=serve_cfg.session_prefix)
     if ticks:
         fit = capacity.realtime_sessions(ticks)
         loop.metrics.set_probe(ticks, fit)

@@ -7,6 +7,7 @@ benchmarks.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from typing import Callable
@@ -34,11 +35,14 @@ def describe_sampling(cfg: SamplingConfig) -> str:
 
 class EngineLoop:
     def __init__(self, runner: ModelRunner, max_buffer_frames: int = 250, idle_timeout: float | None = None,
-                 max_waiting: int | None = 0, max_input_lag: float | None = None):
+                 max_waiting: int | None = 0, max_input_lag: float | None = None, session_prefix: str = ""):
         """`max_waiting`: sessions admitted beyond the slots, queued until one frees (None: no
         limit, for offline runs; 0 when serving, so an admitted caller always gets a slot).
-        `max_input_lag`: the input lag, in seconds, real-time sessions are held under."""
+        `max_input_lag`: the input lag, in seconds, real-time sessions are held under.
+        `session_prefix`: starts every session id (a cluster replica's id, so a router can tell
+        where a session lives from its id alone)."""
         self.runner = runner
+        self.session_prefix = session_prefix
         self.max_sessions = runner.max_sessions
         self.max_admitted = None if max_waiting is None else runner.max_sessions + max_waiting
         self.sched = Scheduler(runner.max_sessions)
@@ -79,7 +83,8 @@ class EngineLoop:
                     self.metrics.inc("sessions_rejected_total")
                 return None
             session = Session(sampling, self.runner.frame_size, self.max_buffer_frames, end_on_input_end, sink,
-                              max_lag=self.max_lag if realtime else None)
+                              max_lag=self.max_lag if realtime else None,
+                              sid=self.session_prefix + secrets.token_urlsafe(18) if self.session_prefix else None)
             self.sessions[session.id] = session
             self.sched.submit(session.id)
             self.metrics.inc("sessions_created_total")

@@ -1,0 +1,125 @@
+"""Where Ray Serve's proxy sends each request of lockstep on a cluster (api/cluster.py).
+
+A custom Ray Serve request router (Ray's RequestRouter, an alpha API), run by every proxy:
+- a request about a REST session (`/v1/sessions/SID...`) goes to the replica named in its id
+  (each replica starts its session ids with its own replica id), whatever the replica count; when
+  that replica is gone, to any replica, which answers 410;
+- a request that opens a session (POST /v1/sessions, POST /v1/chat, ws /api/chat) goes to the
+  replica with the most free admissions, by the load each replica reports (slots used, callers
+  waiting: `record_routing_stats`) plus what this router sent it since that report. While no replica
+  has a free slot the request is held here, up to --admission-wait; then it goes to the least
+  loaded replica, which answers 503 + Retry-After unless a slot frees there within its own short
+  wait (two report periods: what covers a report gone stale);
+- anything else (health, metrics, listing) goes to the least loaded replica.
+"""
+from __future__ import annotations
+
+import pickle
+import random
+import time
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+SID_SEP = "."  # a session id is "<replica id>.<random part>"
+
+
+def session_in_path(path: str) -> str | None:
+    """The session id a `/v1/sessions/SID[/...]` path names, else None."""
+    parts = path.split("/", 4)
+    if len(parts) >= 4 and parts[1] == "v1" and parts[2] == "sessions" and parts[3]:
+        return parts[3]
+    return None
+
+
+def owner_of(sid: str) -> str | None:
+    """The replica id a session id starts with (None for an id no replica made)."""
+    owner, sep, rest = sid.partition(SID_SEP)
+    return owner if sep and owner and rest else None
+
+
+def opens_session(scope: dict) -> bool:
+    path = route_path(scope)
+    if scope.get("type") == "websocket":
+        return path == "/api/chat"
+    return scope.get("method") == "POST" and path in ("/v1/sessions", "/v1/chat")
+
+
+def route_path(scope: dict) -> str:
+    """The path below the application's route prefix."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+def request_scope(pending: PendingRequest | None) -> dict | None:
+    """The ASGI scope of an HTTP request from the proxy (its argument is the pickled request)."""
+    if pending is None or not pending.args:
+        return None
+    arg = pending.args[0]
+    if isinstance(arg, bytes):
+        try:
+            arg = pickle.loads(arg)
+        except Exception:  # not a proxied HTTP request: route it by load
+            return None
+    scope = getattr(arg, "asgi_scope", None)
+    return scope if isinstance(scope, dict) else None
+
+
+def usage(stats: dict[str, Any], sent: int) -> tuple[int, float]:
+    """(free admissions, fraction busy) of a replica from its report and what was sent since."""
+    slots = max(1, int(stats.get("slots", 1)))
+    busy = int(stats.get("sessions", 0)) + int(stats.get("waiting", 0)) + sent
+    return int(stats.get("free", 1)) - sent, busy / slots
+
+
+class LockstepRouter(RequestRouter):
+    def initialize_state(self, admission_wait: float = 2.0, **kwargs) -> None:
+        self.admission_wait = float(admission_wait)
+        self.sent: dict[ReplicaID, tuple[int, int]] = {}  # replica -> (report seq, sessions sent since)
+        self.seq: dict[ReplicaID, int] = {}  # replica -> the latest report seen
+
+    def _sent_since_report(self, replica: RunningReplica) -> int:
+        seq = self.seq[replica.replica_id] = (replica.routing_stats or {}).get("seq", 0)
+        last_seq, n = self.sent.get(replica.replica_id, (-1, 0))
+        return n if last_seq == seq else 0
+
+    def rank(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
+        """Serving replicas first (not draining, not stalled), then those with a free admission,
+        then the least busy; ties in random order, so equal replicas share the load."""
+        def key(r: RunningReplica):
+            stats = r.routing_stats or {}
+            free, busy = usage(stats, self._sent_since_report(r))
+            return (bool(stats.get("draining") or stats.get("stalled")), free <= 0, busy, random.random())
+        return sorted(replicas, key=key)
+
+    def has_free(self, replica: RunningReplica) -> bool:
+        stats = replica.routing_stats or {}
+        if stats.get("draining") or stats.get("stalled"):
+            return False
+        return usage(stats, self._sent_since_report(replica))[0] > 0
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        scope = request_scope(pending_request)
+        if scope is not None:
+            sid = session_in_path(route_path(scope))
+            owner = owner_of(sid) if sid else None
+            if owner is not None:
+                mine = [r for r in candidate_replicas if r.replica_id.unique_id == owner]
+                if mine:
+                    return [mine]
+            elif opens_session(scope) and not any(self.has_free(r) for r in candidate_replicas):
+                if time.time() - pending_request.created_at < self.admission_wait:
+                    # Held: Ray calls again after a backoff (its max_backoff_s), with fresher reports.
+                    pending_request.routing_context.should_backoff = True
+                    return []
+        # One replica per rank: Ray's own queue-length choice within a rank never overrides ours.
+        return [[r] for r in self.rank(candidate_replicas)]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        scope = request_scope(pending_request)
+        if scope is None or not opens_session(scope):
+            return
+        seq = self.seq.get(replica_id, 0)
+        last_seq, n = self.sent.get(replica_id, (seq, 0))
+        self.sent[replica_id] = (seq, n + 1 if last_seq == seq else 1)
