@@ -551,6 +551,7 @@ class ServeConfig:
     def url(self) -> str:
         return f"{'https' if self.ssl_certfile else 'http'}://{self.host}:{self.port}"
 
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """What `lockstep serve --ray` adds: one engine per replica on a Ray cluster (api/cluster.py)."""
