@@ -185,6 +185,8 @@ def plan(q, k, v, cache, slots, offsets, context, num_splits=None, num_sms=None)
     _check(slots.is_contiguous() and offsets.is_contiguous(), "slots/offsets must be contiguous")
     _check(same_device(q, k, v, kp, vp, table, window, slots, offsets), "operands on several devices")
     block_t, block_d, block_n = block_sizes(T, D, context)
+    if fp8:  # the bytes' conversion and the scales hold more registers: half the tile (no spills at sm_90)
+        block_n = max(1, block_n // 2)
     if num_splits is None:
         num_splits = plan_splits(B, H, context, block_n, num_sms or _sm_count(q.device))
     _check(1 <= num_splits <= 64, f"num_splits must be in 1..64, got {num_splits}")
