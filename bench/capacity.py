@@ -24,7 +24,6 @@ import argparse
 import heapq
 import json
 import random
-import statistics
 import sys
 from pathlib import Path
 
@@ -62,8 +61,6 @@ def simulate(slots: int, pages: int, kv: KVConfig, context: int, load: float, me
     """One run: `load` = offered concurrent calls (arrival rate x mean length)."""
     rng = random.Random(seed)
     tables = PageTables(slots + 1, context, kv.page_size, PageAllocator(pages), kv.policy, kv.min_positions)
-    if kv.policy == "elastic":
-        tables.alloc.watermark = tables.promise  # as engine.kv_pool.KVPool sets it
     sched = Scheduler(slots)
     ticks = int(hours * 3600 * FRAME_RATE)
     counted_from = ticks // 5
@@ -77,7 +74,7 @@ def simulate(slots: int, pages: int, kv: KVConfig, context: int, load: float, me
     capped_frames: dict[int, int] = {}
     narrowest: dict[int, int] = {}
     offered = refused = 0
-    concurrency = []
+    concurrent_sum, peak, changed = 0, 0, False  # changed: a submit or finish the scheduler has not seen
     ends: dict[int, list[int]] = {}
     caller = 0
     for tick in range(ticks):
@@ -93,17 +90,21 @@ def simulate(slots: int, pages: int, kv: KVConfig, context: int, load: float, me
             if len(admitted) < slots and tables.admit(c):
                 admitted.add(c)
                 sched.submit(c)
+                changed = True
             elif tick >= deadline:
                 refused += counted
                 length.pop(c)
             else:
                 still.append((c, deadline))
         waiting = still
-        plan = sched.tick()
-        for c, _ in plan.leaves:
+        # The scheduler's plan changes only when someone was submitted or finished: between those
+        # ticks it would give the same slots again, so it is asked only then (a long run's cost).
+        plan = sched.tick() if changed else None
+        changed = False
+        for c, _ in plan.leaves if plan else ():
             tables.release(c)
             admitted.discard(c)
-        for c, slot in plan.joins:
+        for c, slot in plan.joins if plan else ():
             tables.join(slot, c)
             joined[c] = tick
             narrowest[c] = context
@@ -124,14 +125,17 @@ def simulate(slots: int, pages: int, kv: KVConfig, context: int, load: float, me
             heapq.heappush(events, (tick + kv.page_size, c, slot))
         for c in ends.pop(tick, ()):
             sched.finish(c)
+            changed = True
         if counted:
-            concurrency.append(len(plan.step))
+            running = len(sched.slot_of)
+            concurrent_sum += running
+            peak = max(peak, running)
     tables.check()
     done = [c for c in joined if joined[c] >= counted_from and joined[c] + length[c] < ticks]
     capped = [c for c in done if narrowest[c] < context]
     narrow = sorted(narrowest[c] / FRAME_RATE for c in capped)
     return {"offered": offered, "refused": refused, "refused_share": refused / max(1, offered),
-            "mean_concurrent": statistics.fmean(concurrency), "peak_concurrent": max(concurrency),
+            "mean_concurrent": concurrent_sum / max(1, ticks - counted_from), "peak_concurrent": peak,
             "calls": len(done), "capped_share": len(capped) / max(1, len(done)),
             "capped_frames_share": sum(capped_frames.get(c, 0) for c in capped) / max(1, sum(length[c] for c in capped)),
             "narrowest_p10_s": narrow[len(narrow) // 10] if narrow else None,

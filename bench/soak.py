@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.args import COUNT, NON_NEGATIVE, at_least, writable_prefix
+from bench.args import COUNT, NON_NEGATIVE, add_kv_flags, at_least, kv_fields, writable_prefix
 from bench.serve import synthetic_speech
 from engine.config import EngineConfig, SamplingConfig
 from engine.runner import ModelRunner
@@ -297,18 +297,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="also replay each witness in batches of one and report how many part ways by rounding")
     ap.add_argument("--batch-invariant", action="store_true",
                     help="run the engine batch-invariant; the alone replays must then match too")
-    ap.add_argument("--kv-policy", default="reserve", choices=["reserve", "elastic"])
-    ap.add_argument("--kv-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp8"])
-    ap.add_argument("--kv-pages", type=NON_NEGATIVE, default=0, help="0: what the slots need, or memory holds")
-    ap.add_argument("--kv-page-size", type=COUNT, default=16)
-    ap.add_argument("--kv-min-seconds", type=at_least(0.01, float), default=60.0)
+    add_kv_flags(ap)
     ap.add_argument("--output", type=writable_prefix, default="bench/out/soak.json")
     args = ap.parse_args(argv)
     from engine.cli import with_builtin_weights
     cfg = EngineConfig(model_dir=args.model_dir, device=args.device, max_sessions=args.max_sessions,
-                       kernels=args.kernels, batch_invariant=args.batch_invariant, kv_policy=args.kv_policy,
-                       kv_dtype=args.kv_dtype, kv_pages=args.kv_pages, kv_page_size=args.kv_page_size,
-                       kv_min_seconds=args.kv_min_seconds).validate()
+                       kernels=args.kernels, batch_invariant=args.batch_invariant, **kv_fields(args)).validate()
     runner = ModelRunner.load(with_builtin_weights(cfg))
     # Every graph the churn can meet (each bucket at each pair of top-k bounds) is made before the
     # memory baseline, as `serve` makes the default ones before it admits anyone.

@@ -34,7 +34,7 @@ _ENGINE_HELP = {
                        "over the whole vocabulary, so each tick costs a full batch's work",
     "kv_policy": "how sessions get pages of the LM's KV pool: reserve (each admitted session holds its whole "
                  "context; tokens as with a ring) or elastic (each is promised --kv-min-seconds and grows while "
-                 "pages are free; when none are, its attention window stops growing); see docs/kv-cache.md",
+                 "pages are free; when none are, its attention window stops growing); see docs/kv.md",
     "kv_min_seconds": "elastic: the context (seconds) every admitted session is promised; callers the pool "
                       "cannot promise it are refused (503)",
     "kv_dtype": "the LM's KV cache: auto (the LM's dtype), bf16, fp16, fp32 or fp8 (e4m3 with a power-of-two "

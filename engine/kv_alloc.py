@@ -41,6 +41,11 @@ class PageAllocator:
         """Free pages that promises still hold back."""
         return self._owed
 
+    @property
+    def promises(self) -> int:
+        """Owners holding a promise (sessions admitted)."""
+        return len(self._promised)
+
     def held(self, owner: Hashable) -> int:
         return len(self._held.get(owner, ()))
 

@@ -31,6 +31,11 @@ import numpy as np
 from engine.kv_alloc import PageAllocator
 
 POLICIES = ("reserve", "elastic")
+# Elastic growth keeps free, beside the promises, the minimum of as many callers as the open slots
+# could still admit, up to this share of the pool (and at least one caller's): a pool grown full
+# would otherwise refuse every caller in a burst (bench capacity: 11% of callers refused at 96
+# offered on an H100 in bf16, against 0.1% with this headroom, for 59% of calls capped, not 54%).
+HEADROOM = 0.1
 
 
 class PoolFull(RuntimeError):
@@ -70,6 +75,14 @@ class PageTables:
         self._slots: dict[int, _Slot] = {}
         self._slot_of: dict[Hashable, int] = {}
         self.dirty: set[int] = set()
+        self._burst = max(1, int(HEADROOM * allocator.num_pages) // self.promise)
+        self._set_watermark()
+
+    def _set_watermark(self) -> None:
+        """Growth leaves the minimum of the callers the open slots can still admit (see HEADROOM)."""
+        if self.policy == "elastic":
+            open_slots = len(self.table) - self.alloc.promises
+            self.alloc.watermark = self.promise * min(self._burst, max(1, open_slots))
 
     @property
     def guaranteed_window(self) -> int:
@@ -82,7 +95,9 @@ class PageTables:
     def admit(self, owner: Hashable) -> bool:
         """Promises `owner` its minimum (True when it already holds a promise); False when the pool
         cannot."""
-        return self.alloc.promise(owner, self.promise)
+        admitted = self.alloc.promise(owner, self.promise)
+        self._set_watermark()
+        return admitted
 
     def join(self, slot: int, owner: Hashable) -> None:
         """`owner` starts at position 0 in `slot` (whatever held the slot is released first)."""
@@ -104,6 +119,7 @@ class PageTables:
             return
         del self._slot_of[state.owner]
         self.alloc.release(state.owner)
+        self._set_watermark()
         self.table[slot] = 0
         self.window[slot] = self.context
         self.dirty.add(slot)
@@ -114,6 +130,7 @@ class PageTables:
             self.leave(self._slot_of[owner])
         else:
             self.alloc.release(owner)
+            self._set_watermark()
 
     def slot_of(self, owner: Hashable) -> int | None:
         return self._slot_of.get(owner)

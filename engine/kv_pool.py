@@ -34,10 +34,7 @@ class KVPool:
     def __init__(self, layers: int, heads: int, head_dim: int, context: int, *, slots: int, pages: int,
                  page_size: int, dtype: torch.dtype, device, policy: str = "reserve",
                  min_positions: int | None = None):
-        # Elastic growth leaves one session's minimum free, so a caller who comes can be admitted.
         tables = PageTables(slots, context, page_size, PageAllocator(pages), policy, min_positions)
-        if policy == "elastic":
-            tables.alloc.watermark = tables.promise
         self.tables, self.context, self.page_size = tables, context, page_size
         self.dtype, self.device = dtype, torch.device(device)
         shape = (layers, pages + 1, heads, page_size, head_dim)
@@ -68,6 +65,11 @@ class KVPool:
     # ---- sessions ---------------------------------------------------------------------------------
     def can_admit(self) -> bool:
         return self.tables.can_admit()
+
+    def admittable(self) -> int:
+        """How many more sessions the pool can promise their minimum now."""
+        alloc = self.tables.alloc
+        return max(0, alloc.free - alloc.owed) // self.tables.promise
 
     def admit(self, owner: Hashable) -> bool:
         """Promises `owner` its minimum now (True when it already holds a promise); False when the

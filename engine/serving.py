@@ -110,7 +110,8 @@ class EngineLoop:
         """How many more sessions would be admitted now."""
         if self.draining:
             return 0
-        return self.max_sessions if self.max_admitted is None else max(0, self.max_admitted - len(self.sessions))
+        slots = self.max_sessions if self.max_admitted is None else max(0, self.max_admitted - len(self.sessions))
+        return min(slots, self.runner.kv.admittable())
 
     def end_session(self, sid: str, reason: str) -> None:
         """Ends a session; it leaves the batch at the next tick. Unknown or ended ids are ignored."""

@@ -111,10 +111,12 @@ def test_a_tiny_pool_refuses_who_cannot_get_a_minimum_and_reports_its_state(ctx4
     runner = ModelRunner.load(cfg)
     loop = EngineLoop(runner, max_waiting=0)
     sink = lambda event: None  # noqa: E731
+    assert loop.admissions_free() == 2  # four free slots, but pages for two sessions' minimum
     a = loop.create_session(SamplingConfig(greedy=True), sink)
     b = loop.create_session(SamplingConfig(greedy=True), sink)
     assert a is not None and b is not None
     assert loop.create_session(SamplingConfig(greedy=True), sink) is None  # a free slot, but no pages
+    assert loop.admissions_free() == 0
     assert loop.metrics.counters["sessions_rejected_total"] == 1
     for s in (a, b):
         s.push(_speech(2.4, 4).reshape(-1))

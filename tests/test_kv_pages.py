@@ -163,3 +163,21 @@ def test_unknown_policy_and_bad_sizes_are_refused():
         PageTables(2, 10, 4, PageAllocator(5), "lru")
     with pytest.raises(ValueError):
         PageTables(2, 10, 0, PageAllocator(5))
+
+
+@pytest.mark.parametrize("slots,left", [(10, 9), (2, 3)])
+def test_elastic_growth_leaves_room_for_a_burst_of_callers(slots, left):
+    """A tenth of the pool (three callers' minimum) stays free for callers while slots are open to
+    them; with one open slot, one caller's minimum."""
+    t = _tables(pages=100, slots=slots, context=400, page_size=4, policy="elastic", min_positions=9)
+    assert t.promise == 3
+    t.join(0, "a")
+    for p in range(400):
+        t.advance(0, p)
+    assert t.alloc.free - t.alloc.owed == left and t.held(0) == 100 - left and t.capped() == 1
+    for owner in range(left // 3):
+        assert t.admit(owner)
+    assert not t.can_admit()
+    t.release("a")
+    assert t.alloc.free == 100 and t.can_admit()
+    t.check()
