@@ -45,3 +45,18 @@ def writable_prefix(text: str) -> str:
 COUNT = at_least(1)  # sessions, ticks, repeats
 NON_NEGATIVE = at_least(0)  # warm-up calls
 POSITIVE = at_least(0, float, exclusive=True)  # rates, durations, sizes
+
+
+def add_kv_flags(ap: argparse.ArgumentParser, default_page_size: int = 16) -> None:
+    """`lockstep serve`'s KV pool flags, for the benchmarks that run the engine."""
+    ap.add_argument("--kv-policy", default="reserve", choices=["reserve", "elastic"])
+    ap.add_argument("--kv-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp8"])
+    ap.add_argument("--kv-pages", type=NON_NEGATIVE, default=0, help="0: what the slots need, or memory holds")
+    ap.add_argument("--kv-page-size", type=COUNT, default=default_page_size)
+    ap.add_argument("--kv-min-seconds", type=at_least(0.01, float), default=60.0)
+
+
+def kv_fields(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields `add_kv_flags` gave."""
+    return {name: getattr(args, name) for name in ("kv_policy", "kv_dtype", "kv_pages", "kv_page_size",
+                                                    "kv_min_seconds")}

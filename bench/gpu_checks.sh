@@ -4,6 +4,8 @@
 #
 #   bash bench/gpu_checks.sh [tests] [kernels] [tick] [fidelity]   # default: all four
 #   bash bench/gpu_checks.sh soak                          # when time is left (~2.5 min): churn under graphs
+#   bash bench/gpu_checks.sh kv                            # when time is left (~6 min): the KV pool's goals, with
+#                                                          # --kv-policy elastic --kv-dtype fp8 (sweep, then churn)
 #
 # One call runs all four within ~9.5 minutes: each step has a time limit (seconds, overridable:
 # T_TESTS T_KERNELS T_TICK T_REF T_FID, 565 in all), shortened where needed so that the whole call ends
@@ -92,7 +94,19 @@ for stage in $stages; do
       [ -f "$ck/config.json" ] || $PY -m engine.cli make-checkpoint "$ck" --preset tiny 2>&1 | tee -a "$out/log.txt"
       step "${T_SOAK:-150}" $PY -m bench.soak --model-dir "$ck" --device cuda --max-sessions 8 --ticks 800 \
           --output "$out/soak.json" ;;
-    *) echo "unknown stage $stage (tests, kernels, tick, fidelity, soak)"; exit 2 ;;
+    kv)  # elastic pages in fp8: the 7B sweep past what reserve holds (goal: >= 96 sessions at p99 < 80 ms),
+         # every slot as deep in its call as the pool lets it grow (the worst case: the pool runs dry and
+         # windows are capped), then callers churning through a pool made tiny on purpose
+      step "${T_KV:-240}" $PY -m bench.tick --dummy 7b --device cuda --dtype bfloat16 --kv-policy elastic \
+          --kv-dtype fp8 --batch 96 128 64 32 --full-context --no-reference --warmup 3 --ticks 20 \
+          --output "$out/tick-7b-elastic-fp8"
+      ck=${TMPDIR:-/tmp}/lockstep-soak-ctx80
+      [ -f "$ck/config.json" ] || $PY -m engine.cli make-checkpoint "$ck" --preset tiny --context 80 --mimi-context 5 \
+          2>&1 | tee -a "$out/log.txt"
+      step "${T_SOAK_KV:-120}" $PY -m bench.soak --model-dir "$ck" --device cuda --max-sessions 8 --ticks 600 \
+          --kv-policy elastic --kv-dtype fp8 --kv-pages 60 --kv-page-size 4 --kv-min-seconds 3.2 \
+          --output "$out/soak-elastic-fp8.json" ;;
+    *) echo "unknown stage $stage (tests, kernels, tick, fidelity, soak, kv)"; exit 2 ;;
   esac
 done
 exit $failed

@@ -1,6 +1,6 @@
 """Kernel benchmark: each Triton kernel beside its torch path at Moshi 7B / Mimi shapes.
 
-    python -m bench.kernels [--batch 1 8 32 64] [--only attention rvq conv norm rope noise] [--json OUT]
+    python -m bench.kernels [--batch 1 8 32 64] [--only attention paged rvq conv norm rope noise] [--json OUT]
 
 For every case it prints the time per call (median of CUDA-event timings, each call after a write
 of 256 MB that evicts the GPU's L2, as the rest of a tick would: a B=1 ring or a codebook otherwise
@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from bench.args import COUNT, NON_NEGATIVE
-from kernels import attention, conv, noise, norm, rope, rvq
+from kernels import attention, conv, noise, norm, paged_attention, rope, rvq
 from kernels.norm import NormParams
 
 LM_HEADS, LM_HEAD_DIM, LM_CONTEXT = 32, 128, 3000
@@ -135,6 +135,39 @@ def bench_attention(clock: Clock, batches) -> Iterator[Row]:
         del k_cache, v_cache
 
 
+def bench_paged(clock: Clock, batches) -> Iterator[Row]:
+    """The LM's attention through its KV pool's page tables (pages of 16 frames, each slot's pages
+    scattered over the pool, as churn leaves them), bf16 or fp8 pages, at full and short context."""
+    device, H, D, ctx, page = clock.device, LM_HEADS, LM_HEAD_DIM, LM_CONTEXT, 16
+    per_slot, S = -(-ctx // page), max(batches)
+    g = torch.Generator().manual_seed(0)
+    table = (torch.randperm(S * per_slot, generator=g) + 1).view(S, per_slot).to(device, torch.int32)
+    window = torch.full((S,), ctx, device=device, dtype=torch.int32)
+    for kv in ("bf16", "fp8"):
+        fp8 = kv == "fp8"
+        shape = (S * per_slot + 1, H, page, D)
+        kp = torch.randn(shape, device=device, dtype=LM_DTYPE)
+        if fp8:
+            kp, k_scale = paged_attention.quantize_fp8(kp)
+            vp, v_scale = paged_attention.quantize_fp8(torch.randn(shape, device=device, dtype=LM_DTYPE))
+        else:
+            vp, k_scale, v_scale = torch.randn_like(kp), None, None
+        cache = paged_attention.PagedKV(kp, vp, k_scale, v_scale, table, window)
+        per_pos = H * D * kp.element_size() + (H * 4 if fp8 else 0)  # a position's keys (or values), scales too
+        for label, offset in {"full": 5 * ctx + 3, "short": 100}.items():
+            valid = min(offset + 1, ctx)
+            for B in batches:
+                q, k, v = (torch.randn(B, H, 1, D, device=device, dtype=LM_DTYPE) for _ in range(3))
+                slots = torch.arange(B, device=device)
+                offsets = torch.full((B,), offset, device=device, dtype=torch.long)
+                nbytes = B * (2 * valid * per_pos + 4 * H * D * q.element_size())
+
+                def call(backend, q=q, k=k, v=v, slots=slots, offsets=offsets, cache=cache):
+                    return lambda: paged_attention.paged_attention(q, k, v, cache, slots, offsets, ctx, backend)
+                yield from _both("paged", f"lm-{kv}-{label}-ctx{valid}", B, nbytes, call, clock)
+        del kp, vp, cache
+
+
 def bench_rvq(clock: Clock, batches) -> Iterator[Row]:
     device = clock.device
     g = torch.Generator(device=device).manual_seed(0)
@@ -222,7 +255,7 @@ def bench_noise(clock: Clock, batches) -> Iterator[Row]:
                          lambda be, s=seeds, c=counters: (lambda: noise.uniform_noise(s, c, 1, 250, 8, be)), clock)
 
 
-FAMILIES = {"attention": bench_attention, "rvq": bench_rvq, "conv": bench_conv, "norm": bench_norm,
+FAMILIES = {"attention": bench_attention, "paged": bench_paged, "rvq": bench_rvq, "conv": bench_conv, "norm": bench_norm,
             "rope": bench_rope, "noise": bench_noise}
 
 

@@ -4,6 +4,9 @@ Callers join at random with random sampling settings, starve, burst past the inp
 sending, and hang up mid-call. Through all of it:
 - memory stays flat: Python objects, resident memory and (on CUDA) allocated device memory are
   compared between the end of a warm-up and the end of the run;
+- the KV pool's books balance every few ticks (page tables, pages held, promises), and once every
+  caller has gone every page is back in the pool (`--kv-policy elastic --kv-pages N` makes it tiny,
+  so calls are refused and capped on the way);
 - every session's output is well formed: frames numbered 0, 1, 2, ... and one end event, last;
 - churn never reaches a session's tokens: every tenth caller is a witness with a fixed seed and a
   known input, replayed afterwards beside filler sessions in batches of the sizes it had, which
@@ -12,6 +15,10 @@ sending, and hang up mid-call. Through all of it:
 Exit status 1 when any check fails.
 
     lockstep bench soak [--model-dir DIR] [--device D] [--max-sessions 8] [--ticks 3000]
+                        [--kv-policy elastic --kv-pages 40 --kv-page-size 4 --kv-min-seconds 3.2]
+
+Witnesses last at most 40 frames (3.2 s): under `elastic`, a `--kv-min-seconds` of 3.2 or more
+promises each one its whole call, so none is capped, in the churn or in its replay.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.args import COUNT, NON_NEGATIVE, at_least, writable_prefix
+from bench.args import COUNT, NON_NEGATIVE, add_kv_flags, at_least, kv_fields, writable_prefix
 from bench.serve import synthetic_speech
 from engine.config import EngineConfig, SamplingConfig
 from engine.runner import ModelRunner
@@ -121,7 +128,8 @@ def digest(pcm: np.ndarray) -> str:
 def replay(runner: ModelRunner, w: Witness) -> list[tuple[int, list[int], str]]:
     """The witness's output frames, stepped in slot 0 at each recorded batch shape, beside filler
     sessions (always past the initial delay, so decoded in their own slots) in the other slots."""
-    fillers = list(range(1, runner.max_sessions))
+    # Only as many fillers as its largest batch: a small elastic pool held no more at once.
+    fillers = list(range(1, max(batch for batch, _, _ in w.layout)))
     runner.join(0, w.sampling)
     for slot in fillers:
         runner.join(slot, SamplingConfig(seed=slot))
@@ -176,6 +184,7 @@ def soak(runner: ModelRunner, ticks: int, seed: int, join_rate: float, progress:
     chaos: dict[str, object] = {}  # session id -> Session, for callers that misbehave
     created, warm_at, before = 0, max(1, ticks // 5), None
     histories: list[tuple[int, ...]] = []
+    kv_peak = {"kv_pages_used": 0, "kv_sessions_capped": 0}
     with recording_histories(runner, histories):
         for tick in tqdm(range(ticks), desc="soak", unit="tick", disable=not progress):
             if tick == warm_at:
@@ -198,6 +207,14 @@ def soak(runner: ModelRunner, ticks: int, seed: int, join_rate: float, progress:
                         chaos[session.id] = session
             misbehave(loop, chaos, rng, tick)
             plan = loop.tick()
+            if tick % 10 == 0:
+                try:
+                    runner.kv.check()
+                except AssertionError as e:
+                    errors.append(f"KV pool at tick {tick}: {e}")
+            for key, value in runner.kv.gauges().items():
+                if key in kv_peak:
+                    kv_peak[key] = max(kv_peak[key], value)
             for row, (sid, _) in enumerate(plan.step):
                 if sid in witnesses:
                     witnesses[sid].layout.append((len(plan.step), row, histories[-1]))
@@ -212,6 +229,10 @@ def soak(runner: ModelRunner, ticks: int, seed: int, join_rate: float, progress:
         for sid in list(loop.sessions):
             loop.end_session(sid, "soak_done")
         loop.tick()
+    alloc = runner.kv.tables.alloc
+    kv = {"kv_pages_total": alloc.num_pages, "kv_pages_peak": kv_peak["kv_pages_used"],
+          "kv_capped_peak": kv_peak["kv_sessions_capped"], "kv_pages_left": alloc.used, "kv_promised_left": alloc.owed,
+          "sessions_rejected": loop.metrics.counters["sessions_rejected_total"]}
     errors += [e for c in open_callers for e in c.errors] + [f"{c.name}: no end event" for c in open_callers
                                                              if not c.ended]
     # Witnesses cut short by the end of the run are not compared.
@@ -227,7 +248,7 @@ def soak(runner: ModelRunner, ticks: int, seed: int, join_rate: float, progress:
             if got != w.caller.tokens:
                 moved.append(w.caller.name)
     m = loop.metrics.counters
-    result = {"ticks": ticks, "sessions": created, "witnesses": len(done), "witness_mismatches": mismatched,
+    result = {"ticks": ticks, "sessions": created, "witnesses": len(done), "witness_mismatches": mismatched, **kv,
               "errors": errors, "underruns": m["input_underruns_total"],
               "dropped_samples": m["input_dropped_samples_total"], "sessions_finished": m["sessions_finished_total"]}
     if alone:
@@ -253,6 +274,9 @@ def verdict(result: dict, max_object_growth: int, max_rss_growth_mb: float) -> l
     if result.get("batch_invariant") and result.get("witnesses_pcm_moved_alone"):
         failed.append(f"with --batch-invariant, witnesses whose output differed alone: "
                       f"{result['witnesses_pcm_moved_alone']}")
+    if result.get("kv_pages_left") or result.get("kv_promised_left"):
+        failed.append(f"KV pages not back in the pool once every caller left: {result['kv_pages_left']} held, "
+                      f"{result['kv_promised_left']} promised")
     if result["sessions_finished"] != result["sessions"]:
         failed.append(f"{result['sessions']} sessions created, {result['sessions_finished']} finished")
     return failed
@@ -273,11 +297,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="also replay each witness in batches of one and report how many part ways by rounding")
     ap.add_argument("--batch-invariant", action="store_true",
                     help="run the engine batch-invariant; the alone replays must then match too")
+    add_kv_flags(ap)
     ap.add_argument("--output", type=writable_prefix, default="bench/out/soak.json")
     args = ap.parse_args(argv)
     from engine.cli import with_builtin_weights
     cfg = EngineConfig(model_dir=args.model_dir, device=args.device, max_sessions=args.max_sessions,
-                       kernels=args.kernels, batch_invariant=args.batch_invariant).validate()
+                       kernels=args.kernels, batch_invariant=args.batch_invariant, **kv_fields(args)).validate()
     runner = ModelRunner.load(with_builtin_weights(cfg))
     # Every graph the churn can meet (each bucket at each pair of top-k bounds) is made before the
     # memory baseline, as `serve` makes the default ones before it admits anyone.
@@ -290,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['ticks']} ticks, {result['sessions']} sessions ({result['witnesses']} witnesses replayed in "
           "batches of their shapes), "
           f"{result['underruns']} underruns, {result['dropped_samples']} samples dropped")
+    print(f"  KV pool ({args.kv_policy}): {result['kv_pages_total']} pages, at most {result['kv_pages_peak']} used and "
+          f"{result['kv_capped_peak']} session(s) capped at once, {result['sessions_rejected']} caller(s) refused; "
+          f"{result['kv_pages_left']} pages held and {result['kv_promised_left']} promised once all had left")
     if "witnesses_parted_alone" in result:
         print(f"  replayed alone instead: {len(result['witnesses_parted_alone'])} of {result['witnesses']} witnesses "
               f"parted ways, {len(result['witnesses_pcm_moved_alone'])} had PCM bits move "

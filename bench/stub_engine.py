@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import FRAME_SIZE, FRAME_RATE, EngineConfig, SamplingConfig, ServeConfig
+from engine.kv_pool import KVPool
 from engine.runner import StepOutput
 from engine.serving import EngineLoop
 
@@ -39,9 +40,14 @@ class StubRunner:
 
     def __post_init__(self) -> None:
         self.frames = [0] * self.max_sessions
+        # The product's KV pool and its books (admission, pages per session), with pages of one
+        # float: a session holds its one page, as under `reserve`.
+        self.kv = KVPool(1, 1, 1, 1, slots=self.max_sessions + 1, pages=self.max_sessions, page_size=1,
+                         dtype=torch.float32, device="cpu")
 
-    def join(self, slot: int, sampling: SamplingConfig) -> None:
+    def join(self, slot: int, sampling: SamplingConfig, owner=None) -> None:
         self.frames[slot] = 0
+        self.kv.join(slot, ("slot", slot) if owner is None else owner)
 
     def step(self, slots: list[int], pcm: torch.Tensor) -> StepOutput:
         tokens = []

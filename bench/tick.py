@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.args import COUNT, NON_NEGATIVE, POSITIVE, writable_prefix
+from bench.args import COUNT, NON_NEGATIVE, POSITIVE, add_kv_flags, kv_fields, writable_prefix
 from bench.report import roofline, row_line, save_json, summarize, write_outputs
 from engine import host
 from engine.capacity import check_device, check_weights_fit
-from engine.config import EngineConfig, LMConfig, MimiConfig, SamplingConfig
+from engine.config import EngineConfig, KVConfig, LMConfig, MimiConfig, SamplingConfig
 from engine.lm import MoshiLM
 from engine.mimi import Mimi
 from engine.runner import ModelRunner
@@ -50,7 +50,7 @@ def random_models(lm_cfg: LMConfig, mimi_cfg: MimiConfig, device, dtype: torch.d
 
 
 def dummy_runner(name: str, device: str, dtype: torch.dtype, max_sessions: int, kernels: str,
-                 batch_invariant: bool = False) -> ModelRunner:
+                 batch_invariant: bool = False, kv: KVConfig = KVConfig()) -> ModelRunner:
     """Moshi 7B / Mimi shapes with random weights made on the device: no files needed."""
     if name != "7b":
         raise ValueError("--dummy supports only '7b'")
@@ -58,7 +58,8 @@ def dummy_runner(name: str, device: str, dtype: torch.dtype, max_sessions: int, 
     lm, mimi = random_models(LMConfig(), MimiConfig(), device, dtype)
     tok_path = Path(tempfile.mkdtemp()) / "tok.model"
     train_tokenizer(tok_path, 1000)
-    return ModelRunner(lm, mimi, TextTokenizer(tok_path), max_sessions, kernels, batch_invariant=batch_invariant)
+    return ModelRunner(lm, mimi, TextTokenizer(tok_path), max_sessions, kernels, batch_invariant=batch_invariant,
+                       kv=kv)
 
 
 class EngineTicks:
@@ -202,15 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip kyutai's package")
     ap.add_argument("--batch-invariant", action="store_true",
                     help="run the engine batch-invariant (every tick the largest --batch's rows): its price")
+    add_kv_flags(ap)
     ap.add_argument("--bandwidth-gbs", type=POSITIVE, default=None, help="HBM bandwidth for the roofline (default: measured)")
     ap.add_argument("--output", type=writable_prefix, default="bench/out/tick",
                     help="prefix for the .json and .png outputs")
     args = ap.parse_args(argv)
     cfg = EngineConfig(model_dir=args.model_dir, device=args.device, dtype=args.dtype, max_sessions=max(args.batch),
-                       kernels=args.kernels, batch_invariant=args.batch_invariant).validate()
+                       kernels=args.kernels, batch_invariant=args.batch_invariant, **kv_fields(args)).validate()
     dtype = cfg.torch_dtype
     if args.dummy:
-        runner = dummy_runner(args.dummy, cfg.device, dtype, cfg.max_sessions, cfg.kernels, cfg.batch_invariant)
+        runner = dummy_runner(args.dummy, cfg.device, dtype, cfg.max_sessions, cfg.kernels, cfg.batch_invariant, cfg.kv)
     else:
         from engine.cli import with_builtin_weights
         runner = ModelRunner.load(with_builtin_weights(cfg))
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     cpu = host.cpuinfo("model name") or "unknown CPU"
     meta = {"device": torch.cuda.get_device_name() if runner.device.type == "cuda" else f"cpu ({cpu})",
             "dtype": str(dtype), "lm": runner.lm.cfg.to_dict(), "full_context": args.full_context,
-            "batch_invariant": args.batch_invariant, "threads": torch.get_num_threads()}
+            "batch_invariant": args.batch_invariant, "threads": torch.get_num_threads(), "kv": runner.kv.describe()}
     if ref is not None:  # kyutai's package compiles its hot functions unless told not to
         meta["reference_torch_compile"] = not os.environ.get("NO_TORCH_COMPILE")
     # As `lockstep serve` does, for both engines alike: no full GC pass over the long-lived objects

@@ -1,12 +1,11 @@
 """How many sessions this machine holds: in memory, checked before any state is allocated, and in
 time, probed once the model is warm.
 
-Every slot's state is preallocated at full context (the LM's 3000-position KV is ~1.6 GB a slot for
-Moshi 7B in bf16), so an oversized `--max-sessions` would otherwise end start-up in an out-of-memory
-error that names no flag. KV caches are nearly all of that state; the SEANet conv states add kB.
-Memory is not the whole answer: a slot that fits but makes the tick outlast its 80 ms frame serves
-every session late, which `probe_ticks` measures at start-up rather than leaving to the first
-crowded minute.
+Weights that would not fit are refused before any is read (a 7B LM in fp32 on a 24 GB machine
+would otherwise end start-up in the OOM killer, which names no flag); session state is sized in
+`engine.kv_sizing`. Memory is not the whole answer: a slot that fits but makes the tick outlast its
+80 ms frame serves every session late, which `probe_ticks` measures at start-up rather than leaving
+to the first crowded minute.
 """
 from __future__ import annotations
 
@@ -23,13 +22,6 @@ FRAME_SECONDS = 1.0 / FRAME_RATE
 # Left free for what a tick allocates beside the state: activations, CUDA graphs, Triton scratch.
 _HEADROOM_FRACTION = 0.1
 _HEADROOM_MIN = 1 << 30
-
-
-def state_bytes_per_slot(lm, mimi) -> int:
-    """KV bytes one slot holds: the LM's temporal and depth transformers and Mimi's two."""
-    transformers = (lm.transformer, lm.depformer, mimi.encoder_transformer.transformer,
-                    mimi.decoder_transformer.transformer)
-    return sum(t.kv_bytes(t.capacity) for t in transformers)
 
 
 def check_device(device) -> torch.device:
@@ -70,15 +62,16 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-# The most slots `--max-sessions 0` picks: the largest CUDA-graph bucket.
-MAX_AUTO_SESSIONS = 128
-
-
 def _budget(device: torch.device) -> tuple[int, int] | None:
     """(free bytes on `device`, the bytes weights or session state may take of it: free less the
     headroom), or None where free memory is unknown."""
     free = free_bytes(device)
-    return None if free is None else (free, free - max(_HEADROOM_MIN, int(_HEADROOM_FRACTION * free)))
+    return None if free is None else budget_of(free)
+
+
+def budget_of(free: int) -> tuple[int, int]:
+    """(free, what weights or session state may take of it: free less the headroom)."""
+    return free, free - max(_HEADROOM_MIN, int(_HEADROOM_FRACTION * free))
 
 
 def weight_bytes(module, dtype: torch.dtype | None = None) -> int:
@@ -118,67 +111,18 @@ def check_weights_fit(lm, mimi, lm_dtype: torch.dtype, device, lm_file_bytes: in
                       f"but {free / 1e9:.1f} GB is free, of which {budget / 1e9:.1f} GB may hold them{fix}")
 
 
-def sessions_that_fit(lm, mimi, device: torch.device) -> int:
-    """How many slots (beside the scratch slot) fit in what `device` has free, at most
-    `MAX_AUTO_SESSIONS`: what `--max-sessions 0` asks for."""
-    memory = _budget(device)
-    if memory is None:
-        raise ConfigError(f"--max-sessions 0 sizes the slots by free memory, which this process cannot "
-                          f"read on {device}: give --max-sessions N")
-    per_slot = state_bytes_per_slot(lm, mimi)
-    fit = min(MAX_AUTO_SESSIONS, memory[1] // per_slot - 1)
-    if fit < 1:
-        raise ConfigError(f"--max-sessions 0: not even one session's state ({_per_slot_text(lm, mimi, per_slot)}) "
-                          f"fits in {device}'s free memory{_fix_hint(lm, 0)}")
-    return fit
-
-
-def _per_slot_text(lm, mimi, per_slot: int) -> str:
-    size = f"{per_slot / 1e9:.2f} GB" if per_slot >= 1e8 else f"{per_slot / 1e6:.2f} MB"
-    return (f"{size} a session: KV caches at full context, the LM's {lm.cfg.context} "
-            f"positions and Mimi's {mimi.cfg.transformer.context}")
-
-
-def _fix_hint(lm, fit: int) -> str:
-    """What would make room: fewer sessions, a narrower LM dtype, or where not one fits, a checkpoint
-    with a shorter context."""
-    fixes = ["lower --max-sessions (0 takes as many as fit)"] if fit > 0 else []
-    if lm.transformer.kv_bytes(1) > lm.transformer.kv_bytes(1, torch.bfloat16):
-        fixes.append("a narrower --dtype (bfloat16 halves the LM's KV)")
-    if fit == 0:
-        fixes.append("a checkpoint with a shorter context (config.json's context, the Mimi config's "
-                     "transformer.context)")
-    return "; " + " or ".join(fixes) if fixes else ""
-
-
-def check_state_fits(lm, mimi, max_sessions: int, device: torch.device) -> None:
-    """Raises ConfigError when `max_sessions` slots (plus the runner's scratch slot) cannot fit in
-    what `device` has free, saying how many can."""
-    memory = _budget(device)
-    if memory is None:
-        return
-    free, budget = memory
-    per_slot = state_bytes_per_slot(lm, mimi)
-    need = per_slot * (max_sessions + 1)
-    if need <= budget:
-        return
-    fit = max(0, budget // per_slot - 1)
-    raise ConfigError(
-        f"--max-sessions {max_sessions} needs {need / 1e9:.1f} GB of session state on {device} "
-        f"({_per_slot_text(lm, mimi, per_slot)}; plus one scratch slot), but {free / 1e9:.1f} GB is free "
-        f"after the weights, of which {budget / 1e9:.1f} GB may hold state: at most {fit} session(s) fit"
-        f"{_fix_hint(lm, fit)}.")
-
-
 def probe_ticks(runner, repeats: int = 3) -> dict[int, float]:
-    """Median seconds of one step of B sessions at full context, for each batch bucket B. Runs on
-    the real slots 0..B-1, so each row reads its own KV as sessions would, and leaves every slot as
-    a fresh join does; call it only before any session has joined (start-up)."""
+    """Median seconds of one step of B sessions at full context (as full as an elastic pool lets
+    them grow), for each batch bucket B the pool can hold at once. Runs on the real slots 0..B-1, so
+    each row reads its own KV as sessions would, and leaves every slot free, its pages back in the
+    pool; call it only before any session has joined (start-up)."""
     sizes = runner.buckets
     pcm = torch.zeros(max(sizes), runner.frame_size)
     result = {}
     for B in sizes:
         slots = list(range(B))
+        if not runner.kv.tables.alloc.can_promise(B * runner.kv.tables.promise):
+            break  # an elastic pool that cannot hold this many at their minimum never steps them together
         for s in slots:
             runner.join(s, dataclasses.replace(runner.default_sampling, seed=s))
         runner.fill_context(slots)
@@ -188,8 +132,8 @@ def probe_ticks(runner, repeats: int = 3) -> dict[int, float]:
             runner.step(slots, pcm[:B])
             times.append(time.perf_counter() - start)
         result[B] = statistics.median(times[1:])
-    for s in range(max(sizes)):
-        runner.join(s, runner.default_sampling)
+        for s in slots:
+            runner.leave(s)
     return result
 
 

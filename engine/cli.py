@@ -32,6 +32,15 @@ _ENGINE_HELP = {
     "batch_invariant": "make a session's output bit-identical whatever shares its batch: every tick steps "
                        "--max-sessions rows (the free ones padded), attends over whole rings and samples "
                        "over the whole vocabulary, so each tick costs a full batch's work",
+    "kv_policy": "how sessions get pages of the LM's KV pool: reserve (each admitted session holds its whole "
+                 "context; tokens as with a ring) or elastic (each is promised --kv-min-seconds and grows while "
+                 "pages are free; when none are, its attention window stops growing); see docs/kv.md",
+    "kv_min_seconds": "elastic: the context (seconds) every admitted session is promised; callers the pool "
+                      "cannot promise it are refused (503)",
+    "kv_dtype": "the LM's KV cache: auto (the LM's dtype), bf16, fp16, fp32 or fp8 (e4m3 with a power-of-two "
+                "scale per position and head: half of bf16's memory)",
+    "kv_pages": "pages in the KV pool; 0: as many as the device's free memory holds (reserve: what the slots need)",
+    "kv_page_size": "positions (80 ms frames) per KV page",
 }
 _SAMPLING_HELP = {
     "greedy": "argmax everywhere (no sampling)",
@@ -290,8 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "soak (churn for many ticks: no leaks, no drift), cpu_kernels (the CPU path's C kernels), "
                                       "abuse (hostile clients beside real-time calls), host (the API side's cost per "
                                       "session, the model stubbed), "
-                                      "fidelity (a dtype's logits beside the reference's, teacher-forced)")
-    bn.add_argument("which", choices=["tick", "serve", "kernels", "soak", "cpu_kernels", "abuse", "host", "fidelity"])
+                                      "fidelity (a dtype's logits beside the reference's, teacher-forced), "
+                                      "capacity (callers per device under each KV policy and dtype, no model), "
+                                      "kv_agreement (what fp8 KV costs in tokens)")
+    bn.add_argument("which", choices=["tick", "serve", "kernels", "soak", "cpu_kernels", "abuse", "host", "fidelity",
+                                      "capacity", "kv_agreement"])
     bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help of each)")
     bn.set_defaults(func=cmd_bench)
     return parser

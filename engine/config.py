@@ -425,6 +425,42 @@ class SamplingConfig:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_POLICIES = ("reserve", "elastic")
+KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8")
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    """The LM's KV pool (engine/kv_pool.py, docs/kv.md): how sessions get pages, what a page
+    holds, how many there are."""
+    policy: str = "reserve"  # reserve: a session's whole context is promised when it is admitted
+    min_seconds: float = 60.0  # elastic: the context every admitted session is promised
+    dtype: str = "auto"  # auto: the LM's dtype
+    pages: int = 0  # 0: as many as the device's free memory holds (or the slots need)
+    page_size: int = 16  # positions (80 ms frames) a page holds
+
+    def validate(self) -> "KVConfig":
+        _check(self.policy in KV_POLICIES, f"--kv-policy must be reserve or elastic, got {self.policy!r}")
+        _check(self.dtype in KV_DTYPES, f"--kv-dtype must be one of {', '.join(KV_DTYPES)}, got {self.dtype!r}")
+        _check(_is_float(self.min_seconds) and 0 < self.min_seconds <= 1e6,
+               f"--kv-min-seconds must be a number in (0, 1e6], got {self.min_seconds!r}")
+        _check(_is_int(self.pages) and 0 <= self.pages <= 2**31 - 2,
+               f"--kv-pages must be an integer >= 0 (0: sized from memory), got {self.pages!r}")
+        _check(_is_int(self.page_size) and 1 <= self.page_size <= 4096,
+               f"--kv-page-size must be an integer in 1..4096, got {self.page_size!r}")
+        return self
+
+    @property
+    def min_positions(self) -> int:
+        return max(1, math.ceil(self.min_seconds * FRAME_RATE))
+
+    def torch_dtype(self, lm_dtype):
+        """The pool's dtype: "auto" is the LM's; fp8 is e4m3 (with per-position scales)."""
+        import torch
+        if self.dtype == "auto":
+            return lm_dtype
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                "fp8": torch.float8_e4m3fn}[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -442,6 +478,11 @@ class EngineConfig:
     max_sessions: int = 8
     kernels: str = "auto"
     batch_invariant: bool = False
+    kv_policy: str = "reserve"
+    kv_min_seconds: float = 60.0
+    kv_dtype: str = "auto"
+    kv_pages: int = 0
+    kv_page_size: int = 16
 
     def __post_init__(self) -> None:
         # Resolved once, here, so every later reader (dtype, loading, capacity) sees a concrete device.
@@ -461,7 +502,12 @@ class EngineConfig:
                      "lora_weight"):
             # An empty value (an unset shell variable, say) would otherwise read as not given.
             _check(getattr(self, name) != "", f"{flag_name(name)} is empty; give a path or leave it out")
+        self.kv.validate()
         return self
+
+    @property
+    def kv(self) -> KVConfig:
+        return KVConfig(self.kv_policy, self.kv_min_seconds, self.kv_dtype, self.kv_pages, self.kv_page_size)
 
     @property
     def torch_dtype(self):

@@ -11,7 +11,8 @@ from torch import nn
 
 from engine.config import LMConfig
 from engine.sampling import SamplingParams, race_noise, sample, stream_rule
-from engine.transformer import Linear, StreamingTransformer, make_norm
+from engine.norms import make_norm
+from engine.transformer import Linear, StreamingTransformer
 
 
 class TokenProbe(Protocol):
@@ -52,8 +53,10 @@ class MoshiLM(nn.Module):
             None, None, weights_per_step=cfg.dep_q)
         self.linears = nn.ModuleList([Linear(cfg.depformer_dim, cfg.card, bias=False) for _ in range(cfg.dep_q)])
 
-    def init_state(self, max_sessions: int) -> None:
-        self.transformer.init_state(max_sessions)
+    def init_state(self, max_sessions: int, pool=None) -> None:
+        """Per-slot state; the temporal transformer's keys and values in `pool` (an
+        `engine.kv_pool.KVPool`) when given, else in rings of the full context."""
+        self.transformer.init_state(max_sessions, pool=pool)
         self.depformer.init_state(max_sessions)
 
     def reset(self, slots: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ _NO_TIMER = StageTimer("cpu")
 
 
 class LMGen:
-    def __init__(self, lm: MoshiLM, max_sessions: int):
+    def __init__(self, lm: MoshiLM, max_sessions: int, pool=None):
         cfg = lm.cfg
         self.lm = lm
         self.cfg = cfg
@@ -31,7 +31,7 @@ class LMGen:
         self.cache = torch.full((max_sessions, cfg.num_codebooks, self.ring), UNGENERATED, device=device,
                                 dtype=torch.long)
         self.offsets = torch.zeros(max_sessions, device=device, dtype=torch.long)
-        lm.init_state(max_sessions)
+        lm.init_state(max_sessions, pool)
 
     def reset(self, slots: torch.Tensor) -> None:
         self.offsets.index_fill_(0, slots, 0)

@@ -49,6 +49,7 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
     print(f"lockstep: {engine_cfg.model_dir or engine_cfg.hf_repo}{adapter} on {runner.device} (LM {lm_dtype}, "
           f"kernels {runner.kernel_backend}{products}, CUDA graphs {'on' if runner.graphs else 'off'}), "
           f"{runner.max_sessions} slots{invariant}", flush=True)
+    print(f"lockstep: {runner.kv.describe()}; {runner.kv_plan.why}", flush=True)
     loop = EngineLoop(runner, max_buffer_frames=max(1, int(serve_cfg.max_buffer_seconds * FRAME_RATE)),
                       idle_timeout=serve_cfg.idle_timeout, max_waiting=0, max_input_lag=serve_cfg.max_input_lag,
                       session_prefix=serve_cfg.session_prefix)

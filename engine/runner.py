@@ -6,10 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.capacity import check_device, check_state_fits, check_weights_fit, sessions_that_fit
+from engine.capacity import check_device, check_weights_fit
 from engine.checkpoint import CheckpointFiles, load_weights, resolve
-from engine.config import EngineConfig, SamplingConfig
+from engine.config import EngineConfig, KVConfig, SamplingConfig
 from engine.graphs import GraphedStep, buckets_for
+from engine.kv_pool import KVPool
+from engine.kv_sizing import plan_state
 from engine.lm import MoshiLM
 from engine.lm_gen import LMGen
 from engine.lora import LoraSpec
@@ -34,7 +36,8 @@ class StepOutput:
 class ModelRunner:
     def __init__(self, lm: MoshiLM, mimi: Mimi, tokenizer: TextTokenizer, max_sessions: int,
                  kernels: str = "auto", use_cuda_graphs: bool = True, batch_invariant: bool = False,
-                 lora: LoraSpec | None = None, default_sampling: SamplingConfig = SamplingConfig()):
+                 lora: LoraSpec | None = None, default_sampling: SamplingConfig = SamplingConfig(),
+                 kv: KVConfig = KVConfig()):
         self.lm = lm.eval()
         self.lora = lora  # the adapter folded into `lm`'s weights at load, for the start-up line
         # What a session that names no sampling settings gets: the checkpoint's lm_gen_config.
@@ -49,8 +52,11 @@ class ModelRunner:
         attach_cpu_stacks(mimi)
         self.tokenizer = tokenizer
         self.device = next(lm.parameters()).device
-        # 0: as many as fit, sized once the weights (and on CPU their packed copies) are in place.
-        self.max_sessions = max_sessions or sessions_that_fit(lm, mimi, self.device)
+        # Slots and KV pages (0 slots: as many as fit), sized once the weights (and on CPU their
+        # packed copies) are in place.
+        kv_dtype = kv.torch_dtype(next(lm.parameters()).dtype)
+        self.kv_plan = plan_state(lm, mimi, kv.validate(), kv_dtype, max_sessions, self.device)
+        self.max_sessions = self.kv_plan.slots
         if self.device.type == "cuda":
             # Streams and graphs are made on the thread's current device: make it the model's
             # (`--device cuda:1`), for the thread that builds the runner and then ticks it.
@@ -60,9 +66,12 @@ class ModelRunner:
         # One state row past the sessions' is scratch: padded rows and decodes that must not count.
         self.scratch_slot = self.max_sessions
         mimi.set_num_codebooks(lm.cfg.mimi_codebooks)
-        check_state_fits(lm, mimi, self.max_sessions, self.device)
         mimi.init_state(self.max_sessions + 1)
-        self.gen = LMGen(lm, self.max_sessions + 1)
+        t = lm.transformer
+        self.kv = KVPool(len(t.layers), t.num_heads, t.head_dim, lm.cfg.context, slots=self.max_sessions + 1,
+                         pages=self.kv_plan.pages, page_size=kv.page_size, dtype=kv_dtype, device=self.device,
+                         policy=kv.policy, min_positions=kv.min_positions)
+        self.gen = LMGen(lm, self.max_sessions + 1, self.kv)
         self.slots = SlotTable(self.max_sessions + 1, self.device, (lm.cfg.card, lm.cfg.text_card))
         # Batched arithmetic rounds by the batch's shape (a product's rows by the row count, CPU
         # attention by the longest history it spans, topk's ties by k), so a session's bits depend
@@ -94,7 +103,8 @@ class ModelRunner:
                   f"LM's {files.lm.text_card} text tokens (config.json's text_card); is it this model's?",
                   file=sys.stderr)
         return ModelRunner(lm, mimi, tokenizer, cfg.max_sessions, cfg.kernels,
-                           batch_invariant=cfg.batch_invariant, lora=files.lora, default_sampling=files.sampling)
+                           batch_invariant=cfg.batch_invariant, lora=files.lora, default_sampling=files.sampling,
+                           kv=cfg.kv)
 
     def rings(self) -> tuple:
         """The streaming transformers whose ring spans a call's history (not restarted each frame,
@@ -102,19 +112,32 @@ class ModelRunner:
         return (self.lm.transformer, self.mimi.encoder_transformer.transformer,
                 self.mimi.decoder_transformer.transformer)
 
-    def join(self, slot: int, sampling: SamplingConfig) -> None:
-        """Starts a fresh session in `slot`; other slots are untouched."""
+    def join(self, slot: int, sampling: SamplingConfig, owner=None) -> None:
+        """Starts a fresh session in `slot`; other slots are untouched. Its KV pages go to `owner`
+        (the session, promised its minimum when admitted: `kv.admit`), or to the slot itself; a pool
+        that cannot promise the minimum raises `engine.kv_pages.PoolFull`."""
         if not 0 <= slot < self.max_sessions:
             raise ValueError(f"slot {slot} out of range 0..{self.max_sessions - 1}")
         self.slots.assign(slot, sampling)
+        self.kv.join(slot, ("slot", slot) if owner is None else owner)
         idx = torch.tensor([slot], device=self.device)
         self.mimi.reset(idx)
         self.gen.reset(idx)
 
+    def leave(self, slot: int) -> None:
+        """The slot's session ended: its KV pages go back to the pool (the next join resets the rest)."""
+        self.kv.leave(slot)
+
     def fill_context(self, slots: list[int]) -> None:
         """Puts joined `slots` as if deep into a long call, for the benchmarks and the capacity
-        probe: every ring (the LM's and Mimi's two) holds a whole context of history, and the
-        initial delay is past, so a step costs what it costs in the steady state of long calls."""
+        probe: every ring (the LM's and Mimi's two) holds a whole context of history (the LM's as
+        much as an elastic pool lets them grow together), and the initial delay is past, so a step
+        costs what it costs in the steady state of long calls."""
+        for p in range(0, self.lm.cfg.context + 1, self.kv.page_size):
+            for s in slots:
+                self.kv.fill(s, p)
+        for s in slots:
+            self.kv.fill(s, self.lm.cfg.context)
         idx = torch.tensor(slots, device=self.device)
         for t in self.rings():
             t.offsets[idx] = t.capacity
@@ -160,7 +183,9 @@ class ModelRunner:
         """pcm [B, frame_size] (float32, one frame per slot) -> the slots' next output frame."""
         if len(set(slots)) != len(slots) or not all(0 <= s < self.max_sessions for s in slots):
             raise ValueError(f"slots must be distinct and in 0..{self.max_sessions - 1}: {slots}")
-        ready = [self.slots.frames[s] >= self.max_delay for s in slots]
+        positions = [self.slots.frames[s] for s in slots]  # the LM's next position in each
+        self.kv.prepare(slots, positions)
+        ready = [p >= self.max_delay for p in positions]
         decode_host = [s if r else self.scratch_slot for s, r in zip(slots, ready)]
         bounds = (0, 0) if self.batch_invariant else self.slots.top_k_bounds(slots)
         if self.graphs is not None and not self.timer.enabled:

@@ -48,6 +48,8 @@ class EngineLoop:
         self.sched = Scheduler(runner.max_sessions)
         self.sessions: dict[str, Session] = {}
         self.metrics = EngineMetrics(runner.max_sessions)
+        runner.kv.reset()  # a new loop's scheduler starts with every slot free: so does the pool
+        self.metrics.gauges.update(runner.kv.gauges())
         self.max_buffer_frames = max_buffer_frames
         self.idle_timeout = idle_timeout
         self.max_lag = None if max_input_lag is None else int(max_input_lag * SAMPLE_RATE)
@@ -67,9 +69,10 @@ class EngineLoop:
     def create_session(self, sampling: SamplingConfig, sink: Callable[[FrameOutput | str], None],
                        end_on_input_end: bool = False, wait: float = 0.0,
                        count_rejection: bool = True, realtime: bool = False) -> Session | None:
-        """Admits a session if a slot is (or within `wait` seconds becomes) free; None otherwise
-        (counted as a rejection unless `count_rejection` is False: the caller will try again).
-        A `realtime` session's input lag is held under the loop's `max_input_lag`."""
+        """Admits a session if a slot is (or within `wait` seconds becomes) free, and the KV pool can
+        promise it its minimum; None otherwise (counted as a rejection unless `count_rejection` is
+        False: the caller will try again). A `realtime` session's input lag is held under the loop's
+        `max_input_lag`."""
         sampling.validate()
         deadline = time.monotonic() + wait
         with self._cond:
@@ -85,6 +88,10 @@ class EngineLoop:
             session = Session(sampling, self.runner.frame_size, self.max_buffer_frames, end_on_input_end, sink,
                               max_lag=self.max_lag if realtime else None,
                               sid=self.session_prefix + secrets.token_urlsafe(18) if self.session_prefix else None)
+            if self.max_admitted is not None and not self.runner.kv.admit(session.id):
+                if count_rejection:  # the engine thread took the pages meanwhile
+                    self.metrics.inc("sessions_rejected_total")
+                return None
             self.sessions[session.id] = session
             self.sched.submit(session.id)
             self.metrics.inc("sessions_created_total")
@@ -101,13 +108,15 @@ class EngineLoop:
             self.metrics.gauges["admission_limit_sessions"] = sessions
 
     def _full(self) -> bool:
-        return self.max_admitted is not None and len(self.sessions) >= self.max_admitted
+        return self.max_admitted is not None and (len(self.sessions) >= self.max_admitted
+                                                  or not self.runner.kv.can_admit())
 
     def admissions_free(self) -> int:
         """How many more sessions would be admitted now."""
         if self.draining:
             return 0
-        return self.max_sessions if self.max_admitted is None else max(0, self.max_admitted - len(self.sessions))
+        slots = self.max_sessions if self.max_admitted is None else max(0, self.max_admitted - len(self.sessions))
+        return min(slots, self.runner.kv.admittable())
 
     def end_session(self, sid: str, reason: str) -> None:
         """Ends a session; it leaves the batch at the next tick. Unknown or ended ids are ignored."""
@@ -124,13 +133,17 @@ class EngineLoop:
             if session is None:
                 return None
             slot = self.sched.slot_of.get(sid)
-        return self._status(session, slot)
+        return {**self._status(session, slot), "kv_window_seconds": self._window(slot)}
 
     def statuses(self) -> list[dict]:
         """`status` of every live session, with its id, oldest first."""
         with self._cond:
             live = [(s, self.sched.slot_of.get(s.id)) for s in self.sessions.values()]
-        return [{"id": s.id, **self._status(s, slot)} for s, slot in live]
+        return [{"id": s.id, **self._status(s, slot), "kv_window_seconds": self._window(slot)} for s, slot in live]
+
+    def _window(self, slot: int | None) -> float | None:
+        """The attention window a running session has now, in seconds (its context while whole)."""
+        return None if slot is None else self.runner.kv.window_seconds(slot)
 
     @staticmethod
     def _status(session: Session, slot: int | None) -> dict:
@@ -154,6 +167,7 @@ class EngineLoop:
 
     def _retire(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
+        self.runner.kv.release(session.id)  # its pages, or the promise it was admitted with
         self.metrics.inc("sessions_finished_total")
         self.metrics.inc("input_underruns_total", session.underruns)
         self.metrics.inc("input_dropped_samples_total", session.dropped_samples)
@@ -182,17 +196,18 @@ class EngineLoop:
     def tick(self) -> Plan:
         with self._cond:
             self._expire()
-            plan = self.sched.tick(has_input=lambda sid: self.sessions[sid].has_frame())
+            # Offline loops promise a session its KV minimum as it joins; serving ones did at admission.
+            plan = self.sched.tick(has_input=lambda sid: self.sessions[sid].has_frame() and self.runner.kv.admit(sid))
             for sid, _ in plan.leaves:
                 self._retire(self.sessions[sid])
             stepping = [(self.sessions[sid], slot) for sid, slot in plan.step]
             m = self.metrics
             m.gauges.update(num_sessions_running=len(stepping), slots_used=len(stepping),
-                            num_sessions_waiting=len(self.sched.waiting))
+                            num_sessions_waiting=len(self.sched.waiting), **self.runner.kv.gauges())
         failed = set()
         for sid, slot in plan.joins:
             try:
-                self.runner.join(slot, self.sessions[sid].sampling)
+                self.runner.join(slot, self.sessions[sid].sampling, owner=sid)
             except Exception:  # this session's settings, not the engine: it alone ends
                 log.exception("session %s: joining slot %d failed; ending it", sid, slot)
                 failed.add(sid)

@@ -125,8 +125,10 @@ class SessionTable:
         except (ValueError, TypeError) as e:
             return {"ok": False, "status": 422, "detail": str(e)}
         if session is None:
-            return {"ok": False, "status": 503,
-                    "detail": "server is shutting down" if loop.draining else "all session slots are busy"}
+            slots_full = loop.max_admitted is not None and len(loop.sessions) >= loop.max_admitted
+            busy = ("all session slots are busy" if slots_full or loop.runner.kv.can_admit() else
+                    "the KV pool cannot promise another session its minimum context (--kv-min-seconds)")
+            return {"ok": False, "status": 503, "detail": "server is shutting down" if loop.draining else busy}
         self._next_handle += 1
         entry.session = session
         self.entries[entry.handle], self.by_sid[session.id] = entry, entry

@@ -1,8 +1,10 @@
 """Slot-batched streaming transformer shared by Mimi and the Moshi LM.
 
 The module tree mirrors kyutai's `StreamingTransformer` so checkpoints load by name. Streaming
-state lives in per-slot buffers: a ring KV cache per layer ([max_sessions, heads, capacity, dim])
-and one position counter per slot. A step runs a chosen set of slots; other slots are untouched.
+state is one position counter per slot and the keys and values: a ring per slot and layer
+([max_sessions, heads, capacity, dim]: Mimi's, the depth transformer's), or pages of a shared pool
+reached through each slot's page table (`engine.kv_pool`: the LM's). A step runs a chosen set of
+slots; other slots are untouched.
 """
 from __future__ import annotations
 
@@ -10,62 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.norms import make_norm
 from kernels import attention as attn_kernels
 from kernels import linear as linear_kernels
 from kernels import norm as norm_kernels
+from kernels import paged_attention as paged_kernels
 from kernels import rope as rope_kernels
-
-
-class _Norm:
-    """Mixin: forward and the fused residual-add + norm go through `kernels.norm`; each subclass
-    describes itself as `params` (a NormParams)."""
-
-    kernel_backend = "torch"  # set by kernels.dispatch.apply_backend
-    params: norm_kernels.NormParams
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return norm_kernels.norm(x, self.params, self.kernel_backend)
-
-    def add_forward(self, x: torch.Tensor, update: torch.Tensor,
-                    scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + scale * update, this norm of it)."""
-        return norm_kernels.add_norm(x, update, scale, self.params, self.kernel_backend)
-
-
-class RMSNorm(_Norm, nn.Module):
-    def __init__(self, dim: int, eps: float, compute_dtype: torch.dtype | None):
-        super().__init__()
-        self.eps = eps
-        self.compute_dtype = compute_dtype
-        self.alpha = nn.Parameter(torch.ones(1, 1, dim))
-
-    @property
-    def params(self) -> norm_kernels.NormParams:
-        return norm_kernels.NormParams(True, self.alpha, None, self.eps, self.compute_dtype is not None)
-
-
-class LayerNorm(_Norm, nn.LayerNorm):
-    @property
-    def params(self) -> norm_kernels.NormParams:
-        return norm_kernels.NormParams(False, self.weight, self.bias, self.eps, False)
-
-
-class LayerNormF32(_Norm, nn.LayerNorm):
-    @property
-    def params(self) -> norm_kernels.NormParams:
-        return norm_kernels.NormParams(False, self.weight, self.bias, self.eps, True)
-
-
-def make_norm(kind: str, dim: int) -> nn.Module:
-    if kind == "layer_norm":
-        return LayerNorm(dim, eps=1e-5)
-    if kind == "layer_norm_f32":
-        return LayerNormF32(dim, eps=1e-8)
-    if kind == "rms_norm":
-        return RMSNorm(dim, 1e-5, None)
-    if kind == "rms_norm_f32":
-        return RMSNorm(dim, 1e-8, torch.float32)
-    raise ValueError(f"unknown norm {kind!r}")
 
 
 class LayerScale(nn.Module):
@@ -171,7 +123,7 @@ class TransformerLayer(nn.Module):
 
 
 class StreamingTransformer(nn.Module):
-    """Causal transformer over a per-slot ring KV cache of `capacity` positions.
+    """Causal transformer over a per-slot ring KV cache of `capacity` positions, or a KV pool.
 
     With `weights_per_step` > 0 (Moshi's depth transformer), step i of a frame uses weight set i and
     the cache holds one frame's steps; `reset` before each frame starts it afresh.
@@ -183,6 +135,7 @@ class StreamingTransformer(nn.Module):
     whole_ring = False
     # The whole step as one C call on CPU (`kernels.stack_cpu.StackKernel`), set by `kernels.stack_cpu.attach`.
     cpu_stack = None
+    pool = None  # the KVPool its keys and values live in, when `init_state` was given one
 
     def __init__(self, dim: int, num_heads: int, num_layers: int, dim_feedforward: int, norm: str,
                  gating: str, layer_scale: float | None, context: int | None, rope_max_period: float | None,
@@ -199,22 +152,28 @@ class StreamingTransformer(nn.Module):
             for _ in range(num_layers)])
         self.max_sessions = 0
 
-    def init_state(self, max_sessions: int, dtype: torch.dtype | None = None) -> None:
+    def init_state(self, max_sessions: int, dtype: torch.dtype | None = None, pool=None) -> None:
+        """Rings of `capacity` positions per slot, or (`pool`, an `engine.kv_pool.KVPool` sized for
+        this transformer and `max_sessions` slots) pages of the pool."""
         p = next(self.parameters())
         dtype = dtype or p.dtype
-        shape = (len(self.layers), max_sessions, self.num_heads, self.capacity, self.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, device=p.device, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, device=p.device, dtype=dtype), persistent=False)
+        self.pool = pool
+        if pool is None:
+            shape = (len(self.layers), max_sessions, self.num_heads, self.capacity, self.head_dim)
+            self.register_buffer("k_cache", torch.zeros(shape, device=p.device, dtype=dtype), persistent=False)
+            self.register_buffer("v_cache", torch.zeros(shape, device=p.device, dtype=dtype), persistent=False)
         self.register_buffer("offsets", torch.zeros(max_sessions, device=p.device, dtype=torch.long),
                              persistent=False)
         self.max_sessions = max_sessions
 
     def kv_bytes(self, positions: int, dtype: torch.dtype | None = None) -> int:
-        """Bytes of one slot's keys and values over `positions` ring entries (in `dtype`, default
-        the cache's, or before `init_state` the weights')."""
+        """Bytes of one slot's keys and values over `positions` entries (in `dtype`, default the
+        cache's or pool's, or before `init_state` the weights'; fp8 with its scales)."""
         if dtype is None:
-            dtype = self.k_cache.dtype if self.max_sessions else next(self.parameters()).dtype
-        return 2 * len(self.layers) * self.num_heads * self.head_dim * positions * dtype.itemsize
+            dtype = (self.pool.dtype if self.pool is not None else self.k_cache.dtype if self.max_sessions
+                     else next(self.parameters()).dtype)
+        scales = 4 if dtype == paged_kernels.FP8 else 0
+        return 2 * len(self.layers) * self.num_heads * (self.head_dim * dtype.itemsize + scales) * positions
 
     def reset(self, slots: torch.Tensor) -> None:
         # Positions at or past a slot's offset are masked out, so zeroing the counter is a full reset.
@@ -233,8 +192,10 @@ class StreamingTransformer(nn.Module):
         # Each residual add is followed by the next norm (norm2, then the next layer's norm1), so
         # the two are computed together; h is always the normed input of the next sub-layer.
         h = self.layers[0].norm1(x)
-        plan = None
-        if self.kernel_backend == "torch":
+        plan, pool = None, self.pool
+        if self.kernel_backend == "torch" and pool is not None:
+            plan = paged_kernels.paged_plan(offsets, T, self.context, pool.layers[0], slots, trim=not self.whole_ring)
+        elif self.kernel_backend == "torch":
             plan = (attn_kernels.ring_plan_at(position, T, self.capacity, slots)
                     if position is not None and self.context is None
                     else attn_kernels.ring_plan(offsets, T, self.capacity, self.context, slots,
@@ -245,8 +206,12 @@ class StreamingTransformer(nn.Module):
             q, k, v = layer.self_attn.qkv(h, step)
             if rope is not None:
                 q, k = rope_kernels.apply_rope(q, k, rope, self.kernel_backend)
-            out = attn_kernels.ring_attention(q, k, v, self.k_cache[i], self.v_cache[i], slots, offsets,
-                                              self.context, self.kernel_backend, plan)
+            if pool is not None:
+                out = paged_kernels.paged_attention(q, k, v, pool.layers[i], slots, offsets, self.context,
+                                                    self.kernel_backend, plan)
+            else:
+                out = attn_kernels.ring_attention(q, k, v, self.k_cache[i], self.v_cache[i], slots, offsets,
+                                                  self.context, self.kernel_backend, plan)
             out = out.transpose(1, 2).reshape(B, T, -1)
             update = layer.self_attn.out_projs[step](out)
             x, h = layer.residual(x, update, layer.layer_scale_1, layer.norm2)

@@ -48,6 +48,29 @@ def attention_specs() -> Iterator[tuple[str, list[Launch]]]:
                 yield f"{name}-B{B}-{str(dtype)[6:]}", launches
 
 
+def paged_attention_specs() -> Iterator[tuple[str, list[Launch]]]:
+    """The LM's attention through its KV pool's page tables: pages of 16 frames, the pool in the LM's
+    dtype or in fp8 (e4m3, with scales) beside bf16 activations."""
+    from kernels import paged_attention_triton
+    from kernels.paged_attention import FP8, PagedKV
+    H, D, ctx, T, page = LM["heads"], LM["head_dim"], LM["context"], LM["T"], 16
+    per_slot = -(-ctx // page)
+    table = torch.empty(MAX_SESSIONS, per_slot, device=META, dtype=torch.int32)
+    window = torch.empty(MAX_SESSIONS, device=META, dtype=torch.int32)
+    for dtype, pool_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, FP8)):
+        pool = torch.empty(MAX_SESSIONS * per_slot + 1, H, page, D, device=META, dtype=pool_dtype)
+        scales = torch.empty(pool.shape[:3], device=META) if pool_dtype == FP8 else None
+        cache = PagedKV(pool, torch.empty_like(pool), scales, None if scales is None else torch.empty_like(scales),
+                        table, window)
+        kv = "fp8" if pool_dtype == FP8 else str(pool_dtype)[6:]
+        for B in (1, 4, 64):
+            q, k, v = _qkv(B, T, H, D, dtype)
+            slots = torch.empty(B, device=META, dtype=torch.long)
+            launches, _ = paged_attention_triton.plan(q, k, v, cache, slots, torch.empty_like(slots), ctx,
+                                                      num_sms=H100_SMS)
+            yield f"lm-paged-B{B}-{str(dtype)[6:]}-kv-{kv}", launches
+
+
 def rvq_specs() -> Iterator[tuple[str, list[Launch]]]:
     # fp32 only: Mimi quantizes in fp32 whatever the LM dtype and the launcher rejects anything else.
     from kernels import rvq_triton
@@ -166,7 +189,8 @@ def noise_specs() -> Iterator[tuple[str, list[Launch]]]:
 
 
 def all_specs() -> Iterator[tuple[str, str, list[Launch]]]:
-    for family, gen in (("attention", attention_specs), ("rvq", rvq_specs), ("conv", conv_specs),
+    for family, gen in (("attention", attention_specs), ("attention", paged_attention_specs), ("rvq", rvq_specs),
+                        ("conv", conv_specs),
                         ("norm", norm_specs), ("rope", rope_specs), ("noise", noise_specs)):
         for label, launches in gen():
             yield family, label, launches

@@ -1,12 +1,16 @@
 /* One streaming step of a whole transformer stack in fp32 on AVX-512, for the CPU engine: every
- * layer's norms, products, RoPE, ring-KV write, attention, feed-forward and residuals in one call
- * and one OpenMP region. On CPU a Mimi transformer step of one session was ~530 ATen ops, half its
+ * layer's norms, products, RoPE, KV write, attention, feed-forward and residuals in one call and
+ * one OpenMP region. On CPU a Mimi transformer step of one session was ~530 ATen ops, half its
  * time; here what is left is the weights' streaming (gemm_tiles.h) and a barrier per phase.
  *
- * Semantics are `StreamingTransformer.forward`'s torch path (kernels/attention.py, rope.py, norm.py):
- * the T new keys of a row are written into its slot's ring first, then query t (absolute position
- * p = offset + t) attends over the positions the ring holds that are <= p. (A context is the ring's
- * capacity: the ring holds the last `capacity` positions, so the limit needs no test of its own.)
+ * Semantics are `StreamingTransformer.forward`'s torch path (kernels/attention.py, paged_attention.py,
+ * rope.py, norm.py): the T new keys of a row are written first, then query t (absolute position
+ * p = offset + t) attends over the last `context` positions that are <= p and, with windows, less
+ * than its slot's window back. Keys live in pages [pages, heads, page_size, head_dim] per layer:
+ * with a page table (the LM's KV pool) position p of a slot is row p % page_size of page
+ * table[slot][(p / page_size) % pages_per_slot]; without one (a ring per slot) the page is the
+ * slot and holds the whole ring (page_size = context, one page a slot). Positions are visited in
+ * order, page run by page run, so the sums are the same whatever the pages.
  * Every row is computed on its own, so a row's result does not depend on its batch.
  */
 #include <math.h>
@@ -25,10 +29,16 @@ typedef struct {
 } StackLayer;
 
 typedef struct {
-    int64_t dim, heads, head_dim, layers, capacity;
-    int64_t hidden, ff_kind, rms, sessions;                  /* sessions: rows of caches and offsets */
+    int64_t dim, heads, head_dim, layers, context;
+    int64_t page_size, pages_per_slot, pool_pages;           /* pool_pages: rows of the caches per layer */
+    int64_t hidden, ff_kind, rms, sessions;                  /* sessions: rows of offsets (and tables) */
     float eps, rope_max_period;                              /* period 0: no RoPE */
 } StackShape;
+
+/* Where a slot's keys are: its page table and window (both NULL for a ring per slot). */
+typedef struct {
+    const int32_t *table, *window;
+} StackPages;
 
 /* Head sizes up to MAX_CHUNKS x 16 (Moshi's are 64 and 128). */
 #define MAX_CHUNKS 8
@@ -42,7 +52,7 @@ static int64_t ff_in_width(const StackShape *s) { return s->ff_kind == FF_GELU ?
 /* Floats of scratch a call over `rows` rows needs. */
 int64_t lockstep_stack_scratch(const StackShape *s, int64_t rows, int nthreads) {
     int64_t C = s->dim, gated = s->ff_kind == FF_GELU ? 0 : s->hidden;
-    return rows * (6 * C + ff_in_width(s) + gated + s->head_dim) + (int64_t)nthreads * s->capacity;
+    return rows * (6 * C + ff_in_width(s) + gated + s->head_dim) + (int64_t)nthreads * s->context;
 }
 
 /* y = norm(x) over C features, in the torch path's order of operations. */
@@ -102,37 +112,32 @@ static void rope_head(float *v, const float *cs, int64_t D) {
     }
 }
 
-/* Scores of one query against ring entries: q and each key in NCH chunks of 16 (the last masked
- * by `tail`), q held in registers. Keys are ring entries first, first + 1, ... (mod cap). */
+/* Scores of one query against n consecutive keys at k (rows of D), q held in registers, in NCH
+ * chunks of 16 (the last masked by `tail`). */
 #define SCORES(NCH)                                                                                     \
-    static void scores_##NCH(const float *q, const float *kc, int64_t first, int64_t n, int64_t cap,    \
-                             int64_t D, __mmask16 tail, float scale, float *out) {                      \
+    static void scores_##NCH(const float *q, const float *k, int64_t n, int64_t D, __mmask16 tail,      \
+                             float scale, float *out) {                                                 \
         __m512 qv[NCH];                                                                                 \
         for (int i = 0; i < NCH; i++) qv[i] = _mm512_maskz_loadu_ps(i + 1 < NCH ? 0xFFFF : tail, q + 16 * i); \
-        int64_t idx = first;                                                                            \
-        for (int64_t j = 0; j < n; j++) {                                                               \
-            const float *k = kc + idx * D;                                                              \
+        for (int64_t j = 0; j < n; j++, k += D) {                                                       \
             __m512 acc = _mm512_mul_ps(qv[0], _mm512_maskz_loadu_ps(NCH > 1 ? 0xFFFF : tail, k));       \
             for (int i = 1; i < NCH; i++)                                                               \
                 acc = _mm512_fmadd_ps(qv[i], _mm512_maskz_loadu_ps(i + 1 < NCH ? 0xFFFF : tail, k + 16 * i), acc); \
             out[j] = hsum(acc) * scale;                                                                 \
-            if (++idx == cap) idx = 0;                                                                  \
         }                                                                                               \
     }
 
-/* out = sum_j w[j] v_j over the same entries, NCH accumulators in registers. */
+/* out += sum_j w[j] v_j over n consecutive values at v, NCH accumulators in registers (out is read
+ * and written once a run, exactly, so a sum over several runs is the sum over one). */
 #define WEIGHTED(NCH)                                                                                   \
-    static void weighted_##NCH(const float *w, const float *vc, int64_t first, int64_t n, int64_t cap,  \
-                               int64_t D, __mmask16 tail, float *out) {                                 \
+    static void weighted_##NCH(const float *w, const float *v, int64_t n, int64_t D, __mmask16 tail,    \
+                               float *out) {                                                            \
         __m512 acc[NCH];                                                                                \
-        for (int i = 0; i < NCH; i++) acc[i] = _mm512_setzero_ps();                                     \
-        int64_t idx = first;                                                                            \
-        for (int64_t j = 0; j < n; j++) {                                                               \
-            const float *v = vc + idx * D;                                                              \
+        for (int i = 0; i < NCH; i++) acc[i] = _mm512_maskz_loadu_ps(i + 1 < NCH ? 0xFFFF : tail, out + 16 * i); \
+        for (int64_t j = 0; j < n; j++, v += D) {                                                       \
             __m512 wj = _mm512_set1_ps(w[j]);                                                           \
             for (int i = 0; i < NCH; i++)                                                               \
                 acc[i] = _mm512_fmadd_ps(wj, _mm512_maskz_loadu_ps(i + 1 < NCH ? 0xFFFF : tail, v + 16 * i), acc[i]); \
-            if (++idx == cap) idx = 0;                                                                  \
         }                                                                                               \
         for (int i = 0; i < NCH; i++) _mm512_mask_storeu_ps(out + 16 * i, i + 1 < NCH ? 0xFFFF : tail, acc[i]); \
     }
@@ -140,23 +145,34 @@ static void rope_head(float *v, const float *cs, int64_t D) {
 SCORES(1) SCORES(2) SCORES(3) SCORES(4) SCORES(5) SCORES(6) SCORES(7) SCORES(8)
 WEIGHTED(1) WEIGHTED(2) WEIGHTED(3) WEIGHTED(4) WEIGHTED(5) WEIGHTED(6) WEIGHTED(7) WEIGHTED(8)
 
-typedef void (*scores_fn)(const float *, const float *, int64_t, int64_t, int64_t, int64_t, __mmask16, float,
-                          float *);
-typedef void (*weighted_fn)(const float *, const float *, int64_t, int64_t, int64_t, int64_t, __mmask16,
-                            float *);
+typedef void (*scores_fn)(const float *, const float *, int64_t, int64_t, __mmask16, float, float *);
+typedef void (*weighted_fn)(const float *, const float *, int64_t, int64_t, __mmask16, float *);
 static const scores_fn SCORES_FOR[MAX_CHUNKS + 1] = {0, scores_1, scores_2, scores_3, scores_4,
                                                      scores_5, scores_6, scores_7, scores_8};
 static const weighted_fn WEIGHTED_FOR[MAX_CHUNKS + 1] = {0, weighted_1, weighted_2, weighted_3, weighted_4,
                                                          weighted_5, weighted_6, weighted_7, weighted_8};
 
-/* Query q at absolute position `pos` against ring `kc`/`vc` whose newest position is `last`: the
- * positions max(0, last - cap + 1) .. pos. */
-static void attend(const StackShape *s, const float *q, const float *kc, const float *vc, int64_t pos,
-                   int64_t last, float *probs, float *out) {
-    int64_t D = s->head_dim, cap = s->capacity, nch = (D + 15) / 16;
-    int64_t lo = last - cap + 1 > 0 ? last - cap + 1 : 0, n = pos - lo + 1;
+/* Offset (in floats, within a layer) of position p's row for head hd of `slot`. */
+static inline int64_t kv_row(const StackShape *s, const StackPages *pg, int64_t slot, int64_t hd, int64_t p) {
+    int64_t ps = s->page_size, r = p % (ps * s->pages_per_slot);
+    int64_t page = pg->table ? pg->table[slot * s->pages_per_slot + r / ps] : slot;
+    return ((page * s->heads + hd) * ps + r % ps) * s->head_dim;
+}
+
+/* Query q at absolute position `pos` of `slot` (head hd), whose newest position is `last`: the
+ * positions max(0, last - context + 1, pos - window + 1) .. pos, page run by page run. */
+static void attend(const StackShape *s, const StackPages *pg, int64_t slot, int64_t hd, const float *q,
+                   const float *kc, const float *vc, int64_t pos, int64_t last, float *probs, float *out) {
+    int64_t D = s->head_dim, ps = s->page_size, nch = (D + 15) / 16;
+    int64_t lo = last - s->context + 1 > 0 ? last - s->context + 1 : 0;
+    if (pg->window && pos - pg->window[slot] + 1 > lo) lo = pos - pg->window[slot] + 1;
+    int64_t n = pos - lo + 1;
     __mmask16 tail = tail_mask(D - 16 * (nch - 1));
-    SCORES_FOR[nch](q, kc, lo % cap, n, cap, D, tail, (float)(1.0 / sqrt((double)D)), probs);
+    float scale = (float)(1.0 / sqrt((double)D));
+    for (int64_t p = lo, run; p <= pos; p += run) {
+        run = ps - p % ps < pos - p + 1 ? ps - p % ps : pos - p + 1;
+        SCORES_FOR[nch](q, kc + kv_row(s, pg, slot, hd, p), run, D, tail, scale, probs + (p - lo));
+    }
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (int64_t i = 0; i < n; i += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, tail_mask(n - i), probs + i));
     __m512 tv = _mm512_set1_ps(_mm512_reduce_max_ps(top)), total = _mm512_setzero_ps();
@@ -171,7 +187,11 @@ static void attend(const StackShape *s, const float *q, const float *kc, const f
         __mmask16 m = tail_mask(n - i);
         _mm512_mask_storeu_ps(probs + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, probs + i), inv));
     }
-    WEIGHTED_FOR[nch](probs, vc, lo % cap, n, cap, D, tail, out);
+    memset(out, 0, D * sizeof(float));
+    for (int64_t p = lo, run; p <= pos; p += run) {
+        run = ps - p % ps < pos - p + 1 ? ps - p % ps : pos - p + 1;
+        WEIGHTED_FOR[nch](probs + (p - lo), vc + kv_row(s, pg, slot, hd, p), run, D, tail, out);
+    }
 }
 
 /* The feed-forward's GELU over n floats, exported so the tests can hold it to its stated accuracy. */
@@ -201,16 +221,18 @@ static void activate_row(const StackShape *s, float *h, float *gated) {
     }
 }
 
-/* x: B x T rows of `dim` at strides (sb, st, sc); out: [B*T, dim]; slots: B rows of the caches
- * ([layers, sessions, heads, capacity, head_dim]) and of `offsets`, which advance by T. A slot may
- * repeat (the engine's padded rows share one scratch slot): those rows then race on its ring, which
- * nothing reads, and its offset advances once per row. Returns 0; or, with nothing written, -1 for
- * a slot outside [0, sessions), -2 for a negative offset, -3 for a shape the kernel does not take. */
+/* x: B x T rows of `dim` at strides (sb, st, sc); out: [B*T, dim]; slots: B rows of `offsets`
+ * (and of the page tables and windows in `pg`), which advance by T; the caches are
+ * [layers, pool_pages, heads, page_size, head_dim]. A slot may repeat (the engine's padded rows
+ * share one scratch slot): those rows then race on its pages, which nothing reads, and its offset
+ * advances once per row. Returns 0; or, with nothing written, -1 for a slot outside [0, sessions),
+ * -2 for a negative offset, -3 for a shape the kernel does not take. */
 int lockstep_stack_f32(const StackShape *s, const StackLayer *layers, const float *x, int64_t sb, int64_t st,
                        int64_t sc, int64_t B, int64_t T, const int64_t *slots, int64_t *offsets, float *k_cache,
-                       float *v_cache, float *out, float *scratch, int nthreads) {
-    if (s->head_dim < 1 || s->head_dim > 16 * MAX_CHUNKS || s->dim != s->heads * s->head_dim || s->capacity < 1 ||
-        T < 1 || T > s->capacity || nthreads < 1 || s->hidden < 1)
+                       float *v_cache, const StackPages *pg, float *out, float *scratch, int nthreads) {
+    if (s->head_dim < 1 || s->head_dim > 16 * MAX_CHUNKS || s->dim != s->heads * s->head_dim || s->context < 1 ||
+        T < 1 || T > s->context || nthreads < 1 || s->hidden < 1 || s->page_size < 1 || s->pages_per_slot < 1 ||
+        s->page_size * s->pages_per_slot < s->context || (!pg->table && s->pages_per_slot != 1))
         return -3;
     for (int64_t l = 0; l < s->layers; l++)
         if (!s->rms && !(layers[l].norm1_b && layers[l].norm2_b)) return -3;
@@ -218,16 +240,16 @@ int lockstep_stack_f32(const StackShape *s, const StackLayer *layers, const floa
         if (slots[b] < 0 || slots[b] >= s->sessions) return -1;
         if (offsets[slots[b]] < 0) return -2;
     }
-    const int64_t C = s->dim, H = s->heads, D = s->head_dim, N = B * T, cap = s->capacity;
+    const int64_t C = s->dim, H = s->heads, D = s->head_dim, N = B * T;
     const int64_t FF = ff_in_width(s), gated_w = s->ff_kind == FF_GELU ? 0 : s->hidden;
     float *h = scratch, *qkv = h + N * C, *att = qkv + N * 3 * C, *upd = att + N * C, *ff = upd + N * C;
     float *gated = ff + N * FF, *rope = gated + N * gated_w, *probs = rope + N * D;
     float *ff_act = s->ff_kind == FF_GELU ? ff : gated;
-    const int64_t layer_stride = s->sessions * H * cap * D;
+    const int64_t layer_stride = s->pool_pages * H * s->page_size * D;
 
 #pragma omp parallel num_threads(nthreads)
     {
-        float *my_probs = probs + (int64_t)omp_get_thread_num() * cap;
+        float *my_probs = probs + (int64_t)omp_get_thread_num() * s->context;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < N; r++) {
             const float *src = x + (r / T) * sb + (r % T) * st;
@@ -254,19 +276,19 @@ int lockstep_stack_f32(const StackShape *s, const StackLayer *layers, const floa
             for (int64_t b = 0; b < B; b++) {
                 for (int64_t hd = 0; hd < H; hd++) {
                     int64_t slot = slots[b], off = offsets[slot], last = off + T - 1;
-                    float *kc = k_cache + l * layer_stride + (slot * H + hd) * cap * D;
-                    float *vc = v_cache + l * layer_stride + (slot * H + hd) * cap * D;
+                    float *kc = k_cache + l * layer_stride, *vc = v_cache + l * layer_stride;
                     for (int64_t t = 0; t < T; t++) {
                         float *q = qkv + (b * T + t) * 3 * C + hd * D;
                         if (s->rope_max_period > 0) {
                             rope_head(q, rope + (b * T + t) * D, D);
                             rope_head(q + C, rope + (b * T + t) * D, D);
                         }
-                        memcpy(kc + ((off + t) % cap) * D, q + C, D * sizeof(float));
-                        memcpy(vc + ((off + t) % cap) * D, q + 2 * C, D * sizeof(float));
+                        int64_t row = kv_row(s, pg, slot, hd, off + t);
+                        memcpy(kc + row, q + C, D * sizeof(float));
+                        memcpy(vc + row, q + 2 * C, D * sizeof(float));
                     }
                     for (int64_t t = 0; t < T; t++)
-                        attend(s, qkv + (b * T + t) * 3 * C + hd * D, kc, vc, off + t, last, my_probs,
+                        attend(s, pg, slot, hd, qkv + (b * T + t) * 3 * C + hd * D, kc, vc, off + t, last, my_probs,
                                att + (b * T + t) * C + hd * D);
                 }
             }

@@ -5,9 +5,9 @@ session was ~530 of them, half its 7.5 ms, and the tiny LM's stacks nearly all. 
 gives every `StreamingTransformer` below it whose layers the kernel covers (fp32 on CPU; RMSNorm or
 LayerNorm; GELU, or SiLU/GELU gating; optional layer scales and RoPE; no biases) a `StackKernel`,
 which `StreamingTransformer.forward` runs in place of its layers when `runs(x)`: the same step
-(ring-KV semantics, offsets advanced), computed row by row, so a row's result does not depend on
-its batch. Elsewhere (GPU, bf16, autograd, the Triton backend, long offline chunks) the module's
-own path runs.
+(its rings', or its KV pool's through the page tables, offsets advanced), computed row by row, so a
+row's result does not depend on its batch. Elsewhere (GPU, bf16 or fp8 KV, autograd, the Triton
+backend, long offline chunks) the module's own path runs.
 """
 from __future__ import annotations
 
@@ -27,9 +27,14 @@ _FF_GELU, _FF_SILU_GATE, _FF_GELU_GATE = 0, 1, 2
 
 
 class _Shape(ctypes.Structure):
-    _fields_ = ([(name, ctypes.c_int64) for name in ("dim", "heads", "head_dim", "layers", "capacity", "hidden",
-                                                     "ff_kind", "rms", "sessions")]
+    _fields_ = ([(name, ctypes.c_int64) for name in ("dim", "heads", "head_dim", "layers", "context", "page_size",
+                                                     "pages_per_slot", "pool_pages", "hidden", "ff_kind", "rms",
+                                                     "sessions")]
                 + [("eps", ctypes.c_float), ("rope_max_period", ctypes.c_float)])
+
+
+class _Pages(ctypes.Structure):
+    _fields_ = [("table", ctypes.c_void_p), ("window", ctypes.c_void_p)]
 
 
 class _Layer(ctypes.Structure):
@@ -45,7 +50,7 @@ def _bound() -> tuple[ctypes.CDLL | None, str]:
         lib.lockstep_stack_scratch.argtypes = [ctypes.POINTER(_Shape), i64, ctypes.c_int]
         lib.lockstep_stack_scratch.restype = i64
         lib.lockstep_stack_f32.argtypes = [ctypes.POINTER(_Shape), ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr,
-                                           ptr, ptr, ptr, ptr, ctypes.c_int]
+                                           ptr, ptr, ctypes.POINTER(_Pages), ptr, ptr, ctypes.c_int]
         lib.lockstep_stack_f32.restype = ctypes.c_int
         lib.lockstep_gelu_f32.argtypes = [ptr, ptr, i64]
         lib.lockstep_gelu_f32.restype = None
@@ -105,6 +110,8 @@ def unsupported(module: nn.Module) -> str | None:
         return f"head_dim {module.head_dim} (the kernel takes up to 128)"
     if module.context is not None and module.context != module.capacity:
         return "a context other than the ring's capacity"
+    if module.pool is not None and module.pool.dtype != torch.float32:
+        return f"KV pool in {module.pool.dtype}"
     return None
 
 
@@ -129,13 +136,25 @@ class StackKernel:
         norm = layer0.norm1.params
         self.shape = _Shape(
             dim=module.num_heads * module.head_dim, heads=module.num_heads, head_dim=module.head_dim,
-            layers=len(module.layers), capacity=module.capacity, hidden=hidden,
+            layers=len(module.layers), context=module.capacity, hidden=hidden,
             ff_kind=kind, rms=int(norm.rms), sessions=0, eps=norm.eps,
             rope_max_period=module.rope_max_period or 0.0)
         self._keep: list[torch.Tensor] = []  # every tensor a table points into
         self.tables = [self._table(step) for step in range(max(1, module.weights_per_step))]
         self._scratch = torch.empty(0, dtype=torch.float32, device="cpu")
-        self._lock = threading.Lock()  # a call owns the scratch and the shape's session count
+        self._lock = threading.Lock()  # a call owns the scratch and the shape's state fields
+        self._pages = _Pages()
+
+    def _state(self):
+        """(keys, values, page table, windows, [pool pages, page size, pages per slot]) as the module
+        holds them: its pool's, or its rings' (a page per slot, no table)."""
+        m = self.module
+        pool = m.pool
+        if pool is not None:
+            return pool.k, pool.v, pool.page_table, pool.window, [pool.k.shape[1], pool.page_size,
+                                                                  pool.page_table.shape[1]]
+        k = getattr(m, "k_cache", None)
+        return k, getattr(m, "v_cache", None), None, None, None if k is None else [k.shape[1], m.capacity, 1]
 
     def _ptr(self, t: torch.Tensor | None) -> int | None:
         if t is None:
@@ -166,15 +185,19 @@ class StackKernel:
         """Whether this step of x ([B, T, dim]) runs here: on the torch backend, in fp32 on CPU, with the
         module's state laid out as the kernel reads it (anything else takes the module's own path)."""
         m = self.module
-        k, v, offsets = getattr(m, "k_cache", None), getattr(m, "v_cache", None), getattr(m, "offsets", None)
+        k, v, table, window, layout = self._state()
+        offsets = getattr(m, "offsets", None)
         if k is None or v is None or offsets is None or m.kernel_backend != "torch" or torch.is_grad_enabled():
             return False
         s = self.shape
-        state = (s.layers, offsets.shape[0], s.heads, s.capacity, s.head_dim)
+        state = (s.layers, layout[0], s.heads, layout[1], s.head_dim)
+        tables_ok = table is None or (
+            table.dtype == window.dtype == torch.int32 and table.device.type == window.device.type == "cpu"
+            and table.is_contiguous() and window.is_contiguous() and table.shape[0] == window.shape[0] == offsets.shape[0])
         return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 3 and x.shape[2] == s.dim
-                and 0 < x.shape[1] <= s.capacity and x.shape[0] * x.shape[1] <= MAX_ROWS
+                and 0 < x.shape[1] <= s.context and x.shape[0] * x.shape[1] <= MAX_ROWS
                 and offsets.dtype == torch.long and offsets.dim() == 1 and offsets.is_contiguous()
-                and offsets.device.type == "cpu"
+                and offsets.device.type == "cpu" and tables_ok
                 and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
                         and tuple(t.shape) == state for t in (k, v)))
 
@@ -193,14 +216,18 @@ class StackKernel:
             raise ValueError(f"step {step} outside the {len(self.tables)} weight set(s)")
         lib = library()
         threads = torch.get_num_threads()
+        k, v, table, window, layout = self._state()
         with self._lock:
             self.shape.sessions = m.offsets.shape[0]
+            self.shape.pool_pages, self.shape.page_size, self.shape.pages_per_slot = layout
+            self._pages.table = None if table is None else table.data_ptr()
+            self._pages.window = None if window is None else window.data_ptr()
             need = lib.lockstep_stack_scratch(self.shape, B * T, threads)
             if self._scratch.numel() < need:
                 self._scratch = torch.empty(need, dtype=torch.float32, device="cpu")
             rc = lib.lockstep_stack_f32(self.shape, ctypes.addressof(self.tables[step]), x.data_ptr(), *x.stride(),
-                                        B, T, slots.data_ptr(), m.offsets.data_ptr(), m.k_cache.data_ptr(),
-                                        m.v_cache.data_ptr(), out.data_ptr(), self._scratch.data_ptr(), threads)
+                                        B, T, slots.data_ptr(), m.offsets.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                        self._pages, out.data_ptr(), self._scratch.data_ptr(), threads)
         if rc == -1:
             raise ValueError(f"slots {slots.tolist()} reach outside the {m.offsets.shape[0]} state rows")
         if rc == -2:
@@ -229,8 +256,9 @@ def attach(root: nn.Module) -> int:
 def describe(*roots: nn.Module) -> str:
     """How the streaming transformers below `roots` step, for the start-up line."""
     stacks = _stacks(*roots)
-    fused = [m for m in stacks if m.cpu_stack is not None]
+    # Attached before their state is made, a stack whose KV pool came in fp8 still takes its own path.
+    fused = [m for m in stacks if m.cpu_stack is not None and unsupported(m) is None]
     if len(fused) == len(stacks):
         return f"transformer steps fused in C ({len(fused)} stacks)"
-    why = next(unsupported(m) for m in stacks if m.cpu_stack is None)
+    why = next(unsupported(m) for m in stacks if not any(m is f for f in fused))
     return f"{len(fused)} of {len(stacks)} transformer steps fused in C (the others: {why})"

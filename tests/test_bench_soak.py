@@ -54,3 +54,22 @@ def test_batch_invariant_soak_replays_witnesses_alone_to_the_bit(tiny_wrap_ckpt,
     assert doc["witnesses_parted_alone"] == doc["witnesses_pcm_moved_alone"] == []
     failing = {**doc, "witnesses_pcm_moved_alone": ["caller-0"]}
     assert any("differed alone" in line for line in soak.verdict(failing, 10**9, 10**9))
+
+
+def test_soak_with_a_tiny_elastic_pool_refuses_caps_and_leaks_no_page(tmp_path_factory, tmp_path, capsys):
+    """An LM context of 80 frames in pages of 4, each call promised 3.2 s (11 pages: every witness
+    whole), 30 pages for 4 slots: callers are refused for pages, long calls capped, witnesses intact,
+    and every page back once all have gone."""
+    from engine.make_checkpoint import make_checkpoint
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("ctx80"), "tiny", seed=1, context=80, mimi_context=5)
+    out = tmp_path / "soak.json"
+    assert soak.main(["--device", "cpu", "--model-dir", str(ckpt), "--max-sessions", "4", "--ticks", "300",
+                      "--join-rate", "0.5", "--kv-policy", "elastic", "--kv-pages", "30", "--kv-page-size", "4",
+                      "--kv-min-seconds", "3.2", "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["failed"] == [] and doc["witness_mismatches"] == [] and doc["witnesses"] >= 2
+    assert doc["kv_pages_total"] == 30 and doc["kv_pages_left"] == doc["kv_promised_left"] == 0
+    assert doc["sessions_rejected"] > 0 and doc["kv_capped_peak"] > 0 and doc["kv_pages_peak"] > 22
+    assert "KV pool (elastic): 30 pages" in capsys.readouterr().out
+    failing = {**doc, "kv_pages_left": 3}
+    assert any("KV pages not back in the pool" in line for line in soak.verdict(failing, 10**9, 10**9))

@@ -3,55 +3,93 @@ import sys
 import pytest
 import torch
 
-from engine import capacity
+from engine import capacity, kv_sizing
 from engine.audio import frames, read_audio
 from engine.config import ConfigError, EngineConfig, SamplingConfig
 from engine.generate import run_sessions
 from engine.runner import ModelRunner
 
 
-def _state_transformers(runner):
+def _rings(runner):
     mimi = runner.mimi
-    return (runner.lm.transformer, runner.lm.depformer, mimi.encoder_transformer.transformer,
-            mimi.decoder_transformer.transformer)
+    return (runner.lm.depformer, mimi.encoder_transformer.transformer, mimi.decoder_transformer.transformer)
 
 
-def test_state_bytes_per_slot_is_what_a_slot_allocates(tiny_wrap_ckpt):
+def _per_session(runner, kv=None):
+    """(a slot's own state, a KV page) in bytes."""
+    kv = kv or runner.kv
+    return kv_sizing.slot_state_bytes(runner.lm, runner.mimi), kv.page_bytes
+
+
+def _need(slot_b, page_b, slots, pages):
+    return (slots + 1) * slot_b + (pages + 1) * page_b
+
+
+def test_the_plan_is_what_the_runner_allocates(tiny_wrap_ckpt):
     runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=3))
     rows = runner.max_sessions + 1
-    allocated = sum(t.k_cache.nbytes + t.v_cache.nbytes for t in _state_transformers(runner))
-    assert capacity.state_bytes_per_slot(runner.lm, runner.mimi) * rows == allocated
+    rings = sum(t.k_cache.nbytes + t.v_cache.nbytes for t in _rings(runner))
+    slot_b, page_b = _per_session(runner)
+    assert slot_b * rows == rings
+    assert runner.kv.nbytes == (runner.kv_plan.pages + 1) * page_b
+    assert runner.kv_plan.pages == 3 * runner.kv.tables.pages_per_slot  # reserve: every slot's whole context
+    fp8 = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=3, kv_dtype="fp8"))
+    assert fp8.kv.nbytes == (fp8.kv_plan.pages + 1) * fp8.kv.page_bytes < runner.kv.nbytes / 3
 
 
 def test_too_many_sessions_is_a_clear_error(tiny_wrap_ckpt, monkeypatch):
     probe = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
-    per_slot = capacity.state_bytes_per_slot(probe.lm, probe.mimi)
-    # Free memory such that, past the 1 GB headroom, exactly 5 slots' state fits: 4 sessions + scratch.
-    free = capacity._HEADROOM_MIN + 5 * per_slot + per_slot // 2
+    slot_b, page_b = _per_session(probe)
+    M = probe.kv.tables.pages_per_slot
+    # Free memory such that, past the 1 GB headroom, exactly 4 sessions (+ scratch) fit, and half of a fifth.
+    free = capacity._HEADROOM_MIN + _need(slot_b, page_b, 4, 4 * M) + (slot_b + M * page_b) // 2
     monkeypatch.setattr(capacity, "free_bytes", lambda device: free)
     monkeypatch.setattr("engine.runner.check_weights_fit", lambda *args: None)  # free_bytes is after the weights
-    with pytest.raises(ConfigError, match=r"--max-sessions 5 needs .* at full context, the LM's 6 positions and "
-                                          r"Mimi's 5; .* at most 4 session\(s\) fit; lower --max-sessions"):
+    with pytest.raises(ConfigError, match=r"--max-sessions 5 needs .* a session \(its whole context, 0.48 s .*"
+                                          r"at most 4 session\(s\) fit; lower --max-sessions .* or --kv-policy elastic"):
         ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=5))
     assert ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=4)).max_sessions == 4
 
 
 def test_max_sessions_0_takes_as_many_as_fit(tiny_wrap_ckpt, monkeypatch):
     probe = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
-    per_slot = capacity.state_bytes_per_slot(probe.lm, probe.mimi)
+    slot_b, page_b = _per_session(probe)
+    M = probe.kv.tables.pages_per_slot
     monkeypatch.setattr("engine.runner.check_weights_fit", lambda *args: None)
     cfg = EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=0)
-    monkeypatch.setattr(capacity, "free_bytes", lambda device: capacity._HEADROOM_MIN + 5 * per_slot + per_slot // 2)
+    free = capacity._HEADROOM_MIN + _need(slot_b, page_b, 4, 4 * M) + (slot_b + M * page_b) // 2
+    monkeypatch.setattr(capacity, "free_bytes", lambda device: free)
     runner = ModelRunner.load(cfg)
     assert runner.max_sessions == 4 and runner.scratch_slot == 4  # 5 rows of state: 4 sessions + scratch
+    assert runner.kv_plan.pages == 4 * M and "4 slots: " in runner.kv_plan.why
     monkeypatch.setattr(capacity, "free_bytes", lambda device: 1 << 50)
-    assert capacity.sessions_that_fit(probe.lm, probe.mimi, torch.device("cpu")) == capacity.MAX_AUTO_SESSIONS
-    monkeypatch.setattr(capacity, "free_bytes", lambda device: capacity._HEADROOM_MIN + per_slot)
-    with pytest.raises(ConfigError, match="not even one session's state .* a checkpoint with a shorter context"):
+    assert ModelRunner.load(cfg).max_sessions == kv_sizing.MAX_AUTO_SESSIONS
+    monkeypatch.setattr(capacity, "free_bytes", lambda device: capacity._HEADROOM_MIN + slot_b + page_b)
+    with pytest.raises(ConfigError, match="not even one session fits .* a checkpoint with a shorter context"):
         ModelRunner.load(cfg)
     monkeypatch.setattr(capacity, "free_bytes", lambda device: None)
     with pytest.raises(ConfigError, match="cannot read on cpu: give --max-sessions N"):
         ModelRunner.load(cfg)
+
+
+def test_elastic_sizing_promises_each_slot_its_minimum_and_grows_into_the_rest(tiny_wrap_ckpt, monkeypatch):
+    # Context 6 in pages of 2: 3 pages a session's whole context, 2 its minimum (3 frames, 0.24 s).
+    base = dict(device="cpu", model_dir=str(tiny_wrap_ckpt), kv_policy="elastic", kv_page_size=2, kv_min_seconds=0.2)
+    probe = ModelRunner.load(EngineConfig(max_sessions=1, **base))
+    slot_b, page_b = _per_session(probe)
+    assert probe.kv.tables.promise == 2 and probe.kv.tables.pages_per_slot == 3
+    monkeypatch.setattr("engine.runner.check_weights_fit", lambda *args: None)
+    # Room for 5 sessions at their minimum and 3 pages more.
+    monkeypatch.setattr(capacity, "free_bytes", lambda device: capacity._HEADROOM_MIN
+                        + _need(slot_b, page_b, 5, 5 * 2 + 3) + page_b // 2)
+    runner = ModelRunner.load(EngineConfig(max_sessions=0, **base))
+    assert (runner.max_sessions, runner.kv_plan.pages) == (5, 13)
+    assert "let sessions grow" in runner.kv_plan.why and "promised 0.24 s" in runner.kv.describe()
+    # With the slots given, the pool takes what fits, up to every slot's whole context.
+    assert ModelRunner.load(EngineConfig(max_sessions=3, **base)).kv_plan.pages == 9
+    with pytest.raises(ConfigError, match="--kv-pages 1 cannot hold one session's 2 pages"):
+        ModelRunner.load(EngineConfig(max_sessions=3, kv_pages=1, **base))
+    assert ModelRunner.load(EngineConfig(max_sessions=3, kv_pages=2, **base)).kv_plan.pages == 2
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -30,9 +30,10 @@ def test_every_kernel_is_compiled_for_hopper(compiled):
     import kernels.conv_triton as conv
     import kernels.norm_triton as norm
     import kernels.noise_triton as noise
+    import kernels.paged_attention_triton as paged
     import kernels.rope_triton as rope
     import kernels.rvq_triton as rvq
-    defined = {name for mod in (attention, conv, noise, norm, rope, rvq) for name in dir(mod)
+    defined = {name for mod in (attention, conv, noise, norm, paged, rope, rvq) for name in dir(mod)
                if name.startswith("_") and name.endswith("_kernel")}
     assert defined <= {r["kernel"] for r in compiled}
     families = {r["label"].split(":")[0] for r in compiled}
@@ -69,6 +70,12 @@ def test_specializations_match_engine_shapes():
     lm = consts["attention:lm-B1-bfloat16"]
     assert (lm["D"], lm["T"], lm["HAS_CONTEXT"]) == (128, 1, True) and lm["NUM_SPLITS"] > 1
     assert consts["attention:lm-B64-bfloat16"]["NUM_SPLITS"] == 1
+    for kv in ("bfloat16", "fp8"):  # the LM's paged attention, split at one row, not at 64
+        paged = {label: launch.consts for label, launch in specializations()
+                 if launch.kernel.__name__ == "_paged_attn_kernel" and label.endswith(f"-kv-{kv}")}
+        assert paged[f"attention:lm-paged-B1-bfloat16-kv-{kv}"]["NUM_SPLITS"] > 1
+        assert paged[f"attention:lm-paged-B64-bfloat16-kv-{kv}"]["NUM_SPLITS"] == 1
+        assert paged[f"attention:lm-paged-B1-bfloat16-kv-{kv}"]["IS_FP8"] == (kv == "fp8")
     mimi = consts["attention:mimi-B64-float32"]
     assert (mimi["D"], mimi["T"]) == (64, 2)
     assert consts["rvq:encode-split1+7-N1"]["D"] == 256

@@ -130,3 +130,30 @@ def test_rvq_compiled_codes_are_near_optimal():
             assert torch.all(dist.gather(1, codes[:, col + s, None])[:, 0] <= dist.min(1).values + slack)
             r = r - cents[s][codes[:, col + s]]
         col += n
+
+
+@pytest.mark.parametrize("pool", ["bf16", "fp8"])
+@pytest.mark.parametrize("shape", [(2, 1, 128, 16, 37), (3, 1, 64, 4, 11), (2, 2, 64, 3, 11)])
+def test_paged_attention_bf16(shape, pool):
+    """The LM's attention through page tables, compiled: bf16 activations over bf16 or fp8 pages,
+    against the float64 torch path over the same pool, which also gives the pool's new rows (page 0,
+    the scratch page that padded rows write, aside)."""
+    from kernels import paged_attention_triton
+    from kernels.paged_attention import FP8, dequantize, paged_attention, quantize_fp8
+    from test_kernels_paged_attention import _rows, as_float64, make_cache
+    slots, offsets, (q, k, v) = _rows(7, 5, shape, torch.bfloat16)
+    cache = make_cache(shape, FP8 if pool == "fp8" else torch.bfloat16, seed=5)
+    active = slots >= 0
+    ref = as_float64(cache)  # float64 pages: the torch path writes the new rows there, unrounded
+    new = ([dequantize(*quantize_fp8(x.transpose(1, 2)), torch.float64).transpose(1, 2) for x in (k, v)]
+           if pool == "fp8" else [x.double() for x in (k, v)])
+    want = paged_attention(q.double()[active], new[0][active], new[1][active], ref, slots[active], offsets[active],
+                           shape[4])
+    fields = {f: getattr(cache, f) for f in cache._fields if getattr(cache, f) is not None}
+    dev = cache._replace(**{f: t.to(CUDA) for f, t in fields.items()})
+    got = paged_attention_triton.paged_attention(q.to(CUDA), k.to(CUDA), v.to(CUDA), dev, slots.to(CUDA),
+                                                 offsets.to(CUDA), shape[4])
+    torch.testing.assert_close(got.cpu()[active].double(), want, **BF16)
+    written = as_float64(dev._replace(**{f: getattr(dev, f).cpu() for f in fields}))
+    for name in ("k", "v"):
+        torch.testing.assert_close(getattr(written, name)[1:], getattr(ref, name)[1:], **BF16)

@@ -224,10 +224,10 @@ def test_a_join_that_fails_ends_its_own_session_only(runner, monkeypatch, caplog
     bad = loop.create_session(SamplingConfig(greedy=True, seed=13), bad_sink, end_on_input_end=True)
     real_join = runner.join
 
-    def join(slot, sampling):  # settings the slot table cannot hold, say
+    def join(slot, sampling, owner=None):  # settings the slot table cannot hold, say
         if sampling.seed == 13:
             raise OverflowError("cannot hold it")
-        real_join(slot, sampling)
+        real_join(slot, sampling, owner)
     monkeypatch.setattr(runner, "join", join)
     for s in (good, bad):
         s.push(np.zeros(8 * 1920, np.float32))
