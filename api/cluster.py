@@ -36,7 +36,7 @@ from api.cluster_router import SID_SEP, owner_of, route_path, session_in_path
 from api.engine_process import EngineFailed, EngineProcess
 from api.link import EngineLink
 from engine.config import ClusterConfig, ConfigError, EngineConfig, ServeConfig, from_dict
-from engine.runtime import HEARTBEAT_NAME, SOCKET_NAME
+from engine.process.runtime import HEARTBEAT_NAME, SOCKET_NAME
 
 log = logging.getLogger("lockstep")
 APP_NAME = "lockstep"

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine import wire
+from engine.process import wire
 from engine.config import ServeConfig
-from engine.runtime import HEARTBEAT_NAME, SOCKET_NAME, write_config
+from engine.process.runtime import HEARTBEAT_NAME, SOCKET_NAME, write_config
 
 
 class EngineFailed(RuntimeError):

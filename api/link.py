@@ -1,4 +1,4 @@
-"""An API process's connection to the engine process (the other end of engine/hub.py).
+"""An API process's connection to the engine process (the other end of engine/process/hub.py).
 
 Everything here runs on the API process's event loop. Audio pushed by any handler in one pass of
 the loop leaves as one message; each tick's frames arrive as one message and are handed to the
@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine import wire
+from engine.process import wire
 from engine.config import SamplingConfig
 from engine.cadence import stall_reason
 from engine.session import FrameOutput

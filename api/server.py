@@ -1,8 +1,8 @@
 """`lockstep serve`: a supervisor, one engine process and `--api-workers` API processes.
 
     supervisor (this process: signals, health, restarts; no model, no connections)
-    ├── engine process (engine/process.py): the device, the scheduler, the 80 ms tick; between
-    │   ticks it serves the API processes over a Unix socket (engine/hub.py)
+    ├── engine process (engine/process/main.py): the device, the scheduler, the 80 ms tick; between
+    │   ticks it serves the API processes over a Unix socket (engine/process/hub.py)
     └── API processes (api/worker.py): HTTP, websockets and codecs on one shared listening socket
 
 The engine ticks on a core, an interpreter and a GIL of its own: no connection, however hostile,
@@ -26,7 +26,7 @@ import time
 
 from api.engine_process import EngineFailed, EngineProcess
 from engine.config import ServeConfig, default_api_workers
-from engine.runtime import log_config
+from engine.process.runtime import log_config
 
 log = logging.getLogger("lockstep")
 POLL_SECONDS = 0.1

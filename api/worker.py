@@ -21,7 +21,7 @@ from api.limits import guarded_http
 from api.link import EngineLink
 from engine import host
 from engine.config import ServeConfig, from_dict
-from engine.runtime import HEARTBEAT_NAME, SOCKET_NAME, log_config, read_config
+from engine.process.runtime import HEARTBEAT_NAME, SOCKET_NAME, log_config, read_config
 
 
 async def report_counters(link: EngineLink, counters: Counter) -> None:

@@ -5,9 +5,9 @@ by default: many short calls, a few long ones; at least one frame). They are adm
 serve` admits them: when a slot is free and the KV pool can promise the call its minimum (its
 whole context under `reserve`), waiting up to the admission wait (2 s, serve's default) and then
 refused (503). Admitted calls join through `engine.scheduler.Scheduler` and take and return pages
-through `engine.kv_pages.PageTables` over `engine.kv_alloc.PageAllocator`, exactly as the engine
+through `engine.kv.pages.PageTables` over `engine.kv.alloc.PageAllocator`, exactly as the engine
 does, at every page start of every call; only the model is missing. Slots and pages are what
-`--max-sessions 0` sizes (`engine.kv_sizing.plan_state`) for Moshi 7B's shapes (bf16 weights) on a
+`--max-sessions 0` sizes (`engine.kv.sizing.plan_state`) for Moshi 7B's shapes (bf16 weights) on a
 device of the given memory, less 0.5 GiB for the CUDA context.
 
 Reported per (device, policy, KV dtype, offered load): slots and pages, calls offered, the share
@@ -32,9 +32,9 @@ import torch
 from bench.args import COUNT, POSITIVE, at_least, writable_prefix
 from engine.capacity import weight_bytes
 from engine.config import FRAME_RATE, KVConfig, LMConfig, MimiConfig
-from engine.kv_alloc import PageAllocator
-from engine.kv_pages import PageTables
-from engine.kv_sizing import plan_state
+from engine.kv.alloc import PageAllocator
+from engine.kv.pages import PageTables
+from engine.kv.sizing import plan_state
 from engine.scheduler import Scheduler
 
 # Device memory as nvidia-smi reports it (MiB), by the name the issue gives it.

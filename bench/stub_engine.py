@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import FRAME_SIZE, FRAME_RATE, EngineConfig, SamplingConfig, ServeConfig
-from engine.kv_pool import KVPool
+from engine.kv.pool import KVPool
 from engine.runner import StepOutput
 from engine.serving import EngineLoop
 
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> None:
         serve({"max_sessions": sessions, "device": "cpu"},
               ServeConfig(port=port, api_workers=workers, no_warmup=True).validate(), engine_module="bench.stub_engine")
     else:
-        from engine.process import main as engine_main
+        from engine.process.main import main as engine_main
         engine_main(argv, build=build_stub)
 
 

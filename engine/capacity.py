@@ -3,7 +3,7 @@ time, probed once the model is warm.
 
 Weights that would not fit are refused before any is read (a 7B LM in fp32 on a 24 GB machine
 would otherwise end start-up in the OOM killer, which names no flag); session state is sized in
-`engine.kv_sizing`. Memory is not the whole answer: a slot that fits but makes the tick outlast its
+`engine.kv.sizing`. Memory is not the whole answer: a slot that fits but makes the tick outlast its
 80 ms frame serves every session late, which `probe_ticks` measures at start-up rather than leaving
 to the first crowded minute.
 """

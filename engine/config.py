@@ -431,7 +431,7 @@ KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8")
 
 @dataclass(frozen=True)
 class KVConfig:
-    """The LM's KV pool (engine/kv_pool.py, docs/kv.md): how sessions get pages, what a page
+    """The LM's KV pool (engine/kv/pool.py, docs/kv.md): how sessions get pages, what a page
     holds, how many there are."""
     policy: str = "reserve"  # reserve: a session's whole context is promised when it is admitted
     min_seconds: float = 60.0  # elastic: the context every admitted session is promised

@@ -55,7 +55,7 @@ class MoshiLM(nn.Module):
 
     def init_state(self, max_sessions: int, pool=None) -> None:
         """Per-slot state; the temporal transformer's keys and values in `pool` (an
-        `engine.kv_pool.KVPool`) when given, else in rings of the full context."""
+        `engine.kv.pool.KVPool`) when given, else in rings of the full context."""
         self.transformer.init_state(max_sessions, pool=pool)
         self.depformer.init_state(max_sessions)
 

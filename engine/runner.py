@@ -10,8 +10,8 @@ from engine.capacity import check_device, check_weights_fit
 from engine.checkpoint import CheckpointFiles, load_weights, resolve
 from engine.config import EngineConfig, KVConfig, SamplingConfig
 from engine.graphs import GraphedStep, buckets_for
-from engine.kv_pool import KVPool
-from engine.kv_sizing import plan_state
+from engine.kv.pool import KVPool
+from engine.kv.sizing import plan_state
 from engine.lm import MoshiLM
 from engine.lm_gen import LMGen
 from engine.lora import LoraSpec
@@ -115,7 +115,7 @@ class ModelRunner:
     def join(self, slot: int, sampling: SamplingConfig, owner=None) -> None:
         """Starts a fresh session in `slot`; other slots are untouched. Its KV pages go to `owner`
         (the session, promised its minimum when admitted: `kv.admit`), or to the slot itself; a pool
-        that cannot promise the minimum raises `engine.kv_pages.PoolFull`."""
+        that cannot promise the minimum raises `engine.kv.pages.PoolFull`."""
         if not 0 <= slot < self.max_sessions:
             raise ValueError(f"slot {slot} out of range 0..{self.max_sessions - 1}")
         self.slots.assign(slot, sampling)

@@ -3,7 +3,7 @@
 The module tree mirrors kyutai's `StreamingTransformer` so checkpoints load by name. Streaming
 state is one position counter per slot and the keys and values: a ring per slot and layer
 ([max_sessions, heads, capacity, dim]: Mimi's, the depth transformer's), or pages of a shared pool
-reached through each slot's page table (`engine.kv_pool`: the LM's). A step runs a chosen set of
+reached through each slot's page table (`engine.kv.pool`: the LM's). A step runs a chosen set of
 slots; other slots are untouched.
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ class StreamingTransformer(nn.Module):
         self.max_sessions = 0
 
     def init_state(self, max_sessions: int, dtype: torch.dtype | None = None, pool=None) -> None:
-        """Rings of `capacity` positions per slot, or (`pool`, an `engine.kv_pool.KVPool` sized for
+        """Rings of `capacity` positions per slot, or (`pool`, an `engine.kv.pool.KVPool` sized for
         this transformer and `max_sessions` slots) pages of the pool."""
         p = next(self.parameters())
         dtype = dtype or p.dtype

@@ -116,8 +116,8 @@ class InProcessServer:
     def __init__(self, loop, cfg):
         from api.link import EngineLink
         from api.worker import build_server
-        from engine import wire
-        from engine.hub import Hub
+        from engine.process import wire
+        from engine.process.hub import Hub
         self.engine, self.cfg = loop, cfg
         self.runtime = Path(tempfile.mkdtemp(prefix="lockstep-test-"))
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -503,8 +503,8 @@ def test_static_folder_is_served_beside_the_api(local, tmp_path):
 
 
 def test_unread_output_ends_the_session(local, monkeypatch):
-    import engine.session_table
-    monkeypatch.setattr(engine.session_table, "MAX_UNREAD_FRAMES", 3)
+    import engine.process.session_table
+    monkeypatch.setattr(engine.process.session_table, "MAX_UNREAD_FRAMES", 3)
     srv = local()
 
     async def main():

@@ -3,7 +3,8 @@ import sys
 import pytest
 import torch
 
-from engine import capacity, kv_sizing
+from engine import capacity
+from engine.kv import sizing as kv_sizing
 from engine.audio import frames, read_audio
 from engine.config import ConfigError, EngineConfig, SamplingConfig
 from engine.generate import run_sessions

@@ -7,9 +7,9 @@ import socket
 import numpy as np
 import pytest
 
-from engine import wire
+from engine.process import wire
 from engine.config import EngineConfig
-from engine.hub import Hub
+from engine.process.hub import Hub
 from engine.runner import ModelRunner
 from engine.serving import EngineLoop
 

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from engine.kv_alloc import PageAllocator
+from engine.kv.alloc import PageAllocator
 
 
 def test_pages_are_handed_out_lowest_first_and_come_back():

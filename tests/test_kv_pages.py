@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from engine.kv_alloc import PageAllocator
-from engine.kv_pages import PageTables, PoolFull, min_pages
+from engine.kv.alloc import PageAllocator
+from engine.kv.pages import PageTables, PoolFull, min_pages
 
 
 class Written:

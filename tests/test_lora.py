@@ -158,7 +158,7 @@ def test_cli_reports_a_bad_adapter_without_a_traceback(lora_ckpt, tmp_path, caps
 def test_the_server_says_which_adapter_it_folded_in(lora_ckpt, capsys):
     import gc
 
-    from engine.process import build_engine
+    from engine.process.main import build_engine
     from engine.config import ServeConfig
     try:
         build_engine(EngineConfig(device="cpu", model_dir=str(lora_ckpt), max_sessions=1), ServeConfig(no_warmup=True))

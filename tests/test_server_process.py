@@ -52,7 +52,7 @@ def test_sigterm_drains(tiny_wrap_ckpt):
 def test_build_engine_warms_up_and_freezes_the_startup_heap(tiny_wrap_ckpt, capsys):
     import gc
 
-    from engine.process import build_engine
+    from engine.process.main import build_engine
     from engine import capacity
     from engine.config import EngineConfig, ServeConfig
     try:
@@ -72,7 +72,7 @@ def test_build_engine_warms_up_and_freezes_the_startup_heap(tiny_wrap_ckpt, caps
 def test_a_batch_invariant_server_warms_and_probes_its_one_shape(tiny_wrap_ckpt, capsys):
     import gc
 
-    from engine.process import build_engine
+    from engine.process.main import build_engine
     from engine.config import EngineConfig, ServeConfig
     try:
         cfg = EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=3, batch_invariant=True)
@@ -89,7 +89,7 @@ def test_a_batch_invariant_server_warms_and_probes_its_one_shape(tiny_wrap_ckpt,
 def test_admit_realtime_caps_admission_at_the_probed_capacity(tiny_wrap_ckpt, monkeypatch, capsys, probe, admitted):
     import gc
 
-    from engine.process import build_engine
+    from engine.process.main import build_engine
     from engine import capacity
     from engine.config import ConfigError, EngineConfig, SamplingConfig, ServeConfig
     monkeypatch.setattr(capacity, "probe_ticks", lambda runner: probe)

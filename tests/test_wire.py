@@ -3,7 +3,7 @@ arrays, and the heartbeat."""
 import numpy as np
 import pytest
 
-from engine import wire
+from engine.process import wire
 
 
 def test_messages_survive_any_read_boundaries():

@@ -1,5 +1,5 @@
 """The LM temporal transformer's KV pool: pages of keys and values on the model's device, which every
-slot reaches through its page table (`engine.kv_pages`), and what the engine reads of it.
+slot reaches through its page table (`engine.kv.pages`), and what the engine reads of it.
 
 Per layer the pool holds k and v as [pages + 1, heads, page_size, head_dim] (page 0 is scratch),
 and with fp8 a float32 scale per (page, head, row). The page tables ([slots, pages_per_slot] int32)
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from engine.config import FRAME_RATE
-from engine.kv_alloc import PageAllocator
-from engine.kv_pages import PageTables
+from engine.kv.alloc import PageAllocator
+from engine.kv.pages import PageTables
 from kernels.paged_attention import FP8, PagedKV
 
 

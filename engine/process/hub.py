@@ -5,7 +5,7 @@ The hub runs on the engine loop's own thread, in the time between ticks
 more than one message, and no API process's traffic, however heavy, reaches the tick itself.
 
 Which connection holds each session's input and output is the session table's business
-(engine/session_table.py). Each tick, each connection gets one message with its frames, the
+(engine/process/session_table.py). Each tick, each connection gets one message with its frames, the
 sessions that ended, how full its uploads' buffers are, and the admission state.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ import time
 
 import numpy as np
 
-from engine import wire
+from engine.process import wire
 from engine.serving import EngineLoop
 from engine.session import FrameOutput
-from engine.session_table import SessionTable
+from engine.process.session_table import SessionTable
 
 log = logging.getLogger("lockstep")
 MAX_BACKLOG = 64 << 20  # bytes waiting for an API process that does not read: it is hung

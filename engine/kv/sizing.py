@@ -15,8 +15,8 @@ import torch
 
 from engine import capacity
 from engine.config import FRAME_RATE, ConfigError, KVConfig
-from engine.kv_pages import min_pages
-from engine.kv_pool import dtype_name, page_bytes
+from engine.kv.pages import min_pages
+from engine.kv.pool import dtype_name, page_bytes
 
 # The most slots `--max-sessions 0` picks: the largest CUDA-graph bucket.
 MAX_AUTO_SESSIONS = 128

@@ -1,5 +1,5 @@
 """The engine process of `lockstep serve`: loads the model, then ticks on its main thread while it
-serves the API processes (engine/hub.py) in the time between ticks.
+serves the API processes (engine/process/hub.py) in the time between ticks.
 
 The supervisor (api/server.py) starts it as `python -m engine.process RUNTIME_DIR`. It reads its
 configuration from RUNTIME_DIR/config.json, beats in RUNTIME_DIR/heartbeat, and listens on
@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from engine import capacity, host, wire
+from engine import capacity, host
+from engine.process import wire
 from engine.checkpoint import CheckpointError
 from engine.config import FRAME_RATE, ConfigError, EngineConfig, ServeConfig, from_dict
-from engine.hub import Hub
+from engine.process.hub import Hub
 from engine.runner import ModelRunner
-from engine.runtime import HEARTBEAT_NAME, SOCKET_NAME, log_config, read_config
+from engine.process.runtime import HEARTBEAT_NAME, SOCKET_NAME, log_config, read_config
 from engine.serving import EngineLoop
 from kernels import linear, stack_cpu
 

@@ -28,7 +28,7 @@ from typing import Hashable
 
 import numpy as np
 
-from engine.kv_alloc import PageAllocator
+from engine.kv.alloc import PageAllocator
 
 POLICIES = ("reserve", "elastic")
 # Elastic growth keeps free, beside the promises, the minimum of as many callers as the open slots
