@@ -25,7 +25,7 @@ import sys
 import time
 
 from api.engine_process import EngineFailed, EngineProcess
-from engine.config import ServeConfig, default_api_workers
+from engine.config import ServeConfig
 from engine.process.runtime import log_config
 
 log = logging.getLogger("lockstep")
@@ -67,7 +67,7 @@ class Supervisor:
             self.engine.wait_ready()
         except EngineFailed as e:
             return e.code
-        n = self.cfg.api_workers or default_api_workers()
+        n = self.cfg.workers
         self.workers = [self._spawn_worker(i) for i in range(n)]
         metrics = f", /metrics on port {self.cfg.metrics_port}" if self.cfg.metrics_port else ", /metrics"
         page = "--static page" if self.cfg.static else "web page"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -116,8 +115,18 @@ def tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def _run_attack(name: str, url: str, seconds: float, key: str | None, out) -> None:
-    out.put(ATTACKS[name](url, seconds, key))
+async def run_attack(name: str, url: str, seconds: float, key: str | None, nice: int = 0) -> dict:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.attacks", name, url, str(seconds), *([key] if key else []),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=lambda: os.nice(nice))
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), seconds + 30)
+    except asyncio.TimeoutError:
+        proc.kill()
+        return {"error": "the attack process did not finish"}
+    if proc.returncode != 0:
+        return {"error": f"the attack process failed: {err.decode(errors='replace')[-300:]}"}
+    return json.loads(out)
 
 
 async def fill_slots(url: str, key: str | None, stop: asyncio.Event, seconds: float) -> list[asyncio.Task]:
@@ -136,7 +145,7 @@ async def fill_slots(url: str, key: str | None, stop: asyncio.Event, seconds: fl
 
 
 async def run(url: str, key: str | None, attacks: list[str], witnesses: int, attack_s: float, recover_s: float,
-              lag_target: float, server_pid: int | None) -> dict:
+              lag_target: float, server_pid: int | None, attacker_nice: int = 0) -> dict:
     total = 4 + len(attacks) * (attack_s + recover_s + 2)
     stop = asyncio.Event()
     ws = [Witness() for _ in range(witnesses)]
@@ -148,20 +157,13 @@ async def run(url: str, key: str | None, attacks: list[str], witnesses: int, att
             [c.result() for c in calls if c.done()]
         await asyncio.sleep(0.05)
     await asyncio.sleep(2.0)  # the witnesses' calls settle
-    ctx = multiprocessing.get_context("spawn")
     rows = []
     for name in attacks:
         fill_stop = asyncio.Event()
         fillers = await fill_slots(url, key, fill_stop, attack_s + 5) if name == "admission-storm" else []
         before = [w.at(time.monotonic()) for w in ws]
         start = time.monotonic()
-        out = ctx.Queue()
-        proc = ctx.Process(target=_run_attack, args=(name, url, attack_s, key, out), daemon=True)
-        proc.start()
-        while proc.is_alive() and time.monotonic() < start + attack_s + 30:
-            await asyncio.sleep(0.1)
-        attacker = out.get(timeout=5) if not out.empty() else {"error": "the attack process gave no result"}
-        proc.kill()
+        attacker = await run_attack(name, url, attack_s, key, attacker_nice)
         fill_stop.set()
         for t in fillers:
             t.cancel()
@@ -187,7 +189,7 @@ async def run(url: str, key: str | None, attacks: list[str], witnesses: int, att
     poller.cancel()
     for c in calls:
         c.cancel()
-    return {"url": url, "attack_seconds": attack_s, "recover_seconds": recover_s, "lag_target_s": lag_target,
+    return {"url": url, "attacker_nice": attacker_nice, "attack_seconds": attack_s, "recover_seconds": recover_s, "lag_target_s": lag_target,
             "rows": rows}
 
 
@@ -209,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--witnesses", type=COUNT, default=2)
     ap.add_argument("--attack-seconds", type=POSITIVE, default=6.0)
     ap.add_argument("--recover-seconds", type=POSITIVE, default=3.0)
+    ap.add_argument("--attacker-nice", type=int, default=10,
+                    help="attackers run this much below the bench's CPU priority: a real attacker's CPU is on "
+                         "its own machine, and at equal priority the two cores' scheduler, not the server, "
+                         "decides what the witnesses get (0: equal)")
     ap.add_argument("--lag-target", type=POSITIVE, default=0.3, help="input lag a call must come back under (s)")
     ap.add_argument("--output", type=writable_prefix, default="bench/out/abuse.json")
     ap.add_argument("server_args", nargs="*")
@@ -222,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --url of a running server, or --spawn")
     try:
         result = asyncio.run(run(url, args.key, args.attacks, args.witnesses, args.attack_seconds,
-                                 args.recover_seconds, args.lag_target, proc.pid if proc else None))
+                                 args.recover_seconds, args.lag_target, proc.pid if proc else None,
+                                 args.attacker_nice))
     finally:
         if proc is not None:
             proc.terminate()

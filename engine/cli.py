@@ -81,6 +81,8 @@ _SERVE_HELP = {
                  "capacity probe); the first tick at each new size then pays for it",
     "api_workers": "API processes serving HTTP and websockets beside the engine process (0: one per 4 cores, "
                    "1 to 4)",
+    "engine_threads": "CPU threads for the engine's tensor work (0: the machine's cores less the API processes, "
+                      "at least 1): an engine thread that shares a core with an API process stalls every tick",
     "max_input_lag": "a real-time call's input lag (audio received, not yet stepped) is held under this many "
                      "seconds: when its lowest level over a second is above it, its oldest input is dropped "
                      "(counted); uploads (realtime false) are held only by --max-buffer-seconds",

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from engine.config import (ConfigError, EngineConfig, LMConfig, MimiConfig, MimiTransformerConfig,
-                           QuantizerConfig, SamplingConfig, SeanetConfig, ServeConfig)
+                           QuantizerConfig, SamplingConfig, SeanetConfig, ServeConfig, default_engine_threads)
 
 
 def _mimi(**parts):
@@ -25,6 +25,7 @@ def _mimi(**parts):
     (lambda: ServeConfig(shutdown_timeout=-1), "--shutdown-timeout"),
     (lambda: ServeConfig(max_buffer_seconds=0.01), "--max-buffer-seconds must hold at least one 80 ms frame"),
     (lambda: ServeConfig(admit_realtime=True, no_warmup=True), "--admit-realtime .* --no-warmup skips"),
+    (lambda: ServeConfig(engine_threads=-1), "--engine-threads must be in 0..1024"),
     (lambda: ServeConfig(static="/nonexistent"), "--static /nonexistent must be a folder holding index.html"),
     (lambda: SamplingConfig(temperature=-0.1), r"temperature must be a number in 0..10.0, got -0.1"),
     (lambda: SamplingConfig(text_temperature=float("nan")), r"text_temperature must be a number in 0..10.0"),
@@ -133,6 +134,13 @@ def test_auto_device_is_cuda_only_where_torch_sees_a_gpu(monkeypatch):
     assert EngineConfig().device == "cuda"
     assert EngineConfig(device="auto").torch_dtype == torch.bfloat16
     assert EngineConfig(device="cpu").device == "cpu"
+
+
+def test_the_engine_takes_the_cores_the_api_processes_leave():
+    assert default_engine_threads(1, cores=2) == 1
+    assert default_engine_threads(4, cores=16) == 12
+    assert default_engine_threads(4, cores=2) == 1
+    assert ServeConfig(api_workers=1, engine_threads=3).threads == 3
 
 
 def test_configs_are_frozen():

@@ -146,8 +146,10 @@ def test_a_trickling_upload_does_not_hold_the_shutdown(tiny_wrap_ckpt):
 
 
 def test_the_engine_ticks_in_a_process_of_its_own(tiny_wrap_ckpt):
-    srv = LiveServer(tiny_wrap_ckpt, "--max-sessions", "1", "--no-warmup", "--api-workers", "2")
+    srv = LiveServer(tiny_wrap_ckpt, "--max-sessions", "1", "--no-warmup", "--api-workers", "2",
+                     "--engine-threads", "1")
     try:
+        assert "1 CPU thread(s)" in srv.log()
         pids = srv.pids()
         assert len(pids["engine"]) == 1 and len(pids["api"]) == 2
         assert srv.proc.pid not in pids["engine"] + pids["api"]

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from engine import capacity, host
 from engine.process import wire
 from engine.checkpoint import CheckpointError
@@ -44,7 +46,8 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
     host.settle()
     lm_dtype = str(engine_cfg.torch_dtype).removeprefix("torch.")
     invariant = " (batch-invariant: every tick steps them all)" if runner.batch_invariant else ""
-    products = (f", CPU products on {linear.describe()}, {stack_cpu.describe(runner.lm, runner.mimi)}"
+    products = (f", {torch.get_num_threads()} CPU thread(s), CPU products on {linear.describe()}, "
+                f"{stack_cpu.describe(runner.lm, runner.mimi)}"
                 if runner.device.type == "cpu" else "")
     adapter = f" + LoRA {runner.lora.path.name} (scaling {runner.lora.scaling:g}, folded in)" if runner.lora else ""
     print(f"lockstep: {engine_cfg.model_dir or engine_cfg.hf_repo}{adapter} on {runner.device} (LM {lm_dtype}, "
@@ -68,6 +71,7 @@ def build_engine(engine_cfg: EngineConfig, serve_cfg: ServeConfig) -> EngineLoop
 
 def run(runtime: Path, engine_cfg: EngineConfig, serve_cfg: ServeConfig,
         build: Callable[[EngineConfig, ServeConfig], EngineLoop] = build_engine) -> None:
+    torch.set_num_threads(serve_cfg.threads)
     loop = build(engine_cfg, serve_cfg)
     heartbeat = wire.Heartbeat(str(runtime / HEARTBEAT_NAME), create=True)
     heartbeat.beat()
