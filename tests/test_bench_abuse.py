@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
-from bench.abuse import run
+import pytest
+
+from bench.abuse import run, sustained_lag_times
 from tests.servers import LiveServer
 
 KEY = "abuse-test-key"
@@ -31,3 +33,11 @@ def test_witnesses_lose_nothing_and_recover_from_floods(tiny_wrap_ckpt):
             assert w["worst_gap_ms"] < 1000, row
             assert w["lag_after_s"] < 0.5, row
             assert w["lag_over_target_until_s"] <= 3.0, row
+
+
+def test_lag_counts_only_when_it_stays_over_the_target_for_a_second():
+    jitter = [(i * 0.2, {"buffered_seconds": 0.31 if i % 3 == 0 else 0.23}) for i in range(20)]
+    assert sustained_lag_times(jitter, 0.3) == []
+    stuck = [(i * 0.2, {"buffered_seconds": 2.0 if 5 <= i <= 12 else 0.2}) for i in range(20)]
+    # Over for the whole second before each of these samples, and no longer once it falls.
+    assert sustained_lag_times(stuck, 0.3) == [pytest.approx(t * 0.2) for t in range(10, 13)]
