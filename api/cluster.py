@@ -193,7 +193,8 @@ def replica_options(engine_args: dict, serve_cfg: ServeConfig, cluster: ClusterC
         "health_check_period_s": 2.0,
         "request_router_config": RequestRouterConfig(
             request_router_class="api.cluster_router:LockstepRouter",
-            request_router_kwargs={"admission_wait": serve_cfg.admission_wait},
+            request_router_kwargs={"admission_wait": serve_cfg.admission_wait,
+                                   "stats_period": cluster.routing_stats_period},
             request_routing_stats_period_s=cluster.routing_stats_period, max_backoff_s=0.1),
     }
     if cluster.min_replicas is not None:

@@ -65,6 +65,9 @@ def request_scope(pending: PendingRequest | None) -> dict | None:
     return scope if isinstance(scope, dict) else None
 
 
+REPORT_SLACK = 0.1  # what delivering a replica's report may add to its age, in seconds
+
+
 def usage(stats: dict[str, Any], sent: int) -> tuple[int, float]:
     """(free admissions, fraction busy) of a replica from its report and what was sent since."""
     slots = max(1, int(stats.get("slots", 1)))
@@ -73,15 +76,30 @@ def usage(stats: dict[str, Any], sent: int) -> tuple[int, float]:
 
 
 class LockstepRouter(RequestRouter):
-    def initialize_state(self, admission_wait: float = 2.0, **kwargs) -> None:
+    def initialize_state(self, admission_wait: float = 2.0, stats_period: float = 0.25, **kwargs) -> None:
         self.admission_wait = float(admission_wait)
-        self.sent: dict[ReplicaID, tuple[int, int]] = {}  # replica -> (report seq, sessions sent since)
-        self.seq: dict[ReplicaID, int] = {}  # replica -> the latest report seen
+        # A report describes its replica up to a period (plus delivery) before this router first sees
+        # it: a session sent within that window may be missing from it, so it is still counted.
+        self.window = float(stats_period) + REPORT_SLACK
+        self.sent: dict[ReplicaID, dict[Any, float]] = {}  # replica -> {request: when this router sent it}
+        self.seen: dict[ReplicaID, tuple[int, float]] = {}  # replica -> (its latest report's seq, first seen)
+        self.clock = time.monotonic
 
     def _sent_since_report(self, replica: RunningReplica) -> int:
-        seq = self.seq[replica.replica_id] = (replica.routing_stats or {}).get("seq", 0)
-        last_seq, n = self.sent.get(replica.replica_id, (-1, 0))
-        return n if last_seq == seq else 0
+        rid, seq = replica.replica_id, (replica.routing_stats or {}).get("seq", 0)
+        if self.seen.get(rid, (None,))[0] != seq:
+            self.seen[rid] = (seq, self.clock())
+        since = self.seen[rid][1] - self.window
+        self.sent[rid] = {k: t for k, t in self.sent.get(rid, {}).items() if t > since}
+        return len(self.sent[rid])
+
+    def _count(self, pending: PendingRequest, replica_id: ReplicaID) -> None:
+        """A new session goes to this replica: counted at once, so a request routed beside it
+        (before Ray confirms the first) sees it, and moved if Ray sends it elsewhere after all."""
+        key = pending.metadata.internal_request_id  # the proxy's own id: unique, unlike the client's
+        for sent in self.sent.values():
+            sent.pop(key, None)
+        self.sent.setdefault(replica_id, {})[key] = self.clock()
 
     def rank(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
         """Serving replicas first (not draining, not stalled), then those with a free admission,
@@ -114,12 +132,12 @@ class LockstepRouter(RequestRouter):
                     pending_request.routing_context.should_backoff = True
                     return []
         # One replica per rank: Ray's own queue-length choice within a rank never overrides ours.
-        return [[r] for r in self.rank(candidate_replicas)]
+        ranked = self.rank(candidate_replicas)
+        if ranked and scope is not None and opens_session(scope):
+            self._count(pending_request, ranked[0].replica_id)
+        return [[r] for r in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         scope = request_scope(pending_request)
-        if scope is None or not opens_session(scope):
-            return
-        seq = self.seq.get(replica_id, 0)
-        last_seq, n = self.sent.get(replica_id, (seq, 0))
-        self.sent[replica_id] = (seq, n + 1 if last_seq == seq else 1)
+        if scope is not None and opens_session(scope):
+            self._count(pending_request, replica_id)

@@ -87,8 +87,7 @@ class EngineLink(asyncio.Protocol):
         hello = await link.request("hello", name=name)
         link.max_sessions, link.frame_size = hello["max_sessions"], hello["frame_size"]
         link.max_buffer_samples = hello["max_buffer_samples"]
-        link.defaults = SamplingConfig(**hello["defaults"])
-        link.state = hello["state"]
+        link.defaults = SamplingConfig(**hello["defaults"])  # (its "state" was taken as every reply's is)
         return link
 
     # ---- what handlers call -----------------------------------------------------------------------
@@ -181,6 +180,8 @@ class EngineLink(asyncio.Protocol):
                     self._tick(*wire.unpack_tick(payload))
                 elif kind == wire.REPLY:
                     body = json.loads(bytes(payload))
+                    if "state" in body:
+                        self._set_state(body.pop("state"))
                     future = self._replies.get(body.pop("id"))
                     if future is not None and not future.done():
                         if future.on_reply is not None:

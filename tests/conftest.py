@@ -15,7 +15,7 @@ torch.set_num_threads(2)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end tests that build checkpoints")
-    config.addinivalue_line("markers", "cluster: a real two-node Ray cluster (opt-in: pytest -m cluster)")
+    config.addinivalue_line("markers", "cluster: a real two-node Ray cluster (-m 'not cluster' leaves it out)")
     if os.environ["TRITON_INTERPRET"] not in ("", "0"):
         from kernels.dispatch import interpreter_problem
         problem = interpreter_problem()

@@ -4,7 +4,9 @@ import asyncio
 import json
 import pickle
 import time
+import uuid
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 
@@ -38,7 +40,8 @@ def request(method: str, path: str, kind: str = "http", age: float = 0.0) -> Pen
     """A request as the proxy hands it to the router: the pickled ASGI scope."""
     scope = {"type": kind, "method": method, "path": path, "root_path": "", "headers": []}
     arg = pickle.dumps(StreamingHTTPRequest(asgi_scope=scope, proxy_actor_name="proxy"))
-    return PendingRequest(args=[arg], kwargs={}, metadata=None, created_at=time.time() - age,  # type: ignore[arg-type]
+    metadata = SimpleNamespace(internal_request_id=uuid.uuid4().hex)
+    return PendingRequest(args=[arg], kwargs={}, metadata=metadata, created_at=time.time() - age,  # type: ignore[arg-type]
                           future=None, routing_context=RequestRoutingContext())  # type: ignore[arg-type]
 
 
@@ -81,21 +84,37 @@ def test_a_session_request_goes_to_its_replica_whatever_the_load():
 
 
 def test_new_sessions_go_to_free_replicas_least_loaded_first_and_count_what_was_sent():
-    a, b, c = Replica("aaa", stats(1, 1, 3)), Replica("bbb", stats(1, 3, 1)), Replica("ccc", stats(1, 0, 4))
+    a, b, c = Replica("aaa", stats(1, 1, 3)), Replica("bbb", stats(1, 2, 2)), Replica("ccc", stats(1, 0, 4))
     r = router()
-    assert choose(r, [a, b, c], request("POST", "/v1/sessions")) == ["bbb", "aaa", "ccc"]
-    # Two sent to bbb since its report: now aaa (1 free, 3 busy) and bbb (1 free, 3 busy) tie.
-    for _ in range(2):
-        r.on_request_routed(request("POST", "/v1/chat"), b.replica_id, None)
-    assert set(choose(r, [a, b, c], request("GET", "/api/chat", kind="websocket"))[:2]) == {"aaa", "bbb"}
-    r.on_request_routed(request("POST", "/v1/chat"), b.replica_id, None)
-    assert choose(r, [a, b, c], request("POST", "/v1/chat"))[0] == "aaa"
-    # bbb's next report includes them: the count starts again.
-    b.routing_stats = stats(2, 3, 1)
+    now = [100.0]
+    r.clock = lambda: now[0]
+
+    def ranks() -> list[str]:  # a request that opens nothing: ranked, not counted
+        return choose(r, [a, b, c], request("GET", "/healthz"))
+
+    first = request("POST", "/v1/sessions")
+    assert choose(r, [a, b, c], first) == ["bbb", "aaa", "ccc"]
+    # Counted once chosen, before Ray confirms it: bbb (1 free, 3 busy) now ties with aaa.
+    assert set(ranks()[:2]) == {"aaa", "bbb"}
+    # Ray sent it to aaa after all: the count follows it.
+    r.on_request_routed(first, a.replica_id, None)
+    assert ranks()[0] == "bbb"
     assert choose(r, [a, b, c], request("POST", "/v1/chat"))[0] == "bbb"
+    assert choose(r, [a, b, c], request("GET", "/api/chat", kind="websocket"))[0] == "bbb"
+    fresh = request("POST", "/v1/chat")
+    assert choose(r, [a, b, c], fresh) == []  # all full with what was sent: held
+    # A report seen at once may predate what was sent: it still counts.
+    b.routing_stats = stats(2, 2, 2)
+    assert choose(r, [a, b, c], fresh) == []
+    # A report seen a period later includes it: the count starts again.
+    now[0] += r.window + 0.01
+    b.routing_stats = stats(3, 2, 2)
+    assert choose(r, [a, b, c], fresh)[0] == "bbb"
     # Requests that open nothing are not counted.
-    r.on_request_routed(request("GET", "/metrics"), b.replica_id, None)
-    assert choose(r, [a, b, c], request("POST", "/v1/chat"))[0] == "bbb"
+    r.on_request_routed(request("GET", "/metrics"), a.replica_id, None)
+    now[0] += r.window + 0.01
+    a.routing_stats = stats(2, 1, 3)
+    assert set(ranks()[:2]) == {"aaa", "bbb"}  # aaa still has its free slot
 
 
 def test_draining_or_stalled_replicas_come_last():

@@ -180,7 +180,9 @@ def test_admission_freeing_is_told_to_every_api_process_at_once(hub):
     held = [a.request("open", sampling={}, end_on_input_end=False, realtime=True, input=True, output=True)
             for _ in range(2)]
     refused = b.request("open", sampling={}, end_on_input_end=False, realtime=True, input=True, output=True)
+    state = refused.pop("state")  # an admission's reply carries the engine's state after it
     assert refused == {"id": 2, "ok": False, "status": 503, "detail": "all session slots are busy"}
+    assert state["free"] == 0 and state["sessions"] == 2
     b.pump()
     b.inbox.clear()
     a.note("end", sid=held[0]["sid"], reason="deleted")

@@ -111,6 +111,10 @@ class Hub:
                     body = json.loads(bytes(payload))
                     reply = self._request(link, body) if kind == wire.REQUEST else self._note(link, body)
                     if kind == wire.REQUEST:
+                        if body["op"] in ("open", "end"):
+                            # The asker's view of free slots moves with its own admission now, not
+                            # a tick later: a cluster replica reports it to the router meanwhile.
+                            reply = {**reply, "state": self._state()}
                         self.send(link, wire.control(wire.REPLY, {"id": body["id"], **reply}))
                 else:
                     raise wire.WireError(f"unexpected message kind {kind}")
