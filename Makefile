@@ -19,12 +19,17 @@ browser:
 	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-install: $(STAMP) browser
+# Debian's libopus, which ws /api/chat's Opus encoder loads (api/opus.py; without it, sphn's slower writer).
+libopus:
+	ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0' || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopus0 >/dev/null; }
+
+install: $(STAMP) browser libopus
 
 run: $(STAMP)
 	$(VENV)/bin/lockstep serve $(ARGS)
 
-test: $(STAMP) browser
+test: $(STAMP) browser libopus
 	$(PY) -m pytest
 
-.PHONY: browser install run test
+.PHONY: browser install libopus run test

@@ -13,6 +13,7 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from api.bridge import WS_MESSAGE_RATE, MessageRate, SessionRegistry
 from api.link import EngineUnavailable
+from api.opus import load_libopus, opus_writer
 from engine.config import SAMPLE_RATE, SamplingConfig
 from engine.session import FrameOutput
 
@@ -41,6 +42,7 @@ def sampling_from_query(params, defaults: SamplingConfig) -> SamplingConfig:
 
 def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Callable[[WebSocket], bool]) -> None:
     engine = registry.engine
+    load_libopus()  # now, so that a missing libopus is said at start-up rather than at the first call
 
     @app.websocket("/api/chat")
     async def moshi_chat(ws: WebSocket):
@@ -66,7 +68,7 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
             return
         session = api_session.session
         opus_in = sphn.OpusStreamReader(SAMPLE_RATE)
-        opus_out = sphn.OpusStreamWriter(SAMPLE_RATE)
+        opus_out = opus_writer(SAMPLE_RATE, registry.cfg.opus_complexity)
 
         async def receive_audio() -> None:
             rate = MessageRate(*WS_MESSAGE_RATE)

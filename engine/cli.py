@@ -96,6 +96,9 @@ _SERVE_HELP = {
                       "call then stays on time",
     "session_prefix": "start every session id with this (tells servers apart behind a balancer; --ray sets "
                       "each replica's id)",
+    "opus_complexity": "libopus complexity (0..10) of ws /api/chat's audio out: 5 costs ~0.17 ms of API CPU per "
+                       "session-frame, 7 and up ~0.8-1 ms (speech analysis, SILK+CELT: sphn's quality and cost); "
+                       "see docs/serving.md",
 }
 _CLUSTER_HELP = {
     "ray": "serve on a Ray cluster: one engine per replica (one per GPU), every replica behind Ray Serve's "

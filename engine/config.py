@@ -568,6 +568,7 @@ class ServeConfig:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     session_prefix: str = ""
+    opus_complexity: int = 5
 
     def validate(self) -> "ServeConfig":
         _check(0 < self.port < 65536, f"--port must be in 1..65535, got {self.port}")
@@ -595,6 +596,8 @@ class ServeConfig:
                "liveness already fails)")
         _check(re.fullmatch(r"[A-Za-z0-9_.-]{0,40}", self.session_prefix) is not None,
                "--session-prefix must be at most 40 letters, digits, '_', '.' or '-'")
+        _check(_is_int(self.opus_complexity) and 0 <= self.opus_complexity <= 10,
+               f"--opus-complexity must be an integer in 0..10, got {self.opus_complexity!r}")
         if self.static is not None:
             _check(os.path.isfile(os.path.join(self.static, "index.html")),
                    f"--static {self.static} must be a folder holding index.html (the web UI's built 'dist' folder)")

@@ -27,6 +27,8 @@ def _mimi(**parts):
     (lambda: ServeConfig(admit_realtime=True, no_warmup=True), "--admit-realtime .* --no-warmup skips"),
     (lambda: ServeConfig(engine_threads=-1), "--engine-threads must be in 0..1024"),
     (lambda: ServeConfig(static="/nonexistent"), "--static /nonexistent must be a folder holding index.html"),
+    (lambda: ServeConfig(opus_complexity=11), "--opus-complexity must be an integer in 0..10, got 11"),
+    (lambda: ServeConfig(opus_complexity=5.0), "--opus-complexity must be an integer in 0..10, got 5.0"),
     (lambda: SamplingConfig(temperature=-0.1), r"temperature must be a number in 0..10.0, got -0.1"),
     (lambda: SamplingConfig(text_temperature=float("nan")), r"text_temperature must be a number in 0..10.0"),
     (lambda: SamplingConfig(temperature=float("inf")), r"temperature must be a number in 0..10.0, got inf"),
