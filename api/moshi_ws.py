@@ -68,7 +68,7 @@ def add_moshi_websocket(app: FastAPI, registry: SessionRegistry, authorized: Cal
             return
         session = api_session.session
         opus_in = sphn.OpusStreamReader(SAMPLE_RATE)
-        opus_out = opus_writer(SAMPLE_RATE, registry.cfg.opus_complexity)
+        opus_out = opus_writer(SAMPLE_RATE, registry.cfg.opus_complexity, registry.cfg.opus_bitrate)
 
         async def receive_audio() -> None:
             rate = MessageRate(*WS_MESSAGE_RATE)

@@ -18,7 +18,9 @@ import numpy as np
 log = logging.getLogger("lockstep")
 
 OPUS_APPLICATION_AUDIO = 2049
+OPUS_SET_BITRATE, OPUS_GET_BITRATE = 4002, 4003
 OPUS_SET_COMPLEXITY, OPUS_GET_COMPLEXITY, OPUS_GET_LOOKAHEAD = 4010, 4011, 4027
+OPUS_AUTO = -1000
 OPUS_RATE = 48000  # granule positions and pre-skip count 48 kHz samples, whatever the input rate
 PACKET_SECONDS = 0.04  # sphn's packet length, which Kyutai's clients already decode (some decoders stop at 60 ms)
 PACKETS_PER_PAGE = 2  # a page per 80 ms frame: a frame leaves as soon as it is encoded
@@ -71,9 +73,11 @@ class OggOpusWriter:
     """One mono Ogg/Opus stream. `append_pcm` encodes float PCM (a whole number of 40 ms packets) and
     returns its pages, the two header pages before the first; b"" for no samples."""
 
-    def __init__(self, sample_rate: int, complexity: int, lib: ctypes.CDLL):
+    def __init__(self, sample_rate: int, complexity: int, lib: ctypes.CDLL, kbps: int = 0):
         if not (isinstance(complexity, int) and 0 <= complexity <= 10):
             raise ValueError(f"Opus complexity must be an integer in 0..10, got {complexity!r}")
+        if not (isinstance(kbps, int) and (kbps == 0 or 6 <= kbps <= 510)):
+            raise ValueError(f"Opus bitrate must be 0 (libopus's choice) or 6..510 kbit/s, got {kbps!r}")
         self._lib = lib
         error = ctypes.c_int()
         # AUDIO, not VOIP (sphn's): below complexity 7 libopus runs no speech analysis and VOIP then
@@ -85,6 +89,7 @@ class OggOpusWriter:
         self._encoder = ctypes.c_void_p(handle)
         weakref.finalize(self, lib.opus_encoder_destroy, self._encoder)
         self._ctl(OPUS_SET_COMPLEXITY, ctypes.c_int32(complexity))
+        self._ctl(OPUS_SET_BITRATE, ctypes.c_int32(kbps * 1000 if kbps else OPUS_AUTO))
         lookahead = ctypes.c_int32()
         self._ctl(OPUS_GET_LOOKAHEAD, ctypes.byref(lookahead))
         self.sample_rate = sample_rate
@@ -108,12 +113,20 @@ class OggOpusWriter:
         self._sequence += 1
         return ogg_page(packets, granule, self._serial, self._sequence - 1, flags)
 
+    def _get(self, request: int) -> int:
+        value = ctypes.c_int32()
+        self._ctl(request, ctypes.byref(value))
+        return value.value
+
     @property
     def complexity(self) -> int:
         """The complexity the encoder holds (read back from libopus)."""
-        value = ctypes.c_int32()
-        self._ctl(OPUS_GET_COMPLEXITY, ctypes.byref(value))
-        return value.value
+        return self._get(OPUS_GET_COMPLEXITY)
+
+    @property
+    def bitrate(self) -> int:
+        """The bitrate the encoder aims at, bits/s (read back from libopus)."""
+        return self._get(OPUS_GET_BITRATE)
 
     def append_pcm(self, pcm) -> bytes:
         pcm = np.ascontiguousarray(pcm, dtype=np.float32)
@@ -137,10 +150,10 @@ class OggOpusWriter:
         return b"".join(pages)
 
 
-def opus_writer(sample_rate: int, complexity: int):
-    """The `/api/chat` audio writer: ours over libopus, else sphn's (its complexity fixed at 10)."""
+def opus_writer(sample_rate: int, complexity: int, kbps: int = 0):
+    """The `/api/chat` audio writer: ours over libopus, else sphn's (complexity 10, its own bitrate)."""
     lib = load_libopus()
     if lib is None:
         import sphn
         return sphn.OpusStreamWriter(sample_rate)
-    return OggOpusWriter(sample_rate, complexity, lib)
+    return OggOpusWriter(sample_rate, complexity, lib, kbps)

@@ -569,6 +569,7 @@ class ServeConfig:
     ssl_keyfile: str | None = None
     session_prefix: str = ""
     opus_complexity: int = 5
+    opus_bitrate: int = 56
 
     def validate(self) -> "ServeConfig":
         _check(0 < self.port < 65536, f"--port must be in 1..65535, got {self.port}")
@@ -598,6 +599,8 @@ class ServeConfig:
                "--session-prefix must be at most 40 letters, digits, '_', '.' or '-'")
         _check(_is_int(self.opus_complexity) and 0 <= self.opus_complexity <= 10,
                f"--opus-complexity must be an integer in 0..10, got {self.opus_complexity!r}")
+        _check(_is_int(self.opus_bitrate) and (self.opus_bitrate == 0 or 6 <= self.opus_bitrate <= 510),
+               f"--opus-bitrate must be 0 (libopus's choice) or 6..510 kbit/s, got {self.opus_bitrate!r}")
         if self.static is not None:
             _check(os.path.isfile(os.path.join(self.static, "index.html")),
                    f"--static {self.static} must be a folder holding index.html (the web UI's built 'dist' folder)")

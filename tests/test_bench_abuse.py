@@ -31,7 +31,7 @@ def test_witnesses_lose_nothing_and_recover_from_floods(tiny_wrap_ckpt):
             assert w["ended"] is None, row
             assert w["frames_dropped"] < 12, row
             assert w["worst_gap_ms"] < 1000, row
-            assert w["lag_after_s"] < 0.5, row
+            assert w["lag_after_s"] < 1.0, row
             assert w["lag_over_target_until_s"] <= 3.0, row
 
 

@@ -79,11 +79,12 @@ def test_ogg_crc_is_the_ogg_polynomial():
 
 
 @needs_libopus
-@pytest.mark.parametrize("complexity", [0, 5, 10])
-def test_stream_decodes_close_to_the_input(complexity):
+@pytest.mark.parametrize("complexity, kbps", [(0, 0), (5, 56), (10, 0)])
+def test_stream_decodes_close_to_the_input(complexity, kbps):
     x = speech_like(4.0)
-    writer = opus_writer(24000, complexity)
+    writer = opus_writer(24000, complexity, kbps)
     assert isinstance(writer, OggOpusWriter) and writer.complexity == complexity
+    assert writer.bitrate == kbps * 1000 if kbps else writer.bitrate > 0
     reader = sphn.OpusStreamReader(24000)
     decoded = [reader.append_bytes(writer.append_pcm(x[i:i + FRAME])) for i in range(0, len(x), FRAME)]
     y = np.concatenate(decoded)
@@ -141,6 +142,8 @@ def test_odd_inputs():
     assert [p["sequence"] for p in pages] == [3, 4, 5, 6, 7]
     with pytest.raises(ValueError, match="complexity must be an integer in 0..10"):
         OggOpusWriter(24000, 11, LIB)
+    with pytest.raises(ValueError, match="bitrate must be 0 .* or 6..510 kbit/s"):
+        OggOpusWriter(24000, 5, LIB, kbps=5)
     with pytest.raises(ValueError, match="cannot encode at 22050 Hz"):
         OggOpusWriter(22050, 5, LIB)
 
@@ -174,10 +177,9 @@ def test_the_served_complexity_reaches_api_chat(monkeypatch, tiny_wrap_ckpt):
     from tests.servers import InProcessServer
 
     made = []
-    monkeypatch.setattr(moshi_ws, "opus_writer", lambda rate, complexity: made.append(opus_writer(rate, complexity))
-                        or made[-1])
+    monkeypatch.setattr(moshi_ws, "opus_writer", lambda *args: made.append(opus_writer(*args)) or made[-1])
     runner = ModelRunner.load(EngineConfig(device="cpu", model_dir=str(tiny_wrap_ckpt), max_sessions=1))
-    cfg = ServeConfig(admission_wait=0.0, opus_complexity=2)
+    cfg = ServeConfig(admission_wait=0.0, opus_complexity=2, opus_bitrate=40)
     server = InProcessServer(EngineLoop(runner, max_buffer_frames=250, idle_timeout=cfg.idle_timeout, max_waiting=0,
                                         max_input_lag=cfg.max_input_lag), cfg)
 
@@ -198,6 +200,6 @@ def test_the_served_complexity_reaches_api_chat(monkeypatch, tiny_wrap_ckpt):
         stream = asyncio.run(call())
     finally:
         server.close()
-    assert [w.complexity for w in made] == [2]
+    assert [(w.complexity, w.bitrate) for w in made] == [(2, 40000)]
     pages = pages_of(stream)
     assert pages[0]["packets"][0].startswith(b"OpusHead") and [p["granule"] for p in pages[2:5]] == [3840, 7680, 11520]
