@@ -220,8 +220,11 @@ def build(engine_args: dict, serve_cfg: ServeConfig, cluster: ClusterConfig):
                                **replica_options(engine_args, serve_cfg, cluster, gpus))
     # The router holds a new session while no replica has a free slot, up to --admission-wait; a
     # replica itself then only waits out a stale report (a slot the router saw free, taken since).
+    # The engine's CPU threads: the replica's CPUs less the one its API (the replica actor) runs on,
+    # not the whole machine's, which several replicas share.
     replica_cfg = dataclasses.replace(serve_cfg, admission_wait=min(serve_cfg.admission_wait,
-                                                                    max(0.5, 2 * cluster.routing_stats_period)))
+                                                                    max(0.5, 2 * cluster.routing_stats_period)),
+                                      engine_threads=serve_cfg.engine_threads or max(1, int(cluster.replica_cpus) - 1))
     return engines.bind(engine_args, dataclasses.asdict(replica_cfg), board.bind())
 
 

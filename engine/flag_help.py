@@ -102,6 +102,7 @@ CLUSTER_HELP = {
     "max_replicas": "upper bound for autoscaling",
     "target_slot_usage": "autoscaling aims at this fraction of the replicas' slots busy",
     "downscale_delay": "seconds slot usage must stay below the target before autoscaling removes a replica",
-    "replica_cpus": "CPUs Ray reserves for each replica (its engine and API)",
+    "replica_cpus": "CPUs Ray reserves for each replica (its engine and API; the engine takes all but one for "
+                    "its threads unless --engine-threads says)",
     "routing_stats_period": "seconds between each replica's load reports to the router",
 }

@@ -238,6 +238,11 @@ def test_the_builder_takes_lockstep_settings_by_name():
     options = replica_options({"device": "cpu"}, ServeConfig(), ClusterConfig(min_replicas=0, max_replicas=3), gpus=8)
     assert options["ray_actor_options"]["num_gpus"] == 0 and "num_replicas" not in options
     assert options["autoscaling_config"]["policy"]["policy_function"] == "api.cluster_scaling:SlotUsagePolicy"
+    # A replica's engine threads come from its own CPUs (less its API's), not the machine's.
+    serve_args = lambda args: app_builder({"model_dir": "x", **args})._bound_deployment.init_args[1]  # noqa: E731
+    assert serve_args({"replica_cpus": 8})["engine_threads"] == 7
+    assert serve_args({"replica_cpus": 1})["engine_threads"] == 1
+    assert serve_args({"replica_cpus": 8, "engine_threads": 2})["engine_threads"] == 2
 
 
 def test_the_example_serve_config_is_valid_and_builds():
