@@ -359,7 +359,10 @@ def test_a_killed_replica_ends_its_calls_others_finish_and_it_is_replaced(front,
             await asyncio.sleep(1.0)  # both calls well under way
             victim = owners[0]
             os.kill(replica_worker_pid(victim), signal.SIGKILL)
-            (lost_info, lost_events), (kept_info, kept_events) = await asyncio.gather(*calls)
+            results = await asyncio.gather(*calls)
+            # `created` is in the order the calls were admitted, not the order of `calls`.
+            (lost_info, lost_events), (kept_info, kept_events) = sorted(
+                results, key=lambda r: owner(r[0]["id"]) != victim)
             status, body, _ = await front.json(http, "GET", f"/v1/sessions/{lost_info['id']}")
             return victim, lost_events, kept_events, status, body
 
@@ -402,12 +405,17 @@ def test_scaling_down_drains_the_removed_replica(front, long_calls):
     def states() -> dict:
         return serve.status().applications["lockstep"].deployments["LockstepReplica"].replica_states
 
+    def reported_sessions(replica: str) -> int:
+        return get(front.url + "/readyz")[1].get("replicas", {}).get(replica, {}).get("sessions", 0)
+
     async def main():
         created: list[dict] = []
         async with aiohttp.ClientSession() as http:
-            # Both made through one proxy: its router spreads them (two routers decide apart).
-            calls = [asyncio.create_task(rest_session(http, front, pcm, on_created=created.append))
-                     for _ in range(2)]  # 9.2 s each
+            # One call, then, once its replica reports it, another: the router puts it on the other.
+            calls = [asyncio.create_task(rest_session(http, front, pcm, on_created=created.append))]  # 9.2 s
+            while not created or not reported_sessions(owner(created[0]["id"])):
+                await asyncio.sleep(0.05)
+            calls.append(asyncio.create_task(rest_session(http, front, pcm, on_created=created.append)))
             while len(created) < 2:
                 await asyncio.sleep(0.05)
             await asyncio.get_running_loop().run_in_executor(None, front.scale, 1)
