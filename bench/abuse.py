@@ -183,7 +183,8 @@ async def run(url: str, key: str | None, attacks: list[str], witnesses: int, att
         row = {"attack": name, "attacker": attacker, "server_rss_mb": rss, "witnesses": []}
         for w, b in zip(ws, before):
             after = w.at(end)
-            over = [t for t in sustained_lag_times(w.status, lag_target) if attack_end <= t <= end]
+            recent = [(t, st) for t, st in w.status if attack_end - 1.0 <= t <= end]  # from a window before the end
+            over = [t for t in sustained_lag_times(recent, lag_target) if attack_end <= t]
             row["witnesses"].append({
                 "worst_gap_ms": round(w.worst_gap(start, end) * 1e3),
                 "frames_dropped": round((after.get("dropped_samples", 0) - b.get("dropped_samples", 0)) / FRAME_SIZE),
