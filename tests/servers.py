@@ -42,6 +42,16 @@ def http(method: str, url: str, body: dict | bytes | None = None, headers: dict 
         return e.code, e.read()
 
 
+async def read_events(http, url: str, events: list[dict]) -> None:
+    """Appends a session stream's NDJSON events (with tokens) to `events`, up to its end event."""
+    async with http.get(url, params={"tokens": "1"}) as r:
+        assert r.status == 200
+        async for line in r.content:
+            events.append(json.loads(line))
+            if events[-1]["type"] == "end":
+                return
+
+
 class LiveServer:
     """`lockstep serve` in a process of its own, once it answers /healthz; its output (start-up
     lines and log) in `log()`. With --ssl-certfile it is reached over HTTPS, its certificate unchecked

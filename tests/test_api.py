@@ -16,7 +16,7 @@ from engine.config import EngineConfig, SamplingConfig, ServeConfig
 from engine.generate import run_sessions
 from engine.runner import ModelRunner
 from engine.serving import EngineLoop
-from tests.servers import InProcessServer, LiveServer
+from tests.servers import InProcessServer, LiveServer, read_events
 
 aiohttp = pytest.importorskip("aiohttp")
 MAX_SESSIONS = 8
@@ -83,15 +83,7 @@ async def v1_session(http, base, pcm: np.ndarray, body: dict):
         info = await r.json()
     events = []
 
-    async def read_stream():
-        async with http.get(f"{base}/v1/sessions/{info['id']}/stream", params={"tokens": "1"}) as r:
-            assert r.status == 200
-            async for line in r.content:
-                events.append(json.loads(line))
-                if events[-1]["type"] == "end":
-                    return
-
-    reader = asyncio.create_task(read_stream())
+    reader = asyncio.create_task(read_events(http, f"{base}/v1/sessions/{info['id']}/stream", events))
     # Arbitrary chunk sizes, one odd: frames are reassembled whatever the HTTP chunking.
     raw = pcm_to_s16le(pcm)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from engine.audio import pcm_to_s16le
-from tests.servers import free_port
+from tests.servers import free_port, read_events
 from tests.test_api import expected  # noqa: F401 (the fixture: what `lockstep generate` gives)
 
 ray = pytest.importorskip("ray")
@@ -193,15 +193,7 @@ async def rest_session(http, front: Front, pcm: np.ndarray, realtime: bool = Fal
     assert status == 200 and looked_up["id"] == info["id"], looked_up
     events: list[dict] = []
 
-    async def read_stream():
-        async with http.get(f"{first}/v1/sessions/{info['id']}/stream", params={"tokens": "1"}) as r:
-            assert r.status == 200
-            async for line in r.content:
-                events.append(json.loads(line))
-                if events[-1]["type"] == "end":
-                    return
-
-    reader = asyncio.create_task(read_stream())
+    reader = asyncio.create_task(read_events(http, f"{first}/v1/sessions/{info['id']}/stream", events))
     try:
         async with http.post(f"{second}/v1/sessions/{info['id']}/audio", data=paced(pcm_to_s16le(pcm), realtime)) as r:
             assert r.status == 200, await r.text()
