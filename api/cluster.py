@@ -32,7 +32,7 @@ from ray.serve.config import RequestRouterConfig
 
 from api.app import check_key, create_app
 from api.cluster_board import Board
-from api.cluster_router import SID_SEP, owner_of, route_path, session_in_path
+from api.cluster_router import SID_SEP, Placements, owner_of, route_path, session_in_path
 from api.engine_process import EngineFailed, EngineProcess
 from api.link import EngineLink
 from engine.config import ClusterConfig, ConfigError, EngineConfig, ServeConfig, from_dict
@@ -52,10 +52,10 @@ async def _reply(send, status: int, body: dict, headers: list[tuple[bytes, bytes
 
 @serve.ingress()
 class LockstepReplica:
-    async def __init__(self, engine_args: dict, serve_args: dict, board) -> None:
+    async def __init__(self, engine_args: dict, serve_args: dict, board, stats_period: float = 0.25) -> None:
         self.id = serve.get_replica_context().replica_id.unique_id
         self.cfg = dataclasses.replace(from_dict(ServeConfig, serve_args), session_prefix=self.id + SID_SEP).validate()
-        self.board, self.seq = board, 0
+        self.board, self.seq, self.placed = board, 0, Placements(stats_period)
         self.engine = EngineProcess(engine_args, self.cfg)
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.wait_ready)
@@ -65,6 +65,7 @@ class LockstepReplica:
                                "(its message is in this replica's log)") from None
         self.link = await EngineLink.connect(str(self.engine.runtime / SOCKET_NAME), f"replica-{self.id}",
                                              str(self.engine.runtime / HEARTBEAT_NAME))
+        self.link.on_open = self.placed.note
         self.api = create_app(self.link, self.cfg)
         self.reporter = asyncio.create_task(self._report())
         log.info("replica %s: engine process %d ready, %d slots", self.id, self.engine.proc.pid, self.link.max_sessions)
@@ -125,7 +126,7 @@ class LockstepReplica:
         state = self.link.state
         return {"seq": self.seq, "free": state["free"], "sessions": state["sessions"], "slots": self.link.max_sessions,
                 "waiting": len(self.link._admission), "draining": bool(state["draining"]),
-                "stalled": self.link.stalled() is not None}
+                "stalled": self.link.stalled() is not None, "placed": self.placed.names()}
 
     def record_routing_stats(self) -> dict:
         self.seq += 1  # the router counts what it sent since this report
@@ -225,7 +226,7 @@ def build(engine_args: dict, serve_cfg: ServeConfig, cluster: ClusterConfig):
     replica_cfg = dataclasses.replace(serve_cfg, admission_wait=min(serve_cfg.admission_wait,
                                                                     max(0.5, 2 * cluster.routing_stats_period)),
                                       engine_threads=serve_cfg.engine_threads or max(1, int(cluster.replica_cpus) - 1))
-    return engines.bind(engine_args, dataclasses.asdict(replica_cfg), board.bind())
+    return engines.bind(engine_args, dataclasses.asdict(replica_cfg), board.bind(), cluster.routing_stats_period)
 
 
 def app_builder(args: dict):

@@ -6,7 +6,8 @@ A custom Ray Serve request router (Ray's RequestRouter, an alpha API), run by ev
   that replica is gone, to any replica, which answers 410;
 - a request that opens a session (POST /v1/sessions, POST /v1/chat, ws /api/chat) goes to the
   replica with the most free admissions, by the load each replica reports (slots used, callers
-  waiting: `record_routing_stats`) plus what this router sent it since that report. While no replica
+  waiting: `record_routing_stats`) plus what this router sent it that the report does not hold yet
+  (each report names the requests its replica has placed lately). While no replica
   has a free slot the request is held here, up to --admission-wait; then it goes to the least
   loaded replica, which answers 503 + Retry-After unless a slot frees there within its own short
   wait (two report periods: what covers a report gone stale);
@@ -19,6 +20,7 @@ import random
 import time
 from typing import Any
 
+from ray.serve import context as serve_context
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 SID_SEP = "."  # a session id is "<replica id>.<random part>"
@@ -68,6 +70,30 @@ def request_scope(pending: PendingRequest | None) -> dict | None:
 REPORT_SLACK = 0.1  # what delivering a replica's report may add to its age, in seconds
 
 
+class Placements:
+    """A replica's side of the count: the proxy requests whose "open" it has answered lately
+    (admitted, queued or refused), named in its load reports so that each router stops counting
+    what it sent there as soon as a report holds it. A name stays a few report periods, so that
+    every router sees at least one report with it."""
+
+    def __init__(self, stats_period: float, clock=time.monotonic):
+        self.seconds, self.clock = max(2.0, 4 * stats_period), clock
+        self.when: dict[str, float] = {}
+
+    def note(self) -> None:
+        """Called in the request's own context. Serve's id of it (the one the router keys by) is a
+        private field of Serve's request context, read defensively: without it the router falls
+        back to counting a new session until a report a window younger than it."""
+        request_id = getattr(serve_context._get_serve_request_context(), "_internal_request_id", "")
+        if request_id:
+            self.when[request_id] = self.clock()
+
+    def names(self) -> list[str]:
+        now = self.clock()
+        self.when = {k: t for k, t in self.when.items() if now - t < self.seconds}
+        return list(self.when)
+
+
 def usage(stats: dict[str, Any], sent: int) -> tuple[int, float]:
     """(free admissions, fraction busy) of a replica from its report and what was sent since."""
     slots = max(1, int(stats.get("slots", 1)))
@@ -85,13 +111,19 @@ class LockstepRouter(RequestRouter):
         self.seen: dict[ReplicaID, tuple[int, float]] = {}  # replica -> (its latest report's seq, first seen)
         self.clock = time.monotonic
 
-    def _sent_since_report(self, replica: RunningReplica) -> int:
-        rid, seq = replica.replica_id, (replica.routing_stats or {}).get("seq", 0)
+    def _sent_since_report(self, replica: RunningReplica, asking: Any = None) -> int:
+        """What this router sent `replica` that its latest report does not count yet, less the
+        request `asking` (Ray may ask again for a request already chosen once). A request the report
+        names as placed is in its counts (or has come and gone); one it does not name is dropped
+        only once a report a window younger than it is seen: it never reached the replica, or it
+        failed before asking for a slot."""
+        stats = replica.routing_stats or {}
+        rid, seq = replica.replica_id, stats.get("seq", 0)
         if self.seen.get(rid, (None,))[0] != seq:
             self.seen[rid] = (seq, self.clock())
-        since = self.seen[rid][1] - self.window
-        self.sent[rid] = {k: t for k, t in self.sent.get(rid, {}).items() if t > since}
-        return len(self.sent[rid])
+        since, placed = self.seen[rid][1] - self.window, set(stats.get("placed", ()))
+        self.sent[rid] = {k: t for k, t in self.sent.get(rid, {}).items() if t > since and k not in placed}
+        return len(self.sent[rid]) - (asking in self.sent[rid])
 
     def _count(self, pending: PendingRequest, replica_id: ReplicaID) -> None:
         """A new session goes to this replica: counted at once, so a request routed beside it
@@ -101,24 +133,25 @@ class LockstepRouter(RequestRouter):
             sent.pop(key, None)
         self.sent.setdefault(replica_id, {})[key] = self.clock()
 
-    def rank(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
+    def rank(self, replicas: list[RunningReplica], asking: Any = None) -> list[RunningReplica]:
         """Serving replicas first (not draining, not stalled), then those with a free admission,
         then the least busy; ties in random order, so equal replicas share the load."""
         def key(r: RunningReplica):
             stats = r.routing_stats or {}
-            free, busy = usage(stats, self._sent_since_report(r))
+            free, busy = usage(stats, self._sent_since_report(r, asking))
             return (bool(stats.get("draining") or stats.get("stalled")), free <= 0, busy, random.random())
         return sorted(replicas, key=key)
 
-    def has_free(self, replica: RunningReplica) -> bool:
+    def has_free(self, replica: RunningReplica, asking: Any = None) -> bool:
         stats = replica.routing_stats or {}
         if stats.get("draining") or stats.get("stalled"):
             return False
-        return usage(stats, self._sent_since_report(replica))[0] > 0
+        return usage(stats, self._sent_since_report(replica, asking))[0] > 0
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         scope = request_scope(pending_request)
+        asking = pending_request.metadata.internal_request_id if pending_request is not None else None
         if scope is not None:
             sid = session_in_path(route_path(scope))
             owner = owner_of(sid) if sid else None
@@ -126,13 +159,13 @@ class LockstepRouter(RequestRouter):
                 mine = [r for r in candidate_replicas if r.replica_id.unique_id == owner]
                 if mine:
                     return [mine]
-            elif opens_session(scope) and not any(self.has_free(r) for r in candidate_replicas):
+            elif opens_session(scope) and not any(self.has_free(r, asking) for r in candidate_replicas):
                 if time.time() - pending_request.created_at < self.admission_wait:
                     # Held: Ray calls again after a backoff (its max_backoff_s), with fresher reports.
                     pending_request.routing_context.should_backoff = True
                     return []
         # One replica per rank: Ray's own queue-length choice within a rank never overrides ours.
-        ranked = self.rank(candidate_replicas)
+        ranked = self.rank(candidate_replicas, asking)
         if ranked and scope is not None and opens_session(scope):
             self._count(pending_request, ranked[0].replica_id)
         return [[r] for r in ranked]

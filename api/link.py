@@ -79,6 +79,9 @@ class EngineLink(asyncio.Protocol):
         self._replies: dict[int, asyncio.Future] = {}
         self._audio: list[tuple[int, np.ndarray]] = []
         self._admission: list[asyncio.Future] = []
+        # Called in the caller's context once an "open" is answered (admitted, queued or refused):
+        # a cluster replica notes there which proxy request it has placed (api/cluster.py).
+        self.on_open: Callable[[], None] | None = None
 
     @classmethod
     async def connect(cls, path: str, name: str, heartbeat_path: str | None = None) -> "EngineLink":
@@ -117,7 +120,10 @@ class EngineLink(asyncio.Protocol):
         self._send_audio()  # what was pushed before this request reaches the engine before it
         self.transport.write(wire.control(wire.REQUEST, {"id": rid, "op": op, **fields}))
         try:
-            return await asyncio.wait_for(future, REQUEST_TIMEOUT)
+            reply = await asyncio.wait_for(future, REQUEST_TIMEOUT)
+            if op == "open" and self.on_open is not None:
+                self.on_open()
+            return reply
         except asyncio.TimeoutError:
             raise EngineUnavailable(f"the engine did not answer {op!r} within {REQUEST_TIMEOUT:.0f} s") from None
         finally:

@@ -18,7 +18,8 @@ from ray.serve._private.request_router.common import PendingRequest, RequestRout
 
 from api.cluster_board import Board, merge, with_label  # noqa: E402
 from api.cluster_proxy import END_LINE, ReplicaLossMiddleware  # noqa: E402
-from api.cluster_router import LockstepRouter, opens_session, owner_of, route_path, session_in_path  # noqa: E402
+from api.cluster_router import LockstepRouter, Placements, opens_session, owner_of, route_path, session_in_path  # noqa: E402
+from ray.serve import context as serve_context  # noqa: E402
 from api.cluster_scaling import SlotUsagePolicy, desired_replicas  # noqa: E402
 from engine.config import ClusterConfig, ConfigError, ServeConfig  # noqa: E402
 
@@ -115,6 +116,50 @@ def test_new_sessions_go_to_free_replicas_least_loaded_first_and_count_what_was_
     now[0] += r.window + 0.01
     a.routing_stats = stats(2, 1, 3)
     assert set(ranks()[:2]) == {"aaa", "bbb"}  # aaa still has its free slot
+
+
+def test_a_report_naming_a_sent_session_as_placed_stops_its_count_at_once():
+    """A full replica's report that names the request this router sent it holds it in its counts:
+    counting it again would hold a caller for a slot that is free."""
+    a = Replica("aaa", stats(1, 1, 3))
+    r = router()
+    r.clock = lambda: 100.0
+    first = request("POST", "/v1/chat")
+    assert choose(r, [a], first) == ["aaa"]
+    fresh = request("POST", "/v1/chat")
+    assert choose(r, [a], fresh) == []  # its one free slot went to `first`
+    a.routing_stats = stats(2, 1, 3, placed=["someone-else"])  # not yet placed: still counted
+    assert choose(r, [a], fresh) == []
+    # Placed, and ended since: the slot is free again, at once.
+    a.routing_stats = stats(3, 1, 3, placed=[first.metadata.internal_request_id, "someone-else"])
+    assert choose(r, [a], fresh) == ["aaa"]
+
+
+def test_a_request_asked_about_again_does_not_count_against_itself():
+    """Ray may ask again for a request it was already given a replica for (its send did not go
+    through): the request's own count must not make the last free slot look taken."""
+    a = Replica("aaa", stats(1, 1, 3))
+    r = router()
+    last = request("POST", "/v1/chat")
+    assert choose(r, [a], last) == ["aaa"]
+    assert choose(r, [a], last) == ["aaa"] and not last.routing_context.should_backoff
+    assert choose(r, [a], request("POST", "/v1/chat")) == []  # another caller does see it taken
+
+
+def test_a_replica_names_the_requests_it_placed_for_a_few_report_periods():
+    now = [0.0]
+    placed = Placements(stats_period=1.0, clock=lambda: now[0])
+    placed.note()  # outside a request: Serve's context names none
+    assert placed.names() == []
+    serve_context._set_request_context(_internal_request_id="req-1")
+    try:
+        placed.note()
+    finally:
+        serve_context._unset_request_context()
+    now[0] = 3.9
+    assert placed.names() == ["req-1"]
+    now[0] = 4.1  # four periods on: every router has seen a report with it
+    assert placed.names() == []
 
 
 def test_draining_or_stalled_replicas_come_last():
