@@ -305,6 +305,20 @@ def test_the_example_serve_config_is_valid_and_builds():
     assert isinstance(app_builder(app["args"]), Application)
 
 
+def test_the_node_environment_file_is_what_lockstep_serve_ray_sets():
+    """`ray start` nodes get lockstep's node environment from deploy/ray-node.env: the same as
+    `lockstep serve --ray` gives a Ray it starts itself, and each setting one Serve knows."""
+    from ray.serve._private import constants
+
+    from api.cluster import NODE_ENV
+    from tests.servers import ROOT
+    lines = [line for line in open(f"{ROOT}/deploy/ray-node.env").read().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert dict(line.split("=", 1) for line in lines) == NODE_ENV
+    for key in NODE_ENV:
+        assert hasattr(constants, key), key  # a setting this Ray still reads
+
+
 def test_serve_takes_the_cluster_flags():
     from engine.cli import _from_args, build_parser
     args = build_parser().parse_args(["serve", "--ray", "--address", "auto", "--min-replicas", "1",
