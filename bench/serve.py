@@ -4,6 +4,10 @@ arriving as a Poisson process; reports first-audio latency, delivery jitter, und
     lockstep serve --max-sessions 16 &           # in one shell
     python -m bench.serve --url http://127.0.0.1:8998 --callers 1 4 8 16 --seconds 10
     python -m bench.serve --spawn --callers 1 2 4    # starts `lockstep serve` itself (built-in checkpoint)
+
+With --baseline URL2 each count runs on both servers in turn, --rounds times, the samples pooled per
+server, and what the first adds to the second is printed (say, Ray Serve's front over the same
+replica served directly: docs/cluster.md).
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ async def scrape(url: str, names: tuple[str, ...] = SCRAPED) -> dict[str, float]
 
 
 async def run_callers(url: str, n: int, rate: float, audio: list[np.ndarray], seed: int) -> dict:
+    """One run: `n` callers arriving at `rate`; the raw samples and the server's counters."""
     rng = random.Random(seed)
     before = await scrape(url)
     results, failures = [], 0
@@ -74,14 +79,29 @@ async def run_callers(url: str, n: int, rate: float, audio: list[np.ndarray], se
         t += rng.expovariate(rate)
     await asyncio.gather(*[caller(i, a) for i, a in enumerate(arrivals)])
     after = await scrape(url)
-    first = [r.first_audio_s * 1e3 for r in results if r.first_audio_s is not None]
-    jitter = [abs((b - a) * 1e3 - 80.0) for r in results for a, b in zip(r.frame_times, r.frame_times[1:])]
-    row = {"callers": n, "failed": failures, "late_ticks": after["late_ticks_total"] - before["late_ticks_total"],
-           "underruns": after["input_underruns_total"] - before["input_underruns_total"],
-           "probe_realtime_sessions": after["realtime_capacity_sessions"]}
-    for name, values in (("first_audio_ms", first), ("jitter_ms", jitter)):
-        row[name] = {f"p{q}": percentile(values, q) for q in (50, 90, 99)}
+    return {"callers": n, "failed": failures, "late_ticks": after["late_ticks_total"] - before["late_ticks_total"],
+            "underruns": after["input_underruns_total"] - before["input_underruns_total"],
+            "probe_realtime_sessions": after["realtime_capacity_sessions"],
+            "first_audio_ms": [r.first_audio_s * 1e3 for r in results if r.first_audio_s is not None],
+            "jitter_ms": [abs((b - a) * 1e3 - 80.0) for r in results for a, b in zip(r.frame_times, r.frame_times[1:])]}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One row from runs at the same count: counters summed, samples pooled into percentiles."""
+    row = {"callers": runs[0]["callers"], "runs": len(runs), "probe_realtime_sessions": runs[-1]["probe_realtime_sessions"]}
+    for key in ("failed", "late_ticks", "underruns"):
+        row[key] = sum(r[key] for r in runs)
+    for key in ("first_audio_ms", "jitter_ms"):
+        values = [v for r in runs for v in r[key]]
+        row[key] = {f"p{q}": percentile(values, q) for q in (50, 90, 99)}
     return row
+
+
+def describe(row: dict) -> str:
+    return (f"first audio p50/p99 {row['first_audio_ms']['p50']:.0f}/{row['first_audio_ms']['p99']:.0f} ms  "
+            f"jitter p50/p90/p99 {row['jitter_ms']['p50']:.1f}/{row['jitter_ms']['p90']:.1f}/"
+            f"{row['jitter_ms']['p99']:.1f} ms  late ticks {row['late_ticks']:.0f}  underruns {row['underruns']:.0f}"
+            f"  failed {row['failed']}")
 
 
 def free_port() -> int:
@@ -120,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=at_least(0, float, 3600, exclusive=True), default=6.0,
                     help="audio per caller (at most an hour)")
     ap.add_argument("--input", nargs="*", default=[], help="wav files to stream (default: synthetic)")
+    ap.add_argument("--baseline", help="a second server, run in turn with the first at each count")
+    ap.add_argument("--rounds", type=COUNT, default=1, help="runs per count (per server), samples pooled")
     ap.add_argument("--output", type=writable_prefix, default="bench/out/serve.json")
     ap.add_argument("server_args", nargs="*")
     args = ap.parse_args(argv)
@@ -131,15 +153,24 @@ def main(argv: list[str] | None = None) -> None:
         url = args.url.rstrip("/")
     else:
         ap.error("give --url of a running server, or --spawn")
-    rows = []
+    urls = [url] + ([args.baseline.rstrip("/")] if args.baseline else [])
+    rows, baseline_rows = [], []
     try:
         for n in args.callers:
-            row = asyncio.run(run_callers(url, n, args.rate, audio, seed=n))
+            runs: dict[str, list[dict]] = {u: [] for u in urls}
+            for k in range(args.rounds):  # in turn, so that both servers see the same machine
+                for u in urls:
+                    runs[u].append(asyncio.run(run_callers(u, n, args.rate, audio, seed=n + 1000 * k)))
+            row = pooled(runs[url])
             rows.append(row)
-            print(f"N={n:>3} first audio p50/p99 {row['first_audio_ms']['p50']:.0f}/"
-                  f"{row['first_audio_ms']['p99']:.0f} ms  jitter p50/p90/p99 {row['jitter_ms']['p50']:.1f}/"
-                  f"{row['jitter_ms']['p90']:.1f}/{row['jitter_ms']['p99']:.1f} ms  late ticks {row['late_ticks']:.0f}"
-                  f"  underruns {row['underruns']:.0f}  failed {row['failed']}")
+            print(f"N={n:>3} {describe(row)}")
+            if args.baseline:
+                base = pooled(runs[urls[1]])
+                baseline_rows.append(base)
+                print(f"      baseline {describe(base)}")
+                print(f"      adds p99 first audio {row['first_audio_ms']['p99'] - base['first_audio_ms']['p99']:+.1f} ms,"
+                      f" p99 jitter {row['jitter_ms']['p99'] - base['jitter_ms']['p99']:+.1f} ms"
+                      f" (p50 first audio {row['first_audio_ms']['p50'] - base['first_audio_ms']['p50']:+.1f} ms)")
     finally:
         if proc is not None:
             proc.terminate()
@@ -150,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     if not math.isnan(probe):  # a server started without --no-warmup ran the capacity probe
         print(f"the server's start-up probe: real time with up to {probe:.0f} session(s) at full context")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"url": url, "rows": rows}, indent=2))
+    doc = {"url": url, "rows": rows, **({"baseline": urls[1], "baseline_rows": baseline_rows} if args.baseline else {})}
+    Path(args.output).write_text(json.dumps(doc, indent=2))
 
 
 if __name__ == "__main__":

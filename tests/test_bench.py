@@ -61,6 +61,24 @@ def test_serving_benchmark_against_a_spawned_server(tiny_wrap_ckpt, tmp_path, ca
     assert "the server's start-up probe: real time with up to" in capsys.readouterr().out
 
 
+def test_serving_benchmark_beside_a_baseline_pools_its_rounds(tiny_wrap_ckpt, tmp_path, capsys):
+    """--baseline runs each count on both servers in turn (here the same one by two names), --rounds
+    times, and says what the first adds to the second."""
+    from bench.serve import main, spawn_server
+    proc, url = spawn_server(["--device", "cpu", "--model-dir", str(tiny_wrap_ckpt), "--no-warmup"])
+    try:
+        base = url.replace("127.0.0.1", "localhost")
+        main(["--url", url, "--baseline", base, "--rounds", "2", "--callers", "2", "--seconds", "0.4", "--rate", "20",
+              "--output", str(tmp_path / "s.json")])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    doc = json.loads((tmp_path / "s.json").read_text())
+    for row in doc["rows"] + doc["baseline_rows"]:
+        assert row["runs"] == 2 and row["failed"] == 0 and row["first_audio_ms"]["p50"] >= 80
+    assert doc["baseline"] == base and "adds p99 first audio" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's plumbing where no GPU is present")
 def test_gpu_checks_script_gets_every_stage_to_the_gpu(tmp_path):
     """bench/gpu_checks.sh as a lent GPU would run it, here without one: its pytest stage runs (the
