@@ -42,6 +42,7 @@ log = logging.getLogger("lockstep")
 APP_NAME = "lockstep"
 REPORT_SECONDS = 1.0
 FINAL_DRAIN_SECONDS = 5.0  # sessions no call holds (REST, not streamed) get this long once Serve's drain is over
+FORGET_SECONDS = 2.0  # for the board to drop a removed replica's series
 
 
 async def _reply(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -173,10 +174,14 @@ class LockstepReplica:
         except Exception as e:
             log.warning("replica %s: the engine went away while draining (%s)", self.id, e)
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        # Bounded: when the whole application goes, the board may be gone first, and a call to a
+        # deployment with no replica waits for one that never comes (Serve then kills this replica
+        # after its grace period).
+        forget = self.board.forget.remote(self.id)
         try:
-            await self.board.forget.remote(self.id)
+            await asyncio.wait_for(asyncio.ensure_future(forget), FORGET_SECONDS)
         except Exception:
-            pass
+            forget.cancel()
 
 
 # ---- building the application --------------------------------------------------------------------

@@ -50,6 +50,8 @@ def test_serve_ray_serves_a_call_and_drains_on_sigterm(tiny_wrap_ckpt, expected)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0, output()[-3000:]
         assert "draining" in output()
+        # Each replica finished its own shutdown (its board gone first), not killed after its grace period.
+        assert "did not shut down after grace period" not in output(), output()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
