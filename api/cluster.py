@@ -53,7 +53,7 @@ async def _reply(send, status: int, body: dict, headers: list[tuple[bytes, bytes
 
 @serve.ingress()
 class LockstepReplica:
-    async def __init__(self, engine_args: dict, serve_args: dict, board, stats_period: float = 0.25) -> None:
+    async def __init__(self, engine_args: dict, serve_args: dict, board, stats_period: float) -> None:
         self.id = serve.get_replica_context().replica_id.unique_id
         self.cfg = dataclasses.replace(from_dict(ServeConfig, serve_args), session_prefix=self.id + SID_SEP).validate()
         self.board, self.seq, self.placed = board, 0, Placements(stats_period)
