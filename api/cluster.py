@@ -13,7 +13,7 @@ distributed. Around the app the replica adds only:
   /metrics, /healthz and /readyz answer for the whole application;
 - Serve's health check (a dead or stalled engine fails it: Serve replaces the replica) and drain.
 
-Two ways in: `lockstep serve --ray ...` (`serve_on_ray`), or Serve's own config files naming the
+Two ways in: `lockstep serve --ray ...` (api/cluster_launch.py), or Serve's own config files naming the
 builder `api.cluster:app_builder` (deploy/ray-serve.yaml).
 """
 from __future__ import annotations
@@ -22,9 +22,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
-import signal
-import threading
 import time
 
 from ray import serve
@@ -245,58 +242,3 @@ def app_builder(args: dict):
     serve_cfg = from_dict(ServeConfig, {k: v for k, v in args.items() if k in names[ServeConfig]}).validate()
     cluster = from_dict(ClusterConfig, {k: v for k, v in args.items() if k in names[ClusterConfig]}).validate()
     return build(engine_args, serve_cfg, cluster)
-
-
-# The environment every Ray node that runs lockstep is started with (deploy/ray-node.env holds the
-# same, for `ray start`): lockstep's proxy middleware, and the Serve settings that take a frame
-# through the proxy and the replica with the fewest hops: the replica's ASGI app on its main event
-# loop, the proxy's router on the proxy's loop, the proxy's calls to replicas over Serve's gRPC data
-# plane instead of Ray object references. Measured in bench/RESULTS.md: at 16 callers on one
-# replica they cut what Ray adds to first audio by about two thirds.
-NODE_ENV = {
-    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "api.cluster_proxy:proxy_middlewares",
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_PROXY_USE_GRPC": "1",
-}
-
-
-def deploy(engine_args: dict, serve_cfg: ServeConfig, cluster: ClusterConfig) -> None:
-    """Starts Serve (its proxies on --host/--port) if it is not running, and deploys lockstep;
-    returns once every replica is up. The proxies run api/cluster_proxy.py's middleware (and Serve
-    the latency settings) when their node was started with NODE_ENV in its environment."""
-    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
-    serve.run(build(engine_args, serve_cfg, cluster), name=APP_NAME, route_prefix="/", blocking=False)
-
-
-def serve_on_ray(engine_args: dict, serve_cfg: ServeConfig, cluster: ClusterConfig) -> None:
-    """`lockstep serve --ray`: joins (or starts) a Ray cluster, deploys, serves until SIGTERM or
-    Ctrl-C, then removes the application (each replica drains its calls, up to --shutdown-timeout);
-    a second signal stops at once."""
-    import ray
-    cluster = cluster.validate()
-    signals: list[int] = []
-    stop = threading.Event()
-
-    def on_signal(sig, frame) -> None:
-        signals.append(sig)
-        stop.set()
-        if len(signals) > 1:
-            raise SystemExit(1)
-
-    for key, value in NODE_ENV.items():  # a Ray started here passes them to its proxies; the user's own win
-        os.environ.setdefault(key, value)
-    ray.init(address=cluster.address, runtime_env={"env_vars": {key: os.environ[key] for key in NODE_ENV}})
-    try:
-        deploy(engine_args, serve_cfg, cluster)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_signal)
-        replicas = serve.status().applications[APP_NAME].deployments["LockstepReplica"].replica_states
-        print(f"lockstep: serving http://{serve_cfg.host}:{serve_cfg.port} through Ray Serve "
-              f"({replicas}; ws /api/chat, /v1/chat, v1 sessions, /metrics for every replica)", flush=True)
-        while not stop.wait(0.5):
-            pass
-        print("lockstep: draining (each replica keeps its calls up to --shutdown-timeout)", flush=True)
-        serve.delete(APP_NAME)
-    finally:
-        ray.shutdown()

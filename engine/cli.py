@@ -106,7 +106,7 @@ def serve_config(args: argparse.Namespace, environ=os.environ) -> ServeConfig:
 def cmd_serve(args: argparse.Namespace) -> None:
     cluster = _from_args(ClusterConfig, args)
     if cluster.ray:
-        from api.cluster import serve_on_ray
+        from api.cluster_launch import serve_on_ray
         serve_on_ray({f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)},
                      serve_config(args), cluster)
         return

@@ -104,7 +104,7 @@ def front(tiny_wrap_ckpt, tmp_path_factory):
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from api.cluster import NODE_ENV
+    from api.cluster_launch import NODE_ENV
     port, port2 = free_port(), free_port()
     # Both nodes run on this machine: the second node's proxy takes a port of its own.
     env = {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(port2), **NODE_ENV}

@@ -310,7 +310,7 @@ def test_the_node_environment_file_is_what_lockstep_serve_ray_sets():
     `lockstep serve --ray` gives a Ray it starts itself, and each setting one Serve knows."""
     from ray.serve._private import constants
 
-    from api.cluster import NODE_ENV
+    from api.cluster_launch import NODE_ENV
     from tests.servers import ROOT
     lines = [line for line in open(f"{ROOT}/deploy/ray-node.env").read().splitlines()
              if line.strip() and not line.startswith("#")]

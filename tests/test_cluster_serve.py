@@ -1,4 +1,4 @@
-"""`lockstep serve --ray` (api/cluster.py's serve_on_ray) end to end: it starts a Ray of its own,
+"""`lockstep serve --ray` (api/cluster_launch.py's serve_on_ray) end to end: it starts a Ray of its own,
 deploys one CPU replica, serves a call through Serve's proxy with `lockstep generate`'s tokens, and
 drains and exits 0 on SIGTERM, leaving no Ray behind."""
 import asyncio
