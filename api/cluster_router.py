@@ -133,25 +133,18 @@ class LockstepRouter(RequestRouter):
             sent.pop(key, None)
         self.sent.setdefault(replica_id, {})[key] = self.clock()
 
-    def rank(self, replicas: list[RunningReplica], asking: Any = None) -> list[RunningReplica]:
-        """Serving replicas first (not draining, not stalled), then those with a free admission,
-        then the least busy; ties in random order, so equal replicas share the load."""
-        def key(r: RunningReplica):
-            stats = r.routing_stats or {}
-            free, busy = usage(stats, self._sent_since_report(r, asking))
-            return (bool(stats.get("draining") or stats.get("stalled")), free <= 0, busy, random.random())
-        return sorted(replicas, key=key)
-
-    def has_free(self, replica: RunningReplica, asking: Any = None) -> bool:
+    def _standing(self, replica: RunningReplica, asking: Any) -> tuple[bool, bool, float, float]:
+        """Its sort key: serving replicas first (not draining, not stalled), then those with a free
+        admission, then the least busy; ties in random order, so equal replicas share the load."""
         stats = replica.routing_stats or {}
-        if stats.get("draining") or stats.get("stalled"):
-            return False
-        return usage(stats, self._sent_since_report(replica, asking))[0] > 0
+        free, busy = usage(stats, self._sent_since_report(replica, asking))
+        return (bool(stats.get("draining") or stats.get("stalled")), free <= 0, busy, random.random())
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         scope = request_scope(pending_request)
         asking = pending_request.metadata.internal_request_id if pending_request is not None else None
+        standing = {r.replica_id: self._standing(r, asking) for r in candidate_replicas}
         if scope is not None:
             sid = session_in_path(route_path(scope))
             owner = owner_of(sid) if sid else None
@@ -159,13 +152,13 @@ class LockstepRouter(RequestRouter):
                 mine = [r for r in candidate_replicas if r.replica_id.unique_id == owner]
                 if mine:
                     return [mine]
-            elif opens_session(scope) and not any(self.has_free(r, asking) for r in candidate_replicas):
+            elif opens_session(scope) and all(down or full for down, full, *_ in standing.values()):
                 if time.time() - pending_request.created_at < self.admission_wait:
                     # Held: Ray calls again after a backoff (its max_backoff_s), with fresher reports.
                     pending_request.routing_context.should_backoff = True
                     return []
         # One replica per rank: Ray's own queue-length choice within a rank never overrides ours.
-        ranked = self.rank(candidate_replicas, asking)
+        ranked = sorted(candidate_replicas, key=lambda r: standing[r.replica_id])
         if ranked and scope is not None and opens_session(scope):
             self._count(pending_request, ranked[0].replica_id)
         return [[r] for r in ranked]
